@@ -1,0 +1,221 @@
+"""The diffusers engine: the only module that imports torch and diffusers.
+
+GPU tuning is planned by a pure function (`plan_tuning`) from the settings and what the machine
+has, then applied; each switch that cannot apply (no CUDA, no xformers) is off with a reason that
+the startup log and `/v1/info` show.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL.Image import Image
+
+from .engine import EngineInfo, GenerationItem, Switch
+from .errors import EngineOutOfMemory
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("batchserve.engine")
+
+# name -> (diffusers class, extra config)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpm++2m-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                "use_karras_sigmas": False}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_GPU_ONLY = "needs CUDA; off on this machine"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    device: str
+    dtype: str
+    attention: str
+    switches: tuple[Switch, ...]
+
+    def enabled(self, name: str) -> bool:
+        return any(s.name == name and s.enabled for s in self.switches)
+
+
+def plan_tuning(settings: Settings, *, cuda: bool, xformers: bool) -> Plan:
+    """Decides every tuning switch; pure, so the CUDA paths are testable on a CPU machine."""
+    if settings.device == "cuda" and not cuda:
+        raise SettingsError("--device=cuda: CUDA is not available on this machine")
+    device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and cuda) else "cpu"
+    on_gpu = device == "cuda"
+    dtype, dtype_note = _plan_dtype(settings.dtype, on_gpu)
+    attention, attention_note = _plan_attention(settings.attention, on_gpu, xformers)
+    shapes = settings.warmup_shapes()
+
+    def gpu(name: str, wanted: bool, what: str) -> Switch:
+        if not wanted:
+            return Switch(name, False, "disabled by setting")
+        return Switch(name, on_gpu, what if on_gpu else _GPU_ONLY)
+
+    switches = (
+        Switch("fp16", dtype == "fp16", dtype_note),
+        Switch("memory_efficient_attention", attention in ("sdpa", "xformers"), attention_note),
+        gpu("channels_last", settings.channels_last, "UNet and VAE in channels-last layout"),
+        gpu("cudnn_benchmark", settings.cudnn_benchmark, "cuDNN autotuner on"),
+        gpu("torch_compile", settings.compile, "UNet compiled (mode=max-autotune-no-cudagraphs)"),
+        Switch("inference_mode", True, "torch.inference_mode around every batch"),
+        Switch("warmup", bool(shapes), ", ".join(f"{w}x{h}x{n}" for w, h, n in shapes) or "none"),
+    )
+    return Plan(device, dtype, attention, switches)
+
+
+def _plan_dtype(asked: str, on_gpu: bool) -> tuple[str, str]:
+    if asked == "auto":
+        return ("fp16", "half precision on CUDA") if on_gpu else ("fp32", "fp32 on CPU")
+    if asked == "fp16" and not on_gpu:
+        return "fp32", "fp16 needs CUDA; using fp32"
+    return asked, f"{asked} as set"
+
+
+def _plan_attention(asked: str, on_gpu: bool, xformers: bool) -> tuple[str, str]:
+    if asked == "default":
+        return "default", "plain attention (debugging)"
+    if asked == "xformers":
+        if not on_gpu:
+            return "sdpa", "xformers needs CUDA; using PyTorch SDPA"
+        if not xformers:
+            return "sdpa", "xformers not installed (pip install 'batchserve[gpu]'); using SDPA"
+        return "xformers", "xformers memory-efficient attention"
+    return "sdpa", "PyTorch scaled_dot_product_attention"
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def make_scheduler(name: str, base_config: Any) -> Any:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise SettingsError(f"--scheduler={name!r}: must be one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+
+
+def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
+    """`tiny`, a single-file checkpoint, a diffusers folder or a hub id."""
+    from diffusers import StableDiffusionPipeline
+
+    model = settings.model
+    if model in ("tiny", "sd15"):
+        preset = importlib.import_module(f".{model}", __package__)
+        pipe = preset.build_pipeline()
+        return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+    if model.endswith((".safetensors", ".ckpt")):
+        if not Path(model).is_file():
+            raise SettingsError(f"--model={model!r}: no such checkpoint file")
+        return StableDiffusionPipeline.from_single_file(
+            model, torch_dtype=torch_dtype, config=settings.model_config
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    )
+
+
+class DiffusionEngine:
+    def __init__(self, pipe: Any, plan: Plan, settings: Settings) -> None:
+        self.pipe = pipe
+        self.plan = plan
+        self.settings = settings
+
+    @classmethod
+    def load(cls, settings: Settings) -> DiffusionEngine:
+        plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
+        started = time.perf_counter()
+        pipe = load_pipeline(settings, _DTYPES[plan.dtype])
+        pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(plan.device)
+        _apply(pipe, plan)
+        log.info("model %s loaded on %s/%s in %.1f s", settings.model, plan.device, plan.dtype,
+                 time.perf_counter() - started)
+        return cls(pipe, plan, settings)
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model=self.settings.model,
+            device=self.plan.device,
+            dtype=self.plan.dtype,
+            attention=self.plan.attention,
+            scheduler=self.settings.scheduler,
+            demo=self.settings.model in ("tiny", "sd15"),
+            tuning=self.plan.switches,
+            extra={"vae_scale_factor": int(self.pipe.vae_scale_factor),
+                   "schedulers": sorted(SCHEDULERS)},
+        )
+
+    def warmup(self) -> None:
+        for w, h, steps in self.settings.warmup_shapes():
+            started = time.perf_counter()
+            self.generate([GenerationItem("warm-up", "", 0, w, h, steps, 7.5)])
+            log.info("warm-up %dx%dx%d took %.2f s", w, h, steps, time.perf_counter() - started)
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
+        first = items[0]
+        generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
+        try:
+            with torch.inference_mode():
+                out = self.pipe(
+                    prompt=[i.prompt for i in items],
+                    negative_prompt=[i.negative_prompt for i in items],
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    output_type="pil",
+                )
+        except torch.OutOfMemoryError as exc:
+            self._free_cache()
+            raise EngineOutOfMemory(str(exc)) from None
+        return list(out.images)
+
+    def memory_bytes(self) -> tuple[int, int] | None:
+        if self.plan.device != "cuda":
+            return None
+        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    def _free_cache(self) -> None:
+        if self.plan.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _apply(pipe: Any, plan: Plan) -> None:
+    if plan.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    elif plan.attention == "default":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        pipe.unet.set_attn_processor(AttnProcessor())
+        pipe.vae.set_attn_processor(AttnProcessor())
+    if plan.enabled("channels_last"):
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if plan.enabled("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+    if plan.enabled("torch_compile"):
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)

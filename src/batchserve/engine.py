@@ -1,0 +1,93 @@
+"""What the batcher calls: the `Engine` protocol and the types crossing it. No torch here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .settings import Settings
+
+BatchKey = tuple[int, int, int, float]
+"""(width, height, inference_steps, guidance_scale): items sharing it share a forward pass."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationItem:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    inference_steps: int
+    guidance_scale: float
+
+    @property
+    def key(self) -> BatchKey:
+        return (self.width, self.height, self.inference_steps, self.guidance_scale)
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """One tuning switch as applied, with the reason when it is off."""
+
+    name: str
+    enabled: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    model: str
+    device: str
+    dtype: str
+    attention: str
+    scheduler: str
+    demo: bool = False
+    tuning: tuple[Switch, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "attention_backend": self.attention,
+            "scheduler": self.scheduler,
+            "demo_model": self.demo,
+            "tuning": {s.name: {"enabled": s.enabled, "detail": s.detail} for s in self.tuning},
+            **self.extra,
+        }
+
+
+class Engine(Protocol):
+    """Generates one batch at a time; always called from one dedicated worker thread."""
+
+    def info(self) -> EngineInfo: ...
+
+    def warmup(self) -> None: ...
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
+        """One image per item, in order; an item's image depends only on that item.
+
+        Raises `errors.EngineOutOfMemory` when the batch does not fit in device memory.
+        """
+        ...
+
+    def memory_bytes(self) -> tuple[int, int] | None:
+        """(allocated, reserved) device memory, or None where there is no GPU."""
+        ...
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Builds the engine the settings name. Blocking (loads weights); run it off the loop."""
+    if settings.model == "sim":
+        from .sim import SimEngine
+
+        return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms)
+    from .diffusion import DiffusionEngine
+
+    return DiffusionEngine.load(settings)

@@ -1,0 +1,72 @@
+"""Domain errors. Each class carries its HTTP status and code; `app` renders the one JSON shape."""
+
+from __future__ import annotations
+
+
+class BatchServeError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    reject_reason: str | None = None
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+class MalformedJSON(BatchServeError):
+    status, code, reject_reason = 400, "malformed_json", "invalid"
+
+
+class Unauthorized(BatchServeError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(BatchServeError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(BatchServeError):
+    status, code = 405, "method_not_allowed"
+
+
+class BodyTooLarge(BatchServeError):
+    status, code, reject_reason = 413, "body_too_large", "invalid"
+
+
+class UnsupportedMediaType(BatchServeError):
+    status, code, reject_reason = 415, "unsupported_media_type", "invalid"
+
+
+class ValidationError(BatchServeError):
+    status, code, reject_reason = 422, "validation_error", "invalid"
+
+
+class QueueFull(BatchServeError):
+    status, code, reject_reason = 429, "queue_full", "queue_full"
+
+
+class GenerationFailed(BatchServeError):
+    status, code, reject_reason = 500, "generation_failed", "failed"
+
+
+class NotReady(BatchServeError):
+    status, code = 503, "not_ready"
+
+
+class Draining(BatchServeError):
+    status, code = 503, "draining"
+
+
+class QueueTimeout(BatchServeError):
+    status, code, reject_reason = 504, "timeout", "timeout"
+
+
+class EngineOutOfMemory(Exception):
+    """Raised by an engine when a batch does not fit in device memory; the batcher splits it."""

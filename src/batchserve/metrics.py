@@ -1,0 +1,124 @@
+"""Prometheus metrics: `http_*` from prometheus-fastapi-instrumentator, `batchserve_*` here.
+
+Every hook catches and logs its own errors: observing a request can never fail it. No label
+takes a user-controlled value.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.applications import Starlette
+
+log = logging.getLogger("batchserve.metrics")
+P = ParamSpec("P")
+
+TRIGGERS = ("full", "timeout", "drain")
+REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed")
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+HTTP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+def _never_raise(fn: Callable[P, None]) -> Callable[P, None]:
+    @functools.wraps(fn)
+    def safe(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            log.exception("metrics hook %s failed (ignored)", fn.__name__)
+
+    return safe
+
+
+class Metrics:
+    """The batcher's `Hooks` plus readiness and GPU memory gauges, on a registry of its own."""
+
+    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self._depth = Gauge("batchserve_queue_depth", "Requests waiting in the queue", registry=r)
+        self._wait = Histogram(
+            "batchserve_queue_wait_seconds", "Admission until the request's batch started",
+            buckets=WAIT_BUCKETS, registry=r,
+        )
+        self._size = Histogram(
+            "batchserve_batch_size", "Requests per batch",
+            buckets=_size_buckets(max_batch_size), registry=r,
+        )
+        self._duration = Histogram(
+            "batchserve_batch_duration_seconds", "Wall time of one batch in the engine",
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self._batches = Counter(
+            "batchserve_batches", "Batches started, by flush trigger", ["trigger"], registry=r
+        )
+        self._images = Counter("batchserve_images", "Images generated", registry=r)
+        self._rejected = Counter(
+            "batchserve_requests_rejected", "Requests not answered with an image, by reason",
+            ["reason"], registry=r,
+        )
+        self._gpu_alloc = Gauge(
+            "batchserve_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", registry=r
+        )
+        self._gpu_reserved = Gauge(
+            "batchserve_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", registry=r
+        )
+        self._ready = Gauge("batchserve_ready", "1 when loaded, warmed and accepting", registry=r)
+        for trigger in TRIGGERS:
+            self._batches.labels(trigger)
+        for reason in REJECT_REASONS:
+            self._rejected.labels(reason)
+
+    @_never_raise
+    def queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    @_never_raise
+    def batch_started(self, size: int, trigger: str, waits_s: Sequence[float]) -> None:
+        self._batches.labels(trigger if trigger in TRIGGERS else "timeout").inc()
+        self._size.observe(size)
+        for wait in waits_s:
+            self._wait.observe(max(0.0, wait))
+
+    @_never_raise
+    def batch_finished(self, size: int, duration_s: float, images: int) -> None:
+        self._duration.observe(duration_s)
+        self._images.inc(images)
+
+    @_never_raise
+    def rejected(self, reason: str) -> None:
+        if reason in REJECT_REASONS:
+            self._rejected.labels(reason).inc()
+
+    @_never_raise
+    def ready(self, ready: bool) -> None:
+        self._ready.set(1 if ready else 0)
+
+    @_never_raise
+    def gpu_memory(self, sample: tuple[int, int] | None) -> None:
+        if sample is not None:
+            self._gpu_alloc.set(sample[0])
+            self._gpu_reserved.set(sample[1])
+
+
+def _size_buckets(max_batch_size: int) -> list[float]:
+    return [float(n) for n in range(1, max_batch_size + 1)]
+
+
+def instrument(app: Starlette, metrics: Metrics, **expose_kwargs: Any) -> Instrumentator:
+    """Adds the `http_*` middleware; must run before the app starts."""
+    instrumentator = Instrumentator(
+        excluded_handlers=["/metrics"],
+        should_group_status_codes=True,
+        registry=metrics.registry,
+    )
+    instrumentator.instrument(
+        app, latency_highr_buckets=HTTP_BUCKETS, latency_lowr_buckets=(0.1, 0.5, 1, 5, 30, 120)
+    )
+    return instrumentator

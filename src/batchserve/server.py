@@ -1,0 +1,106 @@
+"""Runs the app under uvicorn (uvloop + httptools) with a draining shutdown.
+
+The first SIGTERM/SIGINT does not stop the listener: `/readyz` turns 503 and new requests get
+503 while queued and in-flight work finishes (up to `drain_timeout_s`); only then does uvicorn
+shut down. A second signal forces uvicorn's immediate exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.config
+import time
+from types import FrameType
+from typing import Any
+
+import orjson
+import uvicorn
+
+from .app import create_app
+from .service import Service
+from .settings import Settings
+
+log = logging.getLogger("batchserve")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; `extra={"fields": {...}}` adds structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure_logging(level: str) -> None:
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JSONFormatter}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json"}},
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {"uvicorn.access": {"level": "WARNING"}},
+    })
+
+
+class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+        service.on_fatal = self._fatal
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        log.info("signal %d: draining before exit", sig)
+        self._drain = self._loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        await self.service.drain()
+        self.should_exit = True
+
+    def _fatal(self, reason: str) -> None:
+        log.critical("fatal: %s; exiting so the orchestrator restarts us", reason)
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def run(settings: Settings) -> int:
+    """Serves until drained or a fatal error; returns the process exit code."""
+    configure_logging(settings.log_level)
+    service = Service(settings)
+    app = create_app(settings, service)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
+    )
+    server = Server(config, service)
+    server.run()
+    if server.exit_code == 0 and not server.started:
+        return 1  # could not bind, or startup failed
+    return server.exit_code

@@ -1,0 +1,184 @@
+"""The running server's resources and lifecycle: engine, batch loop, encoders, readiness, drain.
+
+No HTTP here: `app` turns requests into `submit` calls and outcomes into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .batcher import Batcher, Outcome
+from .encode import encode
+from .engine import Engine, GenerationItem, load_engine
+from .errors import Draining, GenerationFailed, NotReady
+from .metrics import Metrics
+from .settings import Settings
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .schema import T2IRequest
+
+log = logging.getLogger("batchserve")
+EngineFactory = Callable[[Settings], Engine]
+
+DEMO_WARNING = (
+    "--model tiny is a RANDOM-WEIGHT demo model: images are noise. It exists so the whole "
+    "server runs offline on a CPU. Serve a real checkpoint with --model PATH_OR_HUB_ID, e.g. "
+    "`batchserve serve --model stable-diffusion-v1-5/stable-diffusion-v1-5` or "
+    "`--model ./model.safetensors` on a CUDA machine."
+)
+
+
+class Service:
+    STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
+
+    def __init__(
+        self, settings: Settings, *, engine_factory: EngineFactory = load_engine
+    ) -> None:
+        self.settings = settings
+        self.state = self.STARTING
+        self.engine: Engine | None = None
+        self.metrics = Metrics(settings.max_batch_size)
+        self.worker = Worker("batchserve-engine")
+        self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
+        wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
+        self.batcher: Batcher[GenerationItem, Image] = Batcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=wait_s,
+            max_queue=settings.max_queue,
+            aging_s=settings.priority_aging_s,
+            hooks=self.metrics,
+        )
+        self.on_fatal: Callable[[str], None] = lambda reason: None
+        self._engine_factory = engine_factory
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts loading in the background so /healthz and /readyz answer while it loads."""
+        self.metrics.ready(False)
+        loop_task = asyncio.create_task(self.batcher.run(), name="batch-loop")
+        loop_task.add_done_callback(self._loop_ended)
+        self._tasks = [loop_task, asyncio.create_task(self._load(), name="load-model")]
+
+    async def _load(self) -> None:
+        settings = self.settings
+        try:
+            engine = await self.worker.run(partial(self._engine_factory, settings))
+            info = engine.info()
+            for switch in info.tuning:
+                log.info("tuning %s: %s (%s)", switch.name, "on" if switch.enabled else "off",
+                         switch.detail)
+            if info.demo and settings.model == "tiny":
+                log.warning(DEMO_WARNING)
+            await self.worker.run(engine.warmup)
+        except Exception as exc:
+            log.exception("model %r failed to load", settings.model)
+            self._fail(f"model failed to load: {type(exc).__name__}: {exc}")
+            return
+        self.engine = engine
+        if self.state == self.STARTING:
+            self.state = self.READY
+            self.metrics.ready(True)
+            log.info("ready in %.1f s: %s on %s (%s), batches of up to %d, max wait %g ms",
+                     time.monotonic() - self._started, settings.model, info.device, info.dtype,
+                     settings.max_batch_size, self.batcher.max_wait_s * 1000)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("batch loop died", exc_info=task.exception())
+        self.batcher.fail_all(GenerationFailed("the batch loop stopped; the server is restarting"))
+        self._fail("batch loop died")
+
+    def _fail(self, reason: str) -> None:
+        self.state = self.FAILED
+        self.metrics.ready(False)
+        self.on_fatal(reason)
+
+    async def drain(self) -> bool:
+        """Stops admitting, finishes queued and in-flight work within `drain_timeout_s`."""
+        if self.state != self.FAILED:
+            self.state = self.DRAINING
+        self.metrics.ready(False)
+        log.info("draining: %d queued, grace period %g s", self.batcher.depth,
+                 self.settings.drain_timeout_s)
+        finished = await self.batcher.drain(self.settings.drain_timeout_s)
+        if not finished:
+            log.warning("drain grace period ended; unfinished requests answered 503")
+        return finished
+
+    async def stop(self) -> None:
+        if not self.batcher.closed:
+            self.batcher.close()
+        self.batcher.fail_all(Draining("server stopped before this request could run"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.worker.stop()
+        self.encoder.shutdown(wait=False, cancel_futures=True)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def check_admitting(self) -> None:
+        if self.state == self.DRAINING:
+            raise Draining("server is shutting down; retry on another instance", retry_after_s=5)
+        if self.state != self.READY:
+            raise NotReady(f"server is {self.state}; model not ready", retry_after_s=5)
+
+    def submit(self, request: T2IRequest) -> asyncio.Future[Outcome[Image]]:
+        self.check_admitting()
+        return self.batcher.submit(
+            request.item(), key=request.key, priority=request.priority,
+            timeout_s=request.timeout_s,
+        )
+
+    async def encode(self, image: Image, fmt: str) -> bytes:
+        loop = asyncio.get_running_loop()
+        job = partial(encode, image, fmt, png_compress_level=self.settings.png_compress_level)
+        return await loop.run_in_executor(self.encoder, job)
+
+    async def _run_batch(self, items: list[GenerationItem]) -> list[Image]:
+        engine = self.engine
+        if engine is None:  # cannot happen: submit requires READY
+            raise RuntimeError("engine not loaded")
+        images = await self.worker.run(partial(engine.generate, items))
+        self.metrics.gpu_memory(engine.memory_bytes())
+        return images
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "version": __version__,
+            "state": self.state,
+            "engine": self.engine.info().to_dict() if self.engine else None,
+            "batching": {
+                "key": ["width", "height", "inference_steps", "guidance_scale"],
+                "max_batch_size": s.max_batch_size,
+                "max_wait_ms": s.max_wait_ms,
+                "flush_policy": s.flush_policy,
+                "priority_aging_s": s.priority_aging_s,
+                "max_queue": s.max_queue,
+                "queue_depth": self.batcher.depth,
+            },
+            "limits": {
+                "max_pixels": s.max_pixels,
+                "max_steps": s.max_steps,
+                "max_body_bytes": s.max_body_bytes,
+                "request_timeout_s": s.request_timeout_s,
+                "drain_timeout_s": s.drain_timeout_s,
+            },
+            "auth": {"t2i": s.api_key is not None, "metrics": bool(s.api_key and s.protect_metrics)},
+        }

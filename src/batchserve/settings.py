@@ -1,0 +1,193 @@
+"""One frozen settings object; its field metadata drives CLI flags, env vars and `--help`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "BATCHSERVE_"
+_SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message names the setting and the rule."""
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    model: str = _opt("tiny", "`tiny`, `sim`, a diffusers folder, a hub id or a .safetensors file")
+    model_config: str | None = _opt(
+        None, "diffusers folder or hub id giving the config of a single-file checkpoint"
+    )
+    host: str = _opt("127.0.0.1", "bind address")
+    port: int = _opt(8000, "bind port")
+    device: str = _opt("auto", "cuda if present else cpu", choices=("auto", "cuda", "cpu"))
+    dtype: str = _opt(
+        "auto", "fp16 on cuda, fp32 on cpu", choices=("auto", "fp16", "bf16", "fp32")
+    )
+    scheduler: str = _opt("dpm++2m-karras", "sampler by name (see /v1/info for the list)")
+    attention: str = _opt(
+        "auto", "attention backend", choices=("auto", "sdpa", "xformers", "default")
+    )
+    channels_last: bool = _opt(True, "channels-last UNet/VAE memory format (CUDA only)")
+    cudnn_benchmark: bool = _opt(True, "cudnn.benchmark autotuning (CUDA only)")
+    compile: bool = _opt(False, "torch.compile the UNet (CUDA only; slow start)")
+    warmup: str = _opt("512x512x2", "warm-up shapes WxH[xSTEPS], comma separated; '' for none")
+    max_batch_size: int = _opt(8, "flush a group when it holds this many requests")
+    max_wait_ms: float = _opt(500.0, "flush a group when its oldest request waited this long")
+    flush_policy: str = _opt(
+        "deadline",
+        "deadline: wait up to max-wait-ms to fill a batch; eager: run at once when idle",
+        choices=("deadline", "eager"),
+    )
+    priority_aging_s: float = _opt(
+        5.0, "a queued request gains +1 priority per this many seconds (no starvation)"
+    )
+    max_queue: int = _opt(256, "queued requests admitted; beyond it 429")
+    request_timeout_s: float = _opt(300.0, "default timeout_s: max wait in the queue before 504")
+    drain_timeout_s: float = _opt(60.0, "grace period on SIGTERM for queued/in-flight requests")
+    max_pixels: int = _opt(1048576, "width*height limit")
+    max_steps: int = _opt(150, "inference_steps limit")
+    max_body_bytes: int = _opt(65536, "request body limit (413 beyond)")
+    api_key: str | None = _opt(None, "Bearer key required on /t2i when set")
+    protect_metrics: bool = _opt(False, "require the API key on /metrics too")
+    log_prompts: bool = _opt(False, "include prompts in request logs")
+    log_level: str = _opt(
+        "info", "log level", choices=("debug", "info", "warning", "error")
+    )
+    encode_workers: int = _opt(2, "threads encoding images off the event loop")
+    png_compress_level: int = _opt(1, "PNG zlib level 0-9 (1: fast, images barely shrink more)")
+    sim_base_ms: float = _opt(0.0, "--model sim only: a batch of n sleeps base + n*per_image ms")
+    sim_per_image_ms: float = _opt(0.0, "--model sim only: per-image engine time in ms")
+
+    def __post_init__(self) -> None:
+        for check in _CHECKS:
+            check(self)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        return parse_shapes(self.warmup)
+
+    def public(self) -> dict[str, Any]:
+        """Settings safe to show (no secrets)."""
+        data = dataclasses.asdict(self)
+        data["api_key"] = "set" if self.api_key else None
+        return data
+
+    @classmethod
+    def from_sources(
+        cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Defaults < environment (`BATCHSERVE_*`) < explicit overrides (CLI flags)."""
+        values: dict[str, Any] = {}
+        env = os.environ if env is None else env
+        for f in dataclasses.fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = coerce(f, raw)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**values)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_type(f: dataclasses.Field[Any]) -> type:
+    text = str(f.type)
+    for kind in (bool, int, float):
+        if text.startswith(kind.__name__):
+            return kind
+    return str
+
+
+def coerce(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = field_type(f)
+    try:
+        if kind is bool:
+            return _parse_bool(raw)
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{env_name(f.name)}={raw!r}: expected {kind.__name__}"
+        ) from None
+
+
+def _parse_bool(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = _SHAPE.match(part)
+        if not match:
+            raise SettingsError(f"--warmup: {part!r} is not WxH or WxHxSTEPS")
+        w, h, steps = match.groups()
+        shapes.append((int(w), int(h), int(steps or 2)))
+    return shapes
+
+
+def _rule(name: str, ok: Callable[[Any], bool], rule: str) -> Callable[[Settings], None]:
+    def check(s: Settings) -> None:
+        value = getattr(s, name)
+        if not ok(value):
+            raise SettingsError(f"{flag_name(name)}={value!r}: {rule}")
+
+    return check
+
+
+def _check_choices(s: Settings) -> None:
+    for f in dataclasses.fields(s):
+        choices = f.metadata.get("choices")
+        if choices and getattr(s, f.name) not in choices:
+            raise SettingsError(
+                f"{flag_name(f.name)}={getattr(s, f.name)!r}: must be one of {', '.join(choices)}"
+            )
+
+
+def _check_warmup(s: Settings) -> None:
+    for w, h, _ in parse_shapes(s.warmup):
+        if w % 8 or h % 8:
+            raise SettingsError(f"--warmup: {w}x{h} must be multiples of 8")
+
+
+_CHECKS: list[Callable[[Settings], None]] = [
+    _check_choices,
+    _check_warmup,
+    _rule("port", lambda v: 0 <= v <= 65535, "must be 0..65535"),
+    _rule("max_batch_size", lambda v: 1 <= v <= 256, "must be 1..256"),
+    _rule("max_wait_ms", lambda v: 0 <= v <= 60_000, "must be 0..60000"),
+    _rule("priority_aging_s", lambda v: v > 0, "must be > 0"),
+    _rule("max_queue", lambda v: v >= 1, "must be >= 1"),
+    _rule("request_timeout_s", lambda v: v > 0, "must be > 0"),
+    _rule("drain_timeout_s", lambda v: v >= 0, "must be >= 0"),
+    _rule("max_pixels", lambda v: v >= 64 * 64, "must be >= 4096 (64x64)"),
+    _rule("max_steps", lambda v: 1 <= v <= 1000, "must be 1..1000"),
+    _rule("max_body_bytes", lambda v: v >= 1024, "must be >= 1024"),
+    _rule("api_key", lambda v: v is None or len(v) >= 8, "must be at least 8 characters"),
+    _rule("encode_workers", lambda v: 1 <= v <= 64, "must be 1..64"),
+    _rule("png_compress_level", lambda v: 0 <= v <= 9, "must be 0..9"),
+    _rule("sim_base_ms", lambda v: v >= 0, "must be >= 0"),
+    _rule("sim_per_image_ms", lambda v: v >= 0, "must be >= 0"),
+]

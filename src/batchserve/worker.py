@@ -1,0 +1,56 @@
+"""One dedicated daemon thread that runs blocking calls in submission order.
+
+A daemon thread (not a ThreadPoolExecutor, whose threads are joined at exit) so that a batch
+still generating when the drain grace period ends cannot hold the process open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+class Worker:
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, loop, future))
+        return await asyncio.shield(future)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, loop, future = job
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting coroutine, never lost
+                _deliver(loop, future.set_exception, future, exc)
+            else:
+                _deliver(loop, future.set_result, future, result)
+
+
+def _deliver(
+    loop: asyncio.AbstractEventLoop,
+    setter: Callable[[Any], None],
+    future: asyncio.Future[Any],
+    value: Any,
+) -> None:
+    def apply() -> None:
+        if not future.done():
+            setter(value)
+
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(apply)
