@@ -74,6 +74,11 @@ class Api:
         except BatchServeError as exc:
             record["error"] = exc.code
             response = error_response(exc)
+        except Exception:  # a bug, not a domain error: still one clean answer and one log line
+            logging.getLogger("batchserve").exception("request %s failed unexpectedly", rid)
+            self.service.metrics.rejected("failed")
+            record["error"] = BatchServeError.code
+            response = error_response(BatchServeError("internal server error"))
         response.headers["X-Request-Id"] = rid
         record["status"] = response.status_code
         record["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
@@ -112,9 +117,9 @@ class Api:
             if exc.reject_reason:
                 self.service.metrics.rejected(exc.reject_reason)
             raise
-        watcher = asyncio.create_task(_disconnected(request))
+        watcher: asyncio.Future[Any] = asyncio.create_task(_disconnected(request))
         try:
-            await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((future, watcher), return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not future.done():
                 future.cancel()  # client left (or we were cancelled): drop it from the queue

@@ -7,12 +7,13 @@ deadline; a batch is handed to an async `runner` that returns one result per pay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import (
     BatchServeError,
@@ -108,8 +109,10 @@ async def run_split(runner: Runner[T, R], payloads: list[T]) -> list[tuple[R | E
     except Exception as exc:
         return [(exc, len(payloads))] * len(payloads)
     if len(results) != len(payloads):
-        exc = RuntimeError(f"engine returned {len(results)} results for {len(payloads)} items")
-        return [(exc, len(payloads))] * len(payloads)
+        mismatch = RuntimeError(
+            f"engine returned {len(results)} results for {len(payloads)} items"
+        )
+        return [(mismatch, len(payloads))] * len(payloads)
     return [(r, len(payloads)) for r in results]
 
 
@@ -226,14 +229,35 @@ class Batcher(Generic[T, R]):
                 await self._sleep_until(self._next_event(now), now)
                 continue
             key, trigger = picked
-            await self._run_batch(self._take(key, now), trigger)
+            batch = asyncio.ensure_future(self._run_batch(self._take(key, now), trigger))
+            await self._expire_while_busy(batch)
+
+    async def _expire_while_busy(self, batch: asyncio.Future[None]) -> None:
+        """Waits for `batch`, meanwhile answering queued items that time out or are cancelled
+        when that happens rather than when the batch ends (a GPU batch can take many seconds).
+        Re-raises the batch's own exception; cancelling the wait cancels the batch."""
+        try:
+            while not batch.done():
+                self._wake.clear()
+                now = self._clock()
+                self._purge(now)
+                deadlines = [p.deadline for g in self._groups.values() for p in g.items]
+                timeout = max(0.0, min(deadlines) - now) if deadlines else None
+                waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait((batch, waker), timeout=timeout,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waker.cancel()
+        except asyncio.CancelledError:
+            batch.cancel()
+            raise
+        batch.result()
 
     async def _sleep_until(self, when: float | None, now: float) -> None:
         timeout = None if when is None else max(0.0, when - now)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _purge(self, now: float) -> None:
         removed = 0

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         serve.add_argument(
             flag_name(f.name), type=kind, default=None, choices=f.metadata.get("choices"),
-            metavar=None if f.metadata.get("choices") else f.name.upper(), help=f"{help_text} (default: {f.default})",
+            metavar=None if f.metadata.get("choices") else f.name.upper(),
+            help=f"{help_text} (default: {f.default})",
         )
     serve.formatter_class = argparse.HelpFormatter
     return parser

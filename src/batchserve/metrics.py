@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec
+from typing import ParamSpec
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_fastapi_instrumentator import Instrumentator
@@ -111,7 +111,7 @@ def _size_buckets(max_batch_size: int) -> list[float]:
     return [float(n) for n in range(1, max_batch_size + 1)]
 
 
-def instrument(app: Starlette, metrics: Metrics, **expose_kwargs: Any) -> Instrumentator:
+def instrument(app: Starlette, metrics: Metrics) -> Instrumentator:
     """Adds the `http_*` middleware; must run before the app starts."""
     instrumentator = Instrumentator(
         excluded_handlers=["/metrics"],
@@ -119,6 +119,6 @@ def instrument(app: Starlette, metrics: Metrics, **expose_kwargs: Any) -> Instru
         registry=metrics.registry,
     )
     instrumentator.instrument(
-        app, latency_highr_buckets=HTTP_BUCKETS, latency_lowr_buckets=(0.1, 0.5, 1, 5, 30, 120)
+        app, latency_highr_buckets=HTTP_BUCKETS, latency_lowr_buckets=HTTP_BUCKETS
     )
     return instrumentator

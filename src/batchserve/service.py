@@ -63,6 +63,7 @@ class Service:
         self._engine_factory = engine_factory
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
+        self._settled = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -87,6 +88,7 @@ class Service:
         except Exception as exc:
             log.exception("model %r failed to load", settings.model)
             self._fail(f"model failed to load: {type(exc).__name__}: {exc}")
+            self._settled.set()
             return
         self.engine = engine
         if self.state == self.STARTING:
@@ -95,6 +97,12 @@ class Service:
             log.info("ready in %.1f s: %s on %s (%s), batches of up to %d, max wait %g ms",
                      time.monotonic() - self._started, settings.model, info.device, info.dtype,
                      settings.max_batch_size, self.batcher.max_wait_s * 1000)
+        self._settled.set()
+
+    async def wait_loaded(self) -> str:
+        """Waits until loading ended (ready or failed); returns the state."""
+        await self._settled.wait()
+        return self.state
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -180,5 +188,8 @@ class Service:
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
             },
-            "auth": {"t2i": s.api_key is not None, "metrics": bool(s.api_key and s.protect_metrics)},
+            "auth": {
+                "t2i": s.api_key is not None,
+                "metrics": bool(s.api_key and s.protect_metrics),
+            },
         }

@@ -33,7 +33,9 @@ class SimEngine:
             attention="none",
             scheduler="none",
             demo=True,
-            tuning=(Switch("simulated", True, f"{self.base_ms} ms + {self.per_image_ms} ms/image"),),
+            tuning=(
+                Switch("simulated", True, f"{self.base_ms} ms + {self.per_image_ms} ms/image"),
+            ),
         )
 
     def warmup(self) -> None:

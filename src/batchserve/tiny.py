@@ -87,7 +87,7 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def build_pipeline(**scheduler_kwargs: Any) -> StableDiffusionPipeline:
+def build_pipeline(**scheduler_kwargs: Any) -> Any:
     """Same weights on every call (fixed seed), so images are reproducible across restarts."""
     tokenizer = build_tokenizer()
     state = torch.random.get_rng_state()
@@ -105,7 +105,7 @@ def build_pipeline(**scheduler_kwargs: Any) -> StableDiffusionPipeline:
         steps_offset=1,
         **scheduler_kwargs,
     )
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

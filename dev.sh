@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The two commands of the README; each does its own setup on a fresh machine.
+#   ./dev.sh serve [batchserve serve flags]   serve the tiny model on 127.0.0.1:8000
+#   ./dev.sh test  [pytest args]              lint, type-check and run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${BATCHSERVE_VENV:-.venv}
+PY="$VENV/bin/python"
+
+log() { printf '\033[1m[dev.sh]\033[0m %s\n' "$*" >&2; }
+
+setup_python() {  # $1: extras ("" or "dev")
+  [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
+  local stamp="$VENV/.installed-${1:-base}-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  [ -f "$stamp" ] && return 0
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      log "installing torch (CUDA build)"; "$PY" -m pip install -q torch
+    else
+      # The CPU wheel: local on our dev/CI machines, and a range the package accepts.
+      log "installing torch 2.13.0 (CPU)"; "$PY" -m pip install -q torch==2.13.0
+    fi
+  fi
+  if [ "${1:-}" = dev ] && command -v npm >/dev/null 2>&1; then
+    log "installing dclint (Compose file linter, npm)"
+    npm install -q --no-audit --no-fund --prefix "$VENV/node" dclint@3.1.0 >/dev/null \
+      || log "could not install dclint; the compose lint test will be skipped"
+  fi
+  log "installing batchserve${1:+[$1]}"
+  "$PY" -m pip install -q -e ".${1:+[$1]}"
+  touch "$stamp"
+}
+
+setup_prometheus() {  # real Prometheus + promtool for the monitoring tests (Debian package)
+  command -v promtool >/dev/null 2>&1 && return 0
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's prometheus (for promtool and the live scrape test)"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      prometheus >/dev/null 2>&1 \
+      || { $sudo apt-get update -q >/dev/null 2>&1 \
+           && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                --no-install-recommends prometheus >/dev/null 2>&1; } \
+      || log "could not install prometheus; its tests will be skipped"
+  fi
+}
+
+case "${1:-}" in
+  serve)
+    shift
+    setup_python ""
+    exec "$VENV/bin/batchserve" serve "$@"
+    ;;
+  test)
+    shift
+    setup_python dev
+    setup_prometheus
+    export PATH="$PWD/$VENV/node/node_modules/.bin:$PATH"
+    log "ruff";  "$VENV/bin/ruff" check src tests benchmarks
+    log "mypy";  "$VENV/bin/mypy"
+    log "pytest"
+    exec "$PY" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: $0 serve [flags] | test [pytest args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,136 @@
+"""The diffusers engine: tuning plans for CPU and CUDA, schedulers, loading from disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchserve.diffusion import (
+    SCHEDULERS,
+    DiffusionEngine,
+    make_scheduler,
+    plan_tuning,
+)
+from batchserve.engine import GenerationItem
+from batchserve.settings import Settings, SettingsError
+
+ITEM = GenerationItem("a red cube", "", 7, 64, 64, 2, 7.5)
+
+
+def switches(plan: object) -> dict[str, tuple[bool, str]]:
+    return {s.name: (s.enabled, s.detail) for s in plan.switches}  # type: ignore[attr-defined]
+
+
+def test_cpu_plan_switches_gpu_tuning_off_with_reasons() -> None:
+    plan = plan_tuning(Settings(compile=True), cuda=False, xformers=False)
+    assert (plan.device, plan.dtype, plan.attention) == ("cpu", "fp32", "sdpa")
+    s = switches(plan)
+    for name in ("channels_last", "cudnn_benchmark", "torch_compile"):
+        assert s[name] == (False, "needs CUDA; off on this machine")
+    assert s["fp16"] == (False, "fp32 on CPU")
+    assert s["inference_mode"][0] and s["memory_efficient_attention"][0]
+
+
+def test_cuda_plan_turns_everything_on() -> None:
+    plan = plan_tuning(Settings(compile=True), cuda=True, xformers=False)
+    assert (plan.device, plan.dtype) == ("cuda", "fp16")
+    assert all(enabled for enabled, _ in switches(plan).values())
+
+
+def test_cuda_plan_respects_switches_turned_off() -> None:
+    plan = plan_tuning(Settings(channels_last=False, cudnn_benchmark=False), cuda=True,
+                       xformers=True)
+    s = switches(plan)
+    assert s["channels_last"] == (False, "disabled by setting")
+    assert s["cudnn_benchmark"] == (False, "disabled by setting")
+    assert s["torch_compile"] == (False, "disabled by setting")
+
+
+@pytest.mark.parametrize(("cuda", "installed", "backend", "note"), [
+    (True, True, "xformers", "xformers memory-efficient attention"),
+    (True, False, "sdpa", "xformers not installed"),
+    (False, True, "sdpa", "xformers needs CUDA"),
+])
+def test_xformers_only_when_cuda_and_installed(cuda: bool, installed: bool, backend: str,
+                                               note: str) -> None:
+    plan = plan_tuning(Settings(attention="xformers"), cuda=cuda, xformers=installed)
+    assert plan.attention == backend
+    assert note in switches(plan)["memory_efficient_attention"][1]
+
+
+def test_fp16_on_cpu_falls_back_to_fp32() -> None:
+    plan = plan_tuning(Settings(dtype="fp16"), cuda=False, xformers=False)
+    assert plan.dtype == "fp32" and "needs CUDA" in switches(plan)["fp16"][1]
+
+
+def test_device_cuda_without_cuda_fails_clearly() -> None:
+    with pytest.raises(SettingsError, match="--device=cuda"):
+        plan_tuning(Settings(device="cuda"), cuda=False, xformers=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine() -> DiffusionEngine:
+    return DiffusionEngine.load(Settings(model="tiny", warmup=""))
+
+
+def test_tiny_engine_on_cpu_reports_no_gpu_memory(tiny_engine: DiffusionEngine) -> None:
+    assert tiny_engine.memory_bytes() is None
+    assert tiny_engine.plan.device == "cpu"
+    assert tiny_engine.info().to_dict()["vae_scale_factor"] == 8
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_builds_and_generates(tiny_engine: DiffusionEngine, name: str,
+                                              steps: int) -> None:
+    scheduler = make_scheduler(name, tiny_engine.pipe.scheduler.config)
+    original = tiny_engine.pipe.scheduler
+    tiny_engine.pipe.scheduler = scheduler
+    try:
+        (image,) = tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, steps, 7.5)])
+    finally:
+        tiny_engine.pipe.scheduler = original
+    assert image.size == (64, 64)
+
+
+def test_default_scheduler_is_dpmpp_2m_karras(tiny_engine: DiffusionEngine) -> None:
+    config = tiny_engine.pipe.scheduler.config
+    assert type(tiny_engine.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert config.use_karras_sigmas and config.algorithm_type == "dpmsolver++"
+
+
+def test_unknown_scheduler_is_a_settings_error(tiny_engine: DiffusionEngine) -> None:
+    with pytest.raises(SettingsError, match="--scheduler"):
+        make_scheduler("nope", tiny_engine.pipe.scheduler.config)
+
+
+def test_out_of_memory_becomes_engine_out_of_memory(
+    tiny_engine: DiffusionEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchserve.errors import EngineOutOfMemory
+
+    def oom(**_: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tiny_engine, "pipe", oom)
+    with pytest.raises(EngineOutOfMemory):
+        tiny_engine.generate([ITEM])
+
+
+def test_saved_tiny_model_loads_by_path_and_matches(tiny_engine: DiffusionEngine,
+                                                    tmp_path: Path) -> None:
+    """The real `from_pretrained` path, on the tiny model saved with `save_pretrained`."""
+    tiny_engine.pipe.save_pretrained(tmp_path / "tiny-sd")
+    loaded = DiffusionEngine.load(Settings(model=str(tmp_path / "tiny-sd"), warmup=""))
+    assert loaded.info().demo is False
+    (a,) = tiny_engine.generate([ITEM])
+    (b,) = loaded.generate([ITEM])
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+
+
+def test_missing_single_file_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="no such checkpoint file"):
+        DiffusionEngine.load(Settings(model=str(tmp_path / "missing.safetensors"), warmup=""))
