@@ -2,6 +2,7 @@
 # The two commands of the README; each does its own setup on a fresh machine.
 #   ./dev.sh serve [batchserve serve flags]   serve the tiny model on 127.0.0.1:8000
 #   ./dev.sh test  [pytest args]              lint, type-check and run the test suite
+#   ./dev.sh bench [runner args]              the benchmark runner (python -m benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${BATCHSERVE_VENV:-.venv}
@@ -62,8 +63,13 @@ case "${1:-}" in
     log "pytest"
     exec "$PY" -m pytest "$@"
     ;;
+  bench)
+    shift
+    setup_python dev
+    exec "$PY" -m benchmarks "$@"
+    ;;
   *)
-    echo "usage: $0 serve [flags] | test [pytest args]" >&2
+    echo "usage: $0 serve [flags] | test [pytest args] | bench [runner args]" >&2
     exit 2
     ;;
 esac

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import orjson
 from starlette.applications import Starlette
+from starlette.types import Message
 
 from batchserve.app import create_app
 from batchserve.service import Service
@@ -64,7 +65,7 @@ class RawCall:
 
     task: asyncio.Task[None]
     gone: asyncio.Event
-    sent: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[Message] = field(default_factory=list)
 
     def leave(self) -> None:
         self.gone.set()
@@ -81,7 +82,7 @@ def call_asgi(app: Starlette, body: dict[str, Any]) -> RawCall:
     """Starts the request; after its body, `receive()` blocks until `leave()` and then reports
     `http.disconnect`, exactly as uvicorn does when the client closes its socket."""
     gone = asyncio.Event()
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
     raw = orjson.dumps(body)
     scope: dict[str, Any] = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -92,7 +93,7 @@ def call_asgi(app: Starlette, body: dict[str, Any]) -> RawCall:
     }
     body_sent = False
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal body_sent
         if not body_sent:
             body_sent = True
@@ -100,7 +101,7 @@ def call_asgi(app: Starlette, body: dict[str, Any]) -> RawCall:
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     task = asyncio.create_task(app(scope, receive, send))

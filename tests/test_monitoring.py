@@ -41,12 +41,9 @@ APP_METRICS = {
     "batchserve_gpu_memory_allocated_bytes",
     "batchserve_gpu_memory_reserved_bytes",
     "batchserve_ready",
-    # prometheus-fastapi-instrumentator defaults
+    # prometheus-fastapi-instrumentator: the two series `metrics.instrument` adds
     "http_requests_total",
     "http_request_duration_seconds",
-    "http_request_duration_highr_seconds",
-    "http_request_size_bytes",
-    "http_response_size_bytes",
 }
 METRIC_NAME = re.compile(r"\b((?:batchserve|http)_[a-z0-9_]+|DCGM_[A-Z0-9_]+)\b")
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")

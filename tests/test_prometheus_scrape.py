@@ -175,7 +175,9 @@ def value(stack: Stack, expr: str) -> float | None:
 def scraped(stack: Stack) -> bool:
     ok = value(stack, 'sum(http_requests_total{handler="/t2i", status="2xx"})')
     recorded = value(stack, "count(instance:batchserve_images:rate1m > 0)")
-    return ok == OK_REQUESTS and recorded == 1
+    # Series born in the load need two samples before rate() has a value.
+    rated = value(stack, 'count(rate(http_requests_total{handler="/t2i"}[1m]))')
+    return ok == OK_REQUESTS and recorded == 1 and rated is not None
 
 
 def substitute(expr: str) -> str:

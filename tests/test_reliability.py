@@ -21,13 +21,15 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import uvicorn
 from inprocess import InProcess, call_asgi, in_process
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
 
 from batchserve.app import create_app
 from batchserve.engine import GenerationItem
 from batchserve.errors import EngineOutOfMemory
-from batchserve.server import JSONFormatter
+from batchserve.server import JSONFormatter, Server
 from batchserve.service import Service
 from batchserve.settings import Settings
 
@@ -254,14 +256,16 @@ async def test_client_gone_mid_batch_has_its_result_discarded() -> None:
 async def test_client_gone_while_uploading_counts_as_cancelled_not_as_a_failure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    messages = [{"type": "http.request", "body": b'{"prompt": "a', "more_body": True},
-                {"type": "http.disconnect"}]
-    sent: list[dict[str, Any]] = []
+    messages: list[Message] = [
+        {"type": "http.request", "body": b'{"prompt": "a', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return messages.pop(0)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
@@ -367,8 +371,7 @@ async def test_batch_loop_death_fails_its_requests_turns_unready_and_is_fatal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with in_process(FakeEngine(), max_batch_size=1, max_wait_ms=0) as app:
-        fatal: list[str] = []
-        app.service.on_fatal = fatal.append
+        server = Server(uvicorn.Config(app.app, log_config=None), app.service)
         batcher = app.service.batcher
         pick = batcher._pick
 
@@ -380,7 +383,7 @@ async def test_batch_loop_death_fails_its_requests_turns_unready_and_is_fatal(
         monkeypatch.setattr(batcher, "_pick", broken_pick)
         response = await asyncio.wait_for(app.client.post("/t2i", json=body(1)), 5)
         assert response.status_code == 500 and error_of(response)["code"] == "generation_failed"
-        assert fatal == ["batch loop died"]
+        assert server.should_exit and server.exit_code == 1  # `batchserve serve` exits 1
         assert (await app.client.get("/readyz")).status_code == 503
         assert (await app.client.get("/healthz")).status_code == 503
         assert app.metric("batchserve_ready") == 0
@@ -492,12 +495,12 @@ async def test_unexpected_error_is_a_json_500_with_its_log_line(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug after generation (here: encoding) still gets one clean response and a log line."""
-    async def broken_encode(image: object, fmt: str) -> bytes:
+    def broken_encode(image: object, fmt: str, **_: object) -> bytes:
         raise OSError(SECRET_TEXT)
 
     with access_log(caplog) as lines:
         async with in_process(FakeEngine(), max_batch_size=1, max_wait_ms=0) as app:
-            monkeypatch.setattr(app.service, "encode", broken_encode)
+            monkeypatch.setattr("batchserve.service.encode", broken_encode)
             response = await app.client.post("/t2i", json=body(1))
             assert response.status_code == 500
             assert error_of(response)["code"] == "internal_error"

@@ -15,11 +15,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, running_server
 
-BODY = {"prompt": "a quiet harbour", "width": 64, "height": 64, "inference_steps": 1}
+PROMPT = "a quiet harbour"
+BODY = {"prompt": PROMPT, "width": 64, "height": 64, "inference_steps": 1}
 
 
 def gauge(server: ServerProcess, name: str) -> float:
@@ -59,13 +61,17 @@ def error_code(response: httpx.Response) -> str:
 
 
 def test_sigterm_finishes_queued_and_in_flight_work_then_exits_0(tmp_path: Path) -> None:
-    with running_server("--model", "sim", "--sim-base-ms", "700", "--max-batch-size", "2",
+    # 8 requests, batches of 2, 800 ms each: with 4 queued at the signal, the drain has at least
+    # 1.6 s of work left, time enough to see it refuse new work.
+    with running_server("--model", "sim", "--sim-base-ms", "800", "--max-batch-size", "2",
                         "--max-wait-ms", "0", tmp_path=tmp_path) as server, \
             ThreadPoolExecutor(8) as pool:
-        accepted = fire(pool, server, 6)
+        accepted = fire(pool, server, 8)
+        # All 8 admitted (started batches' items + queued) with at least 4 still queued.
         wait_for(server, "a batch in flight and work queued", lambda: gauge(
-            server, "batchserve_batches_total") >= 1 and gauge(
-            server, "batchserve_queue_depth") >= 3)
+            server, "batchserve_queue_wait_seconds_count") + gauge(
+            server, "batchserve_queue_depth") == 8 and gauge(
+            server, "batchserve_queue_depth") >= 4)
         server.proc.send_signal(signal.SIGTERM)
 
         wait_for(server, "/readyz to turn 503", lambda: httpx.get(
@@ -75,10 +81,14 @@ def test_sigterm_finishes_queued_and_in_flight_work_then_exits_0(tmp_path: Path)
         assert int(refused.headers["retry-after"]) >= 1
         assert server.proc.poll() is None  # still draining
 
-        assert [f.result(timeout=30).status_code for f in accepted] == [200] * 6
+        assert [f.result(timeout=30).status_code for f in accepted] == [200] * 8
         assert exit_code(server) == 0
     logs = server.log_path.read_text()
     assert "draining" in logs and "Traceback" not in logs
+    lines = [orjson.loads(line) for line in logs.splitlines()]  # every line is one JSON object
+    access = [line for line in lines if line["logger"] == "batchserve.access"]
+    assert sorted(line["status"] for line in access) == [200] * 8 + [503]
+    assert PROMPT not in logs  # no --log-prompts
 
 
 def test_drain_timeout_answers_leftovers_503_instead_of_dropping_them(tmp_path: Path) -> None:
@@ -99,6 +109,24 @@ def test_drain_timeout_answers_leftovers_503_instead_of_dropping_them(tmp_path: 
                 assert error_code(response) == "draining"
         assert exit_code(server) == 0
     assert "drain grace period ended" in server.log_path.read_text()
+
+
+def test_second_sigterm_ends_the_drain_with_503s_and_still_exits_0(tmp_path: Path) -> None:
+    with running_server("--model", "sim", "--sim-base-ms", "20000", "--max-batch-size", "1",
+                        "--max-wait-ms", "0", tmp_path=tmp_path) as server, \
+            ThreadPoolExecutor(3) as pool:
+        accepted = fire(pool, server, 3)
+        wait_for(server, "one in flight, two queued", lambda: gauge(
+            server, "batchserve_queue_depth") == 2)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(server, "/readyz to turn 503", lambda: httpx.get(
+            server.url + "/readyz", timeout=5).status_code == 503)
+        server.proc.send_signal(signal.SIGTERM)
+        # 60 s of work and 60 s of grace, cut short: all three answered 503 long before
+        responses = [f.result(timeout=15) for f in accepted]
+        assert [(r.status_code, error_code(r)) for r in responses] == [(503, "draining")] * 3
+        assert exit_code(server, timeout_s=15) == 0
+    assert "Traceback" not in server.log_path.read_text()
 
 
 def test_queue_overflow_gives_429_with_retry_after_and_never_5xx(tmp_path: Path) -> None:

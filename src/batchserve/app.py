@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +16,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -66,7 +66,7 @@ class Api:
 
     async def t2i(self, request: Request) -> Response:
         rid = request.headers.get("x-request-id", "")
-        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        rid = rid if _REQUEST_ID.match(rid) else f"{random.getrandbits(64):016x}"
         record: dict[str, Any] = {"id": rid}
         started = time.perf_counter()
         try:
@@ -99,10 +99,10 @@ class Api:
         if self.service.settings.log_prompts:
             record.update(prompt=req.prompt, negative_prompt=req.negative_prompt)
         fmt = negotiate(req.format, request.headers.get("accept"))
-        outcome = await self._generate(request, req)
+        outcome = await self._generate(request, req, fmt)
         record.update(batch_size=outcome.batch_size, queue_ms=round(outcome.queue_s * 1000, 1),
                       inference_ms=round(outcome.inference_s * 1000, 1), format=fmt)
-        content = await self.service.encode(outcome.result, fmt)
+        content = await outcome.result  # encoded off the loop, while the next batch runs
         return Response(content, media_type=MEDIA_TYPES[fmt], headers={
             "X-Seed": str(req.seed),
             "X-Batch-Size": str(outcome.batch_size),
@@ -110,23 +110,28 @@ class Api:
             "X-Inference-Ms": f"{outcome.inference_s * 1000:.1f}",
         })
 
-    async def _generate(self, request: Request, req: T2IRequest) -> Outcome[Any]:
+    async def _generate(
+        self, request: Request, req: T2IRequest, fmt: str
+    ) -> Outcome[asyncio.Future[bytes]]:
         try:
-            future = self.service.submit(req)
+            future = self.service.submit(req, fmt)
         except BatchServeError as exc:
             if exc.reject_reason:
                 self.service.metrics.rejected(exc.reject_reason)
             raise
-        watcher: asyncio.Future[Any] = asyncio.create_task(_disconnected(request))
+        # The client leaving cancels the future, which drops the item from the queue (or
+        # discards its result mid-batch). Callbacks, not asyncio.wait: this runs per request.
+        watcher = asyncio.create_task(_disconnected(request))
+        watcher.add_done_callback(lambda _: future.cancel())
         try:
-            await asyncio.wait((future, watcher), return_when=asyncio.FIRST_COMPLETED)
+            return await future
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled():
+                raise _ClientGone() from None
+            raise  # we were cancelled ourselves
         finally:
-            if not future.done():
-                future.cancel()  # client left (or we were cancelled): drop it from the queue
+            future.cancel()
             watcher.cancel()
-        if future.cancelled():
-            raise _ClientGone()
-        return future.result()
 
     async def _read_body(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type", "")
@@ -141,11 +146,14 @@ class Api:
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise _ClientGone() from None
         return b"".join(chunks)
 
     def _authorize(self, request: Request) -> None:
@@ -185,7 +193,7 @@ class Api:
 
 
 class _ClientGone(BatchServeError):
-    status, code = 499, "client_closed_request"
+    status, code, reject_reason = 499, "client_closed_request", "cancelled"
 
     def __init__(self) -> None:
         super().__init__("client disconnected before its image was ready")

@@ -13,6 +13,7 @@ from typing import ParamSpec
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as pfi_metrics
 from starlette.applications import Starlette
 
 log = logging.getLogger("batchserve.metrics")
@@ -118,7 +119,13 @@ def instrument(app: Starlette, metrics: Metrics) -> Instrumentator:
         should_group_status_codes=True,
         registry=metrics.registry,
     )
-    instrumentator.instrument(
-        app, latency_highr_buckets=HTTP_BUCKETS, latency_lowr_buckets=HTTP_BUCKETS
+    # Only the two series the dashboards and rules use. The default set also records request
+    # and response sizes and a second latency histogram: a third of the serving overhead
+    # measured with the null engine, for series nobody reads.
+    instrumentator.add(
+        pfi_metrics.requests(registry=metrics.registry),  # by handler, method, status
+        pfi_metrics.latency(buckets=HTTP_BUCKETS, should_include_status=False,
+                            registry=metrics.registry),  # by handler, method
     )
+    instrumentator.instrument(app)
     return instrumentator

@@ -2,7 +2,8 @@
 
 The first SIGTERM/SIGINT does not stop the listener: `/readyz` turns 503 and new requests get
 503 while queued and in-flight work finishes (up to `drain_timeout_s`); only then does uvicorn
-shut down. A second signal forces uvicorn's immediate exit.
+shut down. A second signal ends the grace period at once (what is unfinished gets 503), a third
+leaves it to uvicorn's own exit.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Server(uvicorn.Server):
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._signals = 0
         service.on_fatal = self._fatal
 
     async def serve(self, sockets: Any = None) -> None:
@@ -66,11 +68,21 @@ class Server(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain is not None or self._loop is None or self.should_exit:
+        if self._signals >= 2 or self._loop is None or self.should_exit:
             super().handle_exit(sig, frame)
             return
+        self._signals += 1
+        # A signal handler interrupts whatever the loop was doing: hand over, don't touch it.
+        step = self._start_drain if self._signals == 1 else self._end_drain
+        self._loop.call_soon_threadsafe(step, sig)
+
+    def _start_drain(self, sig: int) -> None:
         log.info("signal %d: draining before exit", sig)
-        self._drain = self._loop.create_task(self._drain_then_exit())
+        self._drain = asyncio.create_task(self._drain_then_exit())
+
+    def _end_drain(self, sig: int) -> None:
+        log.warning("signal %d again: ending the drain now", sig)
+        self.service.end_drain()
 
     async def _drain_then_exit(self) -> None:
         await self.service.drain()

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ class Service:
         self.worker = Worker("batchserve-engine")
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
-        self.batcher: Batcher[GenerationItem, Image] = Batcher(
+        self.batcher: Batcher[Job, asyncio.Future[bytes]] = Batcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
             max_wait_s=wait_s,
@@ -128,6 +129,10 @@ class Service:
             log.warning("drain grace period ended; unfinished requests answered 503")
         return finished
 
+    def end_drain(self) -> None:
+        """Cuts the drain short: everything queued or in flight is answered 503 now."""
+        self.batcher.fail_all(Draining("server shut down before this request could run"))
+
     async def stop(self) -> None:
         if not self.batcher.closed:
             self.batcher.close()
@@ -146,25 +151,37 @@ class Service:
         if self.state != self.READY:
             raise NotReady(f"server is {self.state}; model not ready", retry_after_s=5)
 
-    def submit(self, request: T2IRequest) -> asyncio.Future[Outcome[Image]]:
+    def submit(
+        self, request: T2IRequest, fmt: str = "png"
+    ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
+        """Queues one request; its outcome's result is a future of the encoded image."""
         self.check_admitting()
         return self.batcher.submit(
-            request.item(), key=request.key, priority=request.priority,
+            Job(request.item(), fmt), key=request.key, priority=request.priority,
             timeout_s=request.timeout_s,
         )
 
-    async def encode(self, image: Image, fmt: str) -> bytes:
-        loop = asyncio.get_running_loop()
-        job = partial(encode, image, fmt, png_compress_level=self.settings.png_compress_level)
-        return await loop.run_in_executor(self.encoder, job)
-
-    async def _run_batch(self, items: list[GenerationItem]) -> list[Image]:
+    async def _run_batch(self, jobs: list[Job]) -> list[asyncio.Future[bytes]]:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
-        images = await self.worker.run(partial(engine.generate, items))
+        images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
         self.metrics.gpu_memory(engine.memory_bytes())
-        return images
+        return self._encode_all(images, [j.fmt for j in jobs])
+
+    def _encode_all(self, images: list[Image], fmts: list[str]) -> list[asyncio.Future[bytes]]:
+        """Encodes a batch in at most `encode_workers` pool jobs, one thread hop each rather
+        than one per image, while the engine already runs the next batch."""
+        loop = asyncio.get_running_loop()
+        out: list[asyncio.Future[bytes]] = [loop.create_future() for _ in images]
+        chunks = min(self.settings.encode_workers, len(images))
+        level = self.settings.png_compress_level
+        for c in range(chunks):
+            picked = range(c, len(images), chunks)
+            job = partial(_encode_many, [(images[i], fmts[i]) for i in picked], level)
+            done = loop.run_in_executor(self.encoder, job)
+            done.add_done_callback(partial(_fan_out, [out[i] for i in picked]))
+        return out
 
     def info(self) -> dict[str, Any]:
         s = self.settings
@@ -193,3 +210,27 @@ class Service:
                 "metrics": bool(s.api_key and s.protect_metrics),
             },
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What the batcher queues: the engine's item and the image format its client wants."""
+
+    item: GenerationItem
+    fmt: str
+
+
+def _encode_many(pairs: list[tuple[Image, str]], png_compress_level: int) -> list[bytes]:
+    return [encode(im, fmt, png_compress_level=png_compress_level) for im, fmt in pairs]
+
+
+def _fan_out(futures: list[asyncio.Future[bytes]], chunk: asyncio.Future[list[bytes]]) -> None:
+    for i, future in enumerate(futures):
+        if future.done():
+            continue
+        if chunk.cancelled():
+            future.cancel()
+        elif (exc := chunk.exception()) is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(chunk.result()[i])

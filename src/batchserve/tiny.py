@@ -7,6 +7,7 @@ are noise; the point is that every code path of a real checkpoint runs on a CPU 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,11 +91,22 @@ def _vae() -> AutoencoderKL:
 def build_pipeline(**scheduler_kwargs: Any) -> Any:
     """Same weights on every call (fixed seed), so images are reproducible across restarts."""
     tokenizer = build_tokenizer()
+    return assemble(
+        tokenizer, lambda: (_text_encoder(len(tokenizer)), _unet(), _vae()), **scheduler_kwargs
+    )
+
+
+def assemble(
+    tokenizer: CLIPTokenizer,
+    build_models: Callable[[], tuple[Any, Any, Any]],
+    **scheduler_kwargs: Any,
+) -> Any:
+    """A pipeline from `build_models()` (text encoder, UNet, VAE) initialised under a fixed seed,
+    leaving the global RNG as it was, with SD 1.x's noise schedule."""
     state = torch.random.get_rng_state()
     torch.manual_seed(SEED)
     try:
-        text_encoder = _text_encoder(len(tokenizer))
-        unet, vae = _unet(), _vae()
+        text_encoder, unet, vae = build_models()
     finally:
         torch.random.set_rng_state(state)
     scheduler = DPMSolverMultistepScheduler(

@@ -1,0 +1,1 @@
+"""The benchmark runner (`python -m benchmarks`), its pieces, and the Locust scenarios."""

@@ -1,0 +1,191 @@
+"""The benchmark tooling works: its arithmetic, the sd15 preset's architecture, and a smoke run
+of the runner and of every Locust scenario in subprocesses (Locust never runs in pytest).
+Speed itself is measured by `python -m benchmarks`, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import report
+from benchmarks.serve import Load, batchserve_cmd, percentile, server, summarize, throughput
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ("single_user", "saturate", "mixed_shapes", "ramp", "burst")
+
+
+def test_throughput_counts_whole_batch_periods() -> None:
+    # batches of 4 finish every 2 s; the first clump only opens the window
+    ends = [t + j * 0.01 for t in (10.0, 12.0, 14.0, 16.0) for j in range(4)]
+    assert throughput(ends) == pytest.approx(12 / (16.03 - 10.03))
+    # a steady stream: completions over the span
+    assert throughput([0.0, 0.1, 0.2, 0.3]) == pytest.approx(10.0)
+    assert throughput([1.0]) == 0.0
+
+
+def test_percentile_interpolates() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == pytest.approx(50.5)
+    assert percentile(values, 0.99) == pytest.approx(99.01)
+    assert percentile([3.0], 0.95) == 3.0
+
+
+def _record(start: float, end: float, batch: int, ok: bool = True) -> dict[str, Any]:
+    return {"start": start, "end": end, "status": 200 if ok else 500, "ok": ok,
+            "key": "256x256x20", "batch_size": batch, "queue_ms": 5.0, "inference_ms": 900.0}
+
+
+def test_summarize_skips_warmup_and_counts_failures() -> None:
+    load = Load("saturate", 2, duration_s=10, warm_s=2, size=(256, 256, 20))
+    records = [_record(0.0, 5.0, 1)]  # started in the warm-up: not measured
+    records += [_record(s, s + 1.0, 2) for s in (2.0, 2.0, 4.0, 4.0, 6.0, 6.0)]
+    records += [_record(7.0, 7.5, 1, ok=False)]
+    figures = summarize(records, load)
+    assert figures["requests"] == 8 and figures["failures"] == 1
+    assert figures["measured"] == 6
+    assert figures["p50_ms"] == pytest.approx(1000.0)
+    assert figures["mean_batch_size"] == pytest.approx(2.0)
+    assert figures["images_per_s"] == pytest.approx(4 / 4.0)
+
+
+def _results(batched: float, unbatched: float, null_rps: float) -> dict[str, Any]:
+    def point(part: str, arm: str, users: int, ips: float, p50: float) -> dict[str, Any]:
+        return {"part": part, "arm": arm, "users": users, "images_per_s": ips, "p50_ms": p50,
+                "p95_ms": p50, "p99_ms": p50, "mean_batch_size": 1.0, "failures": 0}
+
+    return {
+        "config": {"max_batch_size": 8, "max_wait_ms": 500.0, "overhead_users": 32},
+        "raw": {"batches": {"1": {"median_s": 2.0, "images_per_s": 0.5},
+                            "8": {"median_s": 8.0, "images_per_s": 1.0}}},
+        "points": [
+            point("served", "batched", 1, 0.4, 2540.0),
+            point("served", "eager", 1, 0.5, 2040.0),
+            point("served", "batched", 16, batched, 9000.0),
+            point("served", "unbatched", 16, unbatched, 9000.0),
+            point("overhead", "bare", 32, 1000.0, 1.0),
+            point("overhead", "null", 32, null_rps, 1.0),
+        ],
+    }
+
+
+def test_targets_met_and_missed() -> None:
+    met = {t["target"]: t["met"] for t in report.targets(_results(0.95, 0.5, 600.0))}
+    assert met == {
+        "served batched at 16 users / raw batch 8": True,
+        "served batched / unbatched at 16 users": True,
+        "1 user p50, deadline policy": True,
+        "1 user p50, eager policy": False,  # 2040 > 2000 + 30
+        "null engine / bare Starlette requests/s": True,
+    }
+    missed = {t["target"]: t["met"] for t in report.targets(_results(0.85, 0.6, 400.0))}
+    assert not any(missed[k] for k in missed if "p50" not in k)
+
+
+def test_sd15_has_the_sd15_architecture() -> None:
+    """Built on the meta device: the real shapes, no memory, no download."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from batchserve import sd15
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd15.UNET_CONFIG)
+        vae = AutoencoderKL(**sd15.VAE_CONFIG)
+        text = CLIPTextModel(sd15.text_config(bos_token_id=512, eos_token_id=513))
+
+    def params(m: torch.nn.Module) -> float:
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    assert params(unet) == pytest.approx(859.52, abs=0.01)
+    assert params(vae) == pytest.approx(83.65, abs=0.01)
+    assert params(text) == pytest.approx(123.06, abs=0.01)
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 8
+
+
+def test_sd15_pipeline_assembles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model sd15` builds a full pipeline (weights on the meta device: no 4 GiB here)."""
+    import torch
+
+    from batchserve import sd15
+
+    def on_meta(cls: Any) -> Any:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            with torch.device("meta"):
+                return cls(*args, **kwargs)
+
+        return build
+
+    for name in ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel"):
+        monkeypatch.setattr(sd15, name, on_meta(getattr(sd15, name)))
+    pipe = sd15.build_pipeline()
+    assert pipe.vae_scale_factor == 8
+    assert pipe.unet.config.block_out_channels == (320, 640, 1280, 1280)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 768
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id
+
+
+def test_raw_measures_the_engine() -> None:
+    from batchserve.settings import Settings
+    from benchmarks.raw import measure
+
+    result = measure(Settings(model="tiny", warmup=""), (64, 64, 1), [1, 2], repeats=1)
+    assert set(result["batches"]) == {"1", "2"}
+    for run in result["batches"].values():
+        assert run["median_s"] > 0 and run["images_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("sim") / "server.log"
+    cmd = batchserve_cmd(["--model", "sim", "--sim-base-ms", "20", "--sim-per-image-ms", "5",
+                          "--max-wait-ms", "50", "--warmup", ""])
+    with server(cmd, log) as url:
+        yield url
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_scenario_runs_headless(scenario: str, sim_server: str, tmp_path: Path) -> None:
+    record = tmp_path / "records.json"
+    env = {**os.environ, "BENCH_RECORD": str(record), "BENCH_WIDTH": "64",
+           "BENCH_HEIGHT": "64", "BENCH_STEPS": "1", "BENCH_SHAPES": "64x64x1:2,64x128x1:1",
+           "RAMP_RATE": "20", "BURST_STAGE_S": "0.7", "BURST_PEAK": "6"}
+    cmd = [sys.executable, "-m", "locust", "-f", f"benchmarks/locustfiles/{scenario}.py",
+           "--headless", "--host", sim_server, "-u", "3", "-r", "3", "-t", "2s",
+           "--stop-timeout", "30", "--csv", str(tmp_path / "run"), "--only-summary"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads(record.read_text())
+    assert records and all(r["ok"] and r["status"] == 200 for r in records)
+    assert all(r["batch_size"] >= 1 for r in records)
+    stats = (tmp_path / "run_stats.csv").read_text()
+    assert "/t2i" in stats
+    if scenario == "mixed_shapes":
+        assert {r["key"] for r in records} == {"64x64x1", "64x128x1"}
+
+
+def test_runner_quick_smoke(tmp_path: Path) -> None:
+    """The runner end to end on the sim engine: every output file, no failed request."""
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "overhead,sim-gpu",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())
+    parts = {(p["part"], p["arm"]) for p in results["points"]}
+    assert parts == {("overhead", "bare"), ("overhead", "bare-encoding"), ("overhead", "null"),
+                     ("sim-gpu", "batched")}
+    assert all(p["failures"] == 0 and p["images_per_s"] > 0 for p in results["points"])
+    assert "null engine / bare Starlette" in proc.stdout
+    for name in ("bench.csv", "bench.md", "sim_gpu.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "sim_gpu.png").read_bytes().startswith(b"\x89PNG")
