@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import os
 
-from locust import LoadTestShape, task
+from locust import LoadTestShape
 
-from benchmarks.locustfiles.common import T2IUser
+from benchmarks.locustfiles.common import SameRequestUser
 
 BASE = int(os.environ.get("BURST_BASE", "2"))
 PEAK = int(os.environ.get("BURST_PEAK", "32"))
 STAGE_S = float(os.environ.get("BURST_STAGE_S", "30"))
 
 
-class BurstUser(T2IUser):
-    @task
-    def generate(self) -> None:
-        self.t2i()
+class BurstUser(SameRequestUser):
+    pass
 
 
 class Burst(LoadTestShape):

@@ -16,7 +16,7 @@ import random
 import time
 from typing import Any
 
-from locust import FastHttpUser, constant, events
+from locust import FastHttpUser, constant, events, task
 
 WIDTH = int(os.environ.get("BENCH_WIDTH", "256"))
 HEIGHT = int(os.environ.get("BENCH_HEIGHT", "256"))
@@ -74,6 +74,16 @@ class T2IUser(FastHttpUser):
                 "queue_ms": float(got.get("X-Queue-Ms", "0") or 0),
                 "inference_ms": float(got.get("X-Inference-Ms", "0") or 0),
             })
+
+
+class SameRequestUser(T2IUser):
+    """Sends the one request BENCH_WIDTH/HEIGHT/STEPS describe, over and over."""
+
+    abstract = True
+
+    @task
+    def generate(self) -> None:
+        self.t2i()
 
 
 def check(status: int, content_type: str, body: bytes) -> str | None:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import os
 
-from locust import LoadTestShape, task
+from locust import LoadTestShape
 
-from benchmarks.locustfiles.common import T2IUser
+from benchmarks.locustfiles.common import SameRequestUser
 
 USERS = int(os.environ.get("RAMP_USERS", "8"))
 RATE = float(os.environ.get("RAMP_RATE", "0.02"))
 
 
-class RampUser(T2IUser):
-    @task
-    def generate(self) -> None:
-        self.t2i()
+class RampUser(SameRequestUser):
+    pass
 
 
 class Ramp(LoadTestShape):

@@ -7,12 +7,8 @@ so the server always has work queued. Throughput at saturation; pick -u above ma
 
 from __future__ import annotations
 
-from locust import task
-
-from benchmarks.locustfiles.common import T2IUser
+from benchmarks.locustfiles.common import SameRequestUser
 
 
-class SaturatingUser(T2IUser):
-    @task
-    def generate(self) -> None:
-        self.t2i()
+class SaturatingUser(SameRequestUser):
+    pass

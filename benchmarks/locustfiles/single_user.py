@@ -6,14 +6,8 @@
 
 from __future__ import annotations
 
-from locust import task
-
-from benchmarks.locustfiles.common import T2IUser
+from benchmarks.locustfiles.common import SameRequestUser
 
 
-class SingleUser(T2IUser):
+class SingleUser(SameRequestUser):
     fixed_count = 1  # one user whatever -u says
-
-    @task
-    def generate(self) -> None:
-        self.t2i()
