@@ -41,8 +41,16 @@ def _ready(url: str) -> bool:
 
 @contextlib.contextmanager
 def server(cmd: Sequence[str], log_path: Path, timeout_s: float = 600) -> Iterator[str]:
-    """Runs `cmd` (which must take `--host`/`--port` last) until /readyz answers; yields its
-    URL; SIGTERMs it (a graceful drain) on the way out."""
+    """`server_process`, for callers that only need the URL."""
+    with server_process(cmd, log_path, timeout_s) as (_, url):
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(cmd: Sequence[str], log_path: Path,
+                   timeout_s: float = 600) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Runs `cmd` (which must take `--host`/`--port` last) until /readyz answers; yields the
+    process and its URL; SIGTERMs it (a graceful drain) on the way out if still running."""
     port = free_port()
     full = [*cmd, "--host", HOST, "--port", str(port)]
     url = f"http://{HOST}:{port}"
@@ -57,7 +65,7 @@ def server(cmd: Sequence[str], log_path: Path, timeout_s: float = 600) -> Iterat
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"server not ready in {timeout_s} s: {log_path}")
                 time.sleep(0.2)
-            yield url
+            yield proc, url
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -1,6 +1,6 @@
 """Soak: a `batchserve serve --model sim` server held at saturation by Locust for a bounded time.
 
-    python benchmarks/soak.py --duration-s 180 --out benchmarks/results/soak.json
+    python -m benchmarks.soak --duration-s 180 --out benchmarks/results/soak.json
 
 Starts the server on a free 127.0.0.1 port (never anywhere else), samples its resident memory
 from /proc once a second, runs Locust headless in a subprocess (benchmarks/locustfiles/soak.py)
@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.serve import batchserve_cmd, server_process
+
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfiles" / "soak.py"
-HOST = "127.0.0.1"
 MAX_DURATION_S = 3600.0
 SETTLE_S = 30.0  # after the sending ends, how long the last answers may take
 MIB = 1024 * 1024
@@ -68,49 +68,9 @@ class Report:
 # -- the server ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-
-
-@contextlib.contextmanager
-def server_process(args: Sequence[str], log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes],
-                                                                          str]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "batchserve", "serve", "--host", HOST, "--port", str(port),
-           "--model", "sim", *args]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://{HOST}:{port}"
-            wait_ready(proc, url, log_path)
-            yield proc, url
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path,
-               timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()}")
-        with contextlib.suppress(OSError):
-            if http_get(url + "/readyz", 1.0)[0] == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready in {timeout_s} s")
+def http_get(url: str, timeout_s: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return str(resp.read().decode())
 
 
 def rss_mib(pid: int) -> float | None:
@@ -151,7 +111,7 @@ def scrape(url: str) -> dict[str, float]:
     """The server's own `batchserve_*` counters (labels folded into the name)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    _, text = http_get(url + "/metrics")
+    text = http_get(url + "/metrics")
     wanted = ("batchserve_images_total", "batchserve_requests_rejected_total",
               "batchserve_batches_total", "batchserve_queue_depth")
     values: dict[str, float] = {}
@@ -217,13 +177,14 @@ def server_args(opts: argparse.Namespace) -> list[str]:
     return ["--sim-base-ms", str(opts.sim_base_ms), "--sim-per-image-ms",
             str(opts.sim_per_image_ms), "--max-batch-size", str(opts.max_batch_size),
             "--max-wait-ms", str(opts.max_wait_ms), "--max-queue", str(opts.max_queue),
-            "--drain-timeout-s", "30", "--warmup", "", "--log-level", "warning"]
+            "--drain-timeout-s", "30", "--warmup", ""]
 
 
 def soak(opts: argparse.Namespace, workdir: Path) -> Report:
     args = server_args(opts)
     report = Report(duration_s=opts.duration_s, users=opts.users, server_args=args)
-    with server_process(args, workdir / "server.log") as (proc, url):
+    cmd = batchserve_cmd(["--model", "sim", *args])
+    with server_process(cmd, workdir / "server.log", timeout_s=60) as (proc, url):
         sampler = RssSampler(proc.pid, opts.sample_interval_s)
         sampler.start()
         try:

@@ -1,8 +1,9 @@
 """Locust against a real server, in subprocesses (Locust monkey-patches with gevent, so it never
 runs inside pytest): a short smoke in the default run, the full soak with `-m slow`.
 
-benchmarks/soak.py does the work and the checks: no failures other than deliberate 429s, every
-request sent answered, the server's counters agree with the client's, exit 0 after SIGTERM.
+`python -m benchmarks.soak` does the work and the checks: no failures other than deliberate
+429s, every request sent answered, the server's counters agree with the client's, exit 0
+after SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNER = ROOT / "benchmarks" / "soak.py"
 
 
 def run_soak(tmp_path: Path, *args: str, timeout_s: float) -> dict[str, Any]:
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, str(RUNNER), "--out", str(out), "--workdir", str(tmp_path / "logs"),
-           *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    cmd = [sys.executable, "-m", "benchmarks.soak", "--out", str(out),
+           "--workdir", str(tmp_path / "logs"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
     print(proc.stdout)  # the report, shown by pytest -s / on failure
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report: dict[str, Any] = json.loads(out.read_text())
