@@ -8,7 +8,9 @@ cd "$(dirname "$0")"
 VENV=${BATCHSERVE_VENV:-.venv}
 PY="$VENV/bin/python"
 
-log() { printf '\033[1m[dev.sh]\033[0m %s\n' "$*" >&2; }
+# Colour only a terminal: log files and CI output get plain text.
+if [ -t 2 ]; then log() { printf '\033[1m[dev.sh]\033[0m %s\n' "$*" >&2; }
+else log() { printf '[dev.sh] %s\n' "$*" >&2; }; fi
 
 setup_python() {  # $1: extras ("" or "dev")
   [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
@@ -32,19 +34,32 @@ setup_python() {  # $1: extras ("" or "dev")
   touch "$stamp"
 }
 
-setup_prometheus() {  # real Prometheus + promtool for the monitoring tests (Debian package)
-  command -v promtool >/dev/null 2>&1 && return 0
+# Real services the tests start on loopback ports (Debian packages): Prometheus + promtool,
+# Redis (jobs queue), nginx (scale-out), Chromium + chromedriver (the web page).
+setup_debian() {
+  local missing=()
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
   if command -v apt-get >/dev/null 2>&1; then
-    log "installing Debian's prometheus (for promtool and the live scrape test)"
+    log "installing Debian packages for the service tests: ${missing[*]} (a minute or two)"
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      prometheus >/dev/null 2>&1 \
+      "${missing[@]}" >/dev/null 2>&1 \
       || { $sudo apt-get update -q >/dev/null 2>&1 \
            && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-                --no-install-recommends prometheus >/dev/null 2>&1; } \
-      || log "could not install prometheus; its tests will be skipped"
+                --no-install-recommends "${missing[@]}" >/dev/null 2>&1; } \
+      || log "could not install ${missing[*]}; tests needing them skip (and fail under CI=true)"
   fi
+  # Debian starts these as system services on install; the tests run their own.
+  for svc in redis-server nginx; do
+    command -v systemctl >/dev/null 2>&1 && $sudo systemctl disable --now "$svc" >/dev/null 2>&1
+    $sudo service "$svc" stop >/dev/null 2>&1 || true
+  done
 }
 
 case "${1:-}" in
@@ -56,8 +71,8 @@ case "${1:-}" in
   test)
     shift
     setup_python dev
-    setup_prometheus
-    export PATH="$PWD/$VENV/node/node_modules/.bin:$PATH"
+    setup_debian
+    export PATH="$PWD/$VENV/node/node_modules/.bin:$PATH:/usr/sbin"
     log "ruff";  "$VENV/bin/ruff" check src tests benchmarks
     log "mypy";  "$VENV/bin/mypy"
     log "pytest"

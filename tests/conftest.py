@@ -18,6 +18,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, *candidates: str) -> str:
+    """The path of an external program a test needs (a real service: redis-server, nginx,
+    chromium, weed, prometheus). Missing: skipped on a developer machine, failed under CI,
+    where `./dev.sh test` must have installed it."""
+    import shutil
+
+    for candidate in (name, *candidates):
+        found = shutil.which(candidate) or shutil.which(candidate, path="/usr/sbin:/usr/bin")
+        if found:
+            return found
+    message = f"`{name}` not installed (./dev.sh test installs it)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.types import Message
 
-from batchserve.app import create_app
+from batchserve.api import create_app
 from batchserve.service import Service
 from batchserve.settings import Settings
 

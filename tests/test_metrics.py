@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from batchserve.app import create_app
+from batchserve.api import create_app
 from batchserve.metrics import Metrics
 from batchserve.service import Service
 from batchserve.settings import Settings

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "monitoring"
@@ -52,10 +53,7 @@ DASHBOARD_FILES = sorted(DASHBOARDS.glob("*.json"))
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"`{name}` not installed")
-    return path
+    return require_tool(name)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,7 @@ from inprocess import InProcess, call_asgi, in_process
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message
 
-from batchserve.app import create_app
+from batchserve.api import create_app
 from batchserve.engine import GenerationItem
 from batchserve.errors import EngineOutOfMemory
 from batchserve.server import JSONFormatter, Server
@@ -439,7 +439,7 @@ async def test_api_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPa
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("batchserve.app.hmac.compare_digest", spy)
+    monkeypatch.setattr("batchserve.api.common.hmac.compare_digest", spy)
     async with in_process(FakeEngine(), api_key=KEY) as app:
         response = await app.client.post("/t2i", json=body(1), headers={
             "authorization": "Bearer guess"})

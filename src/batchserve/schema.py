@@ -42,6 +42,11 @@ class T2IRequest:
     def key(self) -> BatchKey:
         return (self.width, self.height, self.inference_steps, self.guidance_scale)
 
+    @property
+    def key_label(self) -> str:
+        """The batching key as the request log shows it (no user text)."""
+        return f"{self.width}x{self.height}x{self.inference_steps}x{self.guidance_scale:g}"
+
     def item(self) -> GenerationItem:
         return GenerationItem(
             self.prompt, self.negative_prompt, self.seed, self.width, self.height,

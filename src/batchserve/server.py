@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import uvicorn
 
-from .app import create_app
+from .api import create_app
 from .service import Service
 from .settings import Settings
 

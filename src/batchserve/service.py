@@ -20,6 +20,7 @@ from .encode import encode
 from .engine import Engine, GenerationItem, load_engine
 from .errors import Draining, GenerationFailed, NotReady
 from .metrics import Metrics
+from .schema import Limits
 from .settings import Settings
 from .worker import Worker
 
@@ -48,6 +49,7 @@ class Service:
         self.settings = settings
         self.state = self.STARTING
         self.engine: Engine | None = None
+        self.limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")

@@ -1,0 +1,82 @@
+"""The HTTP layer: one module per door (`t2i`, ...), the shared parts in `common`, the
+operations routes in `ops`, and `create_app` assembling them into one Starlette app."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..errors import BatchServeError, MethodNotAllowed, NotFound
+from ..metrics import instrument
+from ..service import Service
+from ..settings import Settings
+from .common import Gateway, error_response
+from .ops import OpsRoutes
+from .t2i import T2IDoor
+
+__all__ = ["create_app"]
+
+
+def routes(gateway: Gateway) -> list[Route]:
+    ops = OpsRoutes(gateway)
+    return [
+        Route("/t2i", gateway.endpoint("t2i", T2IDoor(gateway)), methods=["POST"]),
+        Route("/healthz", ops.healthz, methods=["GET"]),
+        Route("/readyz", ops.readyz, methods=["GET"]),
+        Route("/v1/info", ops.info, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
+    ]
+
+
+async def _on_domain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BatchServeError)
+    return error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route {request.url.path}"))
+    if exc.status_code == 405:
+        response = error_response(MethodNotAllowed(f"{request.method} not allowed here"))
+        response.headers.update(exc.headers or {})  # keeps `Allow`
+        return response
+    return error_response(BatchServeError(str(exc.detail)))
+
+
+async def _on_unknown_error(request: Request, exc: Exception) -> Response:
+    logging.getLogger("batchserve").error("unhandled error", exc_info=exc)
+    return error_response(BatchServeError("internal server error"))
+
+
+def create_app(settings: Settings, service: Service | None = None) -> Starlette:
+    service = service or Service(settings)
+    gateway = Gateway(service)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Starlette(
+        routes=routes(gateway),
+        lifespan=lifespan,
+        exception_handlers={
+            BatchServeError: _on_domain_error,
+            HTTPException: _on_http_error,
+            Exception: _on_unknown_error,
+        },
+    )
+    app.state.service = service
+    instrument(app, service.metrics)
+    return app

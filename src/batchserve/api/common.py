@@ -1,0 +1,180 @@
+"""What every door shares: the JSON response, the error shape, auth, body reading, waiting for an
+outcome while watching the client, and the one request log line.
+
+A door is a translation: it parses its own wire shape into `schema.T2IRequest`s, submits them to
+the one `Service`, and renders outcomes (and errors) in its own shape. Everything else lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from ..batcher import Outcome
+from ..errors import BatchServeError, BodyTooLarge, Unauthorized, UnsupportedMediaType
+from ..service import Service
+
+log = logging.getLogger("batchserve.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+ErrorRenderer = Callable[[BatchServeError], Response]
+Handler = Callable[[Request, dict[str, Any]], Awaitable[Response]]
+"""A door's handler: the request, and the request-log record it may add fields to."""
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_headers(exc: BatchServeError) -> dict[str, str]:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def error_response(exc: BatchServeError) -> Response:
+    """batchserve's own error shape: `{"error": {"code", "message", "field"}}`."""
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=error_headers(exc))
+
+
+class ClientGone(BatchServeError):
+    status, code, reject_reason = 499, "client_closed_request", "cancelled"
+
+    def __init__(self) -> None:
+        super().__init__("client disconnected before its image was ready")
+
+
+class Gateway:
+    """The shared parts of every door, bound to the one service."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    @property
+    def metrics(self) -> Any:
+        return self.service.metrics
+
+    def endpoint(
+        self, door: str, handler: Handler, render: ErrorRenderer = error_response
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Wraps a door's handler: request id, one log line naming the door, domain errors in
+        the door's shape, and a clean 500 for anything unexpected."""
+
+        async def serve(request: Request) -> Response:
+            rid = request.headers.get("x-request-id", "")
+            rid = rid if _REQUEST_ID.fullmatch(rid) else f"{random.getrandbits(64):016x}"
+            record: dict[str, Any] = {"id": rid, "door": door}
+            started = time.perf_counter()
+            try:
+                response = await handler(request, record)
+            except BatchServeError as exc:
+                record["error"] = exc.code
+                response = render(exc)
+            except Exception:  # a bug, not a domain error: still one clean answer and one log
+                logging.getLogger("batchserve").exception("request %s failed unexpectedly", rid)
+                self.metrics.rejected("failed")
+                record["error"] = BatchServeError.code
+                response = render(BatchServeError("internal server error"))
+            response.headers["X-Request-Id"] = rid
+            record["status"] = response.status_code
+            record["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            log.info("request", extra={"fields": record})
+            return response
+
+        return serve
+
+    def authorize(self, request: Request) -> None:
+        key = self.service.settings.api_key
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), key.encode()
+        ):
+            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+
+    async def read_json(self, request: Request) -> bytes:
+        """The raw JSON body within `--max-body-bytes`; rejections are counted as invalid."""
+        try:
+            return await self._read_json(request)
+        except BatchServeError as exc:
+            self.metrics.rejected(exc.reject_reason or "invalid")
+            raise
+
+    async def _read_json(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"Content-Type must be application/json, got {media or 'none'}"
+            )
+        limit = self.service.settings.max_body_bytes
+        too_large = BodyTooLarge(f"request body exceeds {limit} bytes")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone() from None
+        return b"".join(chunks)
+
+    def rejecting(self, exc: BatchServeError) -> BatchServeError:
+        """Counts a refused request under its reason and returns the error to raise."""
+        if exc.reject_reason:
+            self.metrics.rejected(exc.reject_reason)
+        return exc
+
+    async def wait_all(
+        self, request: Request, futures: list[asyncio.Future[Outcome[Any]]]
+    ) -> list[Outcome[Any]]:
+        """Awaits every future while watching the client: its leaving cancels all of them,
+        which drops queued items (or discards their results mid-batch)."""
+        watcher = asyncio.create_task(_disconnected(request))
+
+        def cancel_all(_: object) -> None:
+            for future in futures:
+                future.cancel()
+
+        watcher.add_done_callback(cancel_all)  # callbacks, not asyncio.wait: runs per request
+        try:
+            if len(futures) == 1:
+                return [await futures[0]]
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled():
+                raise ClientGone() from None
+            raise  # we were cancelled ourselves
+        finally:
+            cancel_all(None)
+            watcher.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone. The body is already read, so the next ASGI message
+    can only be `http.disconnect`."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
