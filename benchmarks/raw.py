@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from batchserve.engine import GenerationItem, load_engine
+from batchserve.engines import GenerationItem, load_engine
 from batchserve.settings import Settings
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

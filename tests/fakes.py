@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from batchserve.engine import EngineInfo, GenerationItem
+from batchserve.engines import EngineInfo, GenerationItem
 
 
 class FakeEngine:

@@ -94,7 +94,7 @@ def test_sd15_has_the_sd15_architecture() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from batchserve import sd15
+    from batchserve.engines import sd15
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd15.UNET_CONFIG)
@@ -114,7 +114,7 @@ def test_sd15_pipeline_assembles(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--model sd15` builds a full pipeline (weights on the meta device: no 4 GiB here)."""
     import torch
 
-    from batchserve import sd15
+    from batchserve.engines import sd15
 
     def on_meta(cls: Any) -> Any:
         def build(*args: Any, **kwargs: Any) -> Any:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from batchserve.diffusion import (
+from batchserve.engines import GenerationItem
+from batchserve.engines.diffusion import (
     SCHEDULERS,
     DiffusionEngine,
     make_scheduler,
     plan_tuning,
 )
-from batchserve.engine import GenerationItem
 from batchserve.settings import Settings, SettingsError
 
 ITEM = GenerationItem("a red cube", "", 7, 64, 64, 2, 7.5)

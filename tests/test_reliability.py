@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message
 
 from batchserve.api import create_app
-from batchserve.engine import GenerationItem
+from batchserve.engines import GenerationItem
 from batchserve.errors import EngineOutOfMemory
 from batchserve.server import JSONFormatter, Server
 from batchserve.service import Service
@@ -149,7 +149,7 @@ async def test_item_that_oomes_alone_fails_alone() -> None:
 def test_out_of_memory_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """The diffusers engine frees the CUDA cache before the batcher retries smaller halves."""
     torch = pytest.importorskip("torch")
-    from batchserve.diffusion import DiffusionEngine, plan_tuning
+    from batchserve.engines.diffusion import DiffusionEngine, plan_tuning
 
     emptied: list[bool] = []
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from .engine import BatchKey, GenerationItem
+from .engines import BatchKey, GenerationItem
 from .errors import MalformedJSON, ValidationError
 
 FORMATS = ("png", "jpeg", "webp")

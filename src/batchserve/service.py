@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
-from .engine import Engine, GenerationItem, load_engine
+from .engines import Engine, GenerationItem, load_engine
 from .errors import Draining, GenerationFailed, NotReady
 from .metrics import Metrics
 from .schema import Limits

@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from .settings import Settings
-
 BatchKey = tuple[int, int, int, float]
 """(width, height, inference_steps, guidance_scale): items sharing it share a forward pass."""
 
@@ -80,14 +78,3 @@ class Engine(Protocol):
     def memory_bytes(self) -> tuple[int, int] | None:
         """(allocated, reserved) device memory, or None where there is no GPU."""
         ...
-
-
-def load_engine(settings: Settings) -> Engine:
-    """Builds the engine the settings name. Blocking (loads weights); run it off the loop."""
-    if settings.model == "sim":
-        from .sim import SimEngine
-
-        return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms)
-    from .diffusion import DiffusionEngine
-
-    return DiffusionEngine.load(settings)

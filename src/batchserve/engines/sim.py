@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from PIL import Image
 
-from .engine import EngineInfo, GenerationItem, Switch
+from .protocol import EngineInfo, GenerationItem, Switch
 
 
 @lru_cache(maxsize=16)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from PIL.Image import Image
 
-from .engine import EngineInfo, GenerationItem, Switch
-from .errors import EngineOutOfMemory
-from .settings import Settings, SettingsError
+from ..errors import EngineOutOfMemory
+from ..settings import Settings, SettingsError
+from .protocol import EngineInfo, GenerationItem, Switch
 
 log = logging.getLogger("batchserve.engine")
 

@@ -1,0 +1,25 @@
+"""The engines: the protocol the batcher calls (`protocol`), the diffusers engine (`diffusion`,
+the only torch importer with the presets `tiny` and `sd15`), and the simulated GPU (`sim`).
+Importing this package imports no torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .protocol import BatchKey, Engine, EngineInfo, GenerationItem, Switch
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "Switch", "load_engine"]
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Builds the engine the settings name. Blocking (loads weights); run it off the loop."""
+    if settings.model == "sim":
+        from .sim import SimEngine
+
+        return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms)
+    from .diffusion import DiffusionEngine
+
+    return DiffusionEngine.load(settings)
