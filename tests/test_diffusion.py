@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from batchserve.samplers import SAMPLERS
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import (
     SCHEDULERS,
@@ -84,19 +85,40 @@ def test_tiny_engine_on_cpu_reports_no_gpu_memory(tiny_engine: DiffusionEngine) 
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_every_scheduler_builds_and_generates(tiny_engine: DiffusionEngine, name: str,
-                                              steps: int) -> None:
-    scheduler = make_scheduler(name, tiny_engine.pipe.scheduler.config)
-    original = tiny_engine.pipe.scheduler
-    tiny_engine.pipe.scheduler = scheduler
-    try:
-        (image,) = tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, steps, 7.5)])
-    finally:
-        tiny_engine.pipe.scheduler = original
+def test_every_sampler_builds_per_batch_and_generates(
+    tiny_engine: DiffusionEngine, name: str, steps: int
+) -> None:
+    (image,) = tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, steps, 7.5, name)])
     assert image.size == (64, 64)
+    assert type(tiny_engine.pipe.scheduler).__name__ == SCHEDULERS[name][0]
+
+
+def test_sampler_names_are_the_served_ones() -> None:
+    assert tuple(SCHEDULERS) == SAMPLERS
+
+
+def test_a_sampler_is_built_from_the_model_config_not_the_previous_one(
+    tiny_engine: DiffusionEngine,
+) -> None:
+    tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, 1, 7.5, "dpm++2m-karras")])
+    tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, 1, 7.5, "euler")])
+    assert not tiny_engine.pipe.scheduler.config.use_karras_sigmas
+
+
+def test_the_sampler_changes_the_image_and_the_default_is_the_setting(
+    tiny_engine: DiffusionEngine,
+) -> None:
+    def pixels(sampler: str) -> bytes:
+        (image,) = tiny_engine.generate([GenerationItem("x", "", 3, 64, 64, 2, 7.5, sampler)])
+        return image.tobytes()
+
+    default = pixels("")
+    assert default == pixels(tiny_engine.settings.scheduler)
+    assert pixels("euler-a") != default
 
 
 def test_default_scheduler_is_dpmpp_2m_karras(tiny_engine: DiffusionEngine) -> None:
+    tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, 1, 7.5)])
     config = tiny_engine.pipe.scheduler.config
     assert type(tiny_engine.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert config.use_karras_sigmas and config.algorithm_type == "dpmsolver++"

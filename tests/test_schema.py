@@ -8,7 +8,9 @@ import orjson
 import pytest
 
 from batchserve.errors import MalformedJSON, ValidationError
-from batchserve.schema import MAX_SEED, Limits, parse
+import jsonschema
+
+from batchserve.schema import FIELDS, MAX_SEED, Limits, parse, repeat, request_schema, validate
 
 LIMITS = Limits(max_pixels=1024 * 1024, max_steps=150, default_timeout_s=300.0)
 
@@ -34,6 +36,8 @@ GOOD: list[tuple[bytes, dict[str, Any]]] = [
     (body(format="webp"), {"format": "webp"}),
     (body(negative_prompt="blurry"), {"negative_prompt": "blurry"}),
     (body(prompt="x" * 2000), {"prompt": "x" * 2000}),
+    (body(), {"sampler": "dpm++2m-karras"}),
+    (body(sampler="euler-a"), {"sampler": "euler-a"}),
 ]
 
 
@@ -79,6 +83,8 @@ BAD: list[tuple[bytes, str | None]] = [
     (body(timeout_s=0), "timeout_s"),
     (body(format="gif"), "format"),
     (body(prompt=["a"]), "prompt"),
+    (body(sampler="Euler a"), "sampler"),
+    (body(sampler=1), "sampler"),
     (b"[1, 2]", None),
     (b'"just a string"', None),
 ]
@@ -119,4 +125,45 @@ def test_max_pixels_and_steps_come_from_limits() -> None:
 
 def test_request_key_is_the_batching_key() -> None:
     req = parse(body(width=256, height=128, inference_steps=4, guidance_scale=3), LIMITS)
-    assert req.key == (256, 128, 4, 3.0) == req.item().key
+    assert req.key == (256, 128, 4, 3.0, "dpm++2m-karras") == req.item().key
+    assert parse(body(sampler="euler"), LIMITS).key[-1] == "euler"
+
+
+def test_default_sampler_comes_from_limits() -> None:
+    assert parse(body(), Limits(default_sampler="ddim")).sampler == "ddim"
+
+
+def test_validate_names_the_doors_field_through_aliases() -> None:
+    with pytest.raises(ValidationError) as caught:
+        validate({"prompt": "x", "inference_steps": 0}, LIMITS, {"inference_steps": "steps"})
+    assert caught.value.field == "steps" and caught.value.message.startswith("steps must be")
+
+
+def test_repeat_numbers_seeds_and_count_keeps_them_in_range() -> None:
+    req = validate({"prompt": "x", "seed": 5}, LIMITS, count=3)
+    assert [r.seed for r in repeat(req, 3)] == [5, 6, 7]
+    with pytest.raises(ValidationError) as caught:
+        validate({"prompt": "x", "seed": MAX_SEED}, LIMITS, count=2)
+    assert caught.value.field == "seed"
+    for _ in range(20):
+        assert validate({"prompt": "x"}, LIMITS, count=10).seed + 9 <= MAX_SEED
+
+
+GOOD_FOR_SCHEMA = [orjson.loads(raw) for raw, _ in GOOD]
+NOT_SCHEMA_RULES = {
+    body(width=2048, height=2048),  # width*height: a rule across fields
+    body(inference_steps=20, num_inference_steps=21),  # ditto
+    body(width=512.0),  # JSON Schema counts 512.0 as an integer; we are stricter
+}
+BAD_FOR_SCHEMA = [orjson.loads(raw) for raw, field in BAD if field and raw not in NOT_SCHEMA_RULES]
+
+
+def test_published_schema_accepts_and_rejects_what_the_validator_does() -> None:
+    schema = request_schema(LIMITS)
+    assert set(schema["properties"]) == set(FIELDS)
+    for good in GOOD_FOR_SCHEMA:
+        jsonschema.validate(good, schema)
+    for bad in BAD_FOR_SCHEMA:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert schema["properties"]["inference_steps"]["maximum"] == LIMITS.max_steps

@@ -49,7 +49,8 @@ class Service:
         self.settings = settings
         self.state = self.STARTING
         self.engine: Engine | None = None
-        self.limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
+        self.limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s,
+                             settings.scheduler)
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
@@ -192,7 +193,7 @@ class Service:
             "state": self.state,
             "engine": self.engine.info().to_dict() if self.engine else None,
             "batching": {
-                "key": ["width", "height", "inference_steps", "guidance_scale"],
+                "key": ["width", "height", "inference_steps", "guidance_scale", "sampler"],
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
                 "flush_policy": s.flush_policy,

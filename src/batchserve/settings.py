@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .samplers import DEFAULT_SAMPLER, SAMPLERS
+
 ENV_PREFIX = "BATCHSERVE_"
 _SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 
@@ -23,7 +25,9 @@ def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    model: str = _opt("tiny", "`tiny`, `sim`, a diffusers folder, a hub id or a .safetensors file")
+    model: str = _opt(
+        "tiny", "tiny, sim, sd15, a diffusers folder, a hub id or a .safetensors file"
+    )
     model_config: str | None = _opt(
         None, "diffusers folder or hub id giving the config of a single-file checkpoint"
     )
@@ -33,7 +37,10 @@ class Settings:
     dtype: str = _opt(
         "auto", "fp16 on cuda, fp32 on cpu", choices=("auto", "fp16", "bf16", "fp32")
     )
-    scheduler: str = _opt("dpm++2m-karras", "sampler by name (see /v1/info for the list)")
+    scheduler: str = _opt(
+        DEFAULT_SAMPLER, "default sampler; a request's sampler field picks another",
+        choices=SAMPLERS,
+    )
     attention: str = _opt(
         "auto", "attention backend", choices=("auto", "sdpa", "xformers", "default")
     )

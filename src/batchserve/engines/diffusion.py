@@ -139,19 +139,23 @@ class DiffusionEngine:
         self.pipe = pipe
         self.plan = plan
         self.settings = settings
+        # The checkpoint's own scheduler config: each batch's sampler is built from it (cheap),
+        # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
+        self.scheduler_config = pipe.scheduler.config
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype])
-        pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+        engine = cls(pipe, plan, settings)
+        pipe.scheduler = make_scheduler(settings.scheduler, engine.scheduler_config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(plan.device)
         _apply(pipe, plan)
         log.info("model %s loaded on %s/%s in %.1f s", settings.model, plan.device, plan.dtype,
                  time.perf_counter() - started)
-        return cls(pipe, plan, settings)
+        return engine
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -175,6 +179,8 @@ class DiffusionEngine:
     def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
+        sampler = first.sampler or self.settings.scheduler  # one per batch: it joins the key
+        self.pipe.scheduler = make_scheduler(sampler, self.scheduler_config)
         try:
             with torch.inference_mode():
                 out = self.pipe(

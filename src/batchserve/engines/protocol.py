@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-BatchKey = tuple[int, int, int, float]
-"""(width, height, inference_steps, guidance_scale): items sharing it share a forward pass."""
+BatchKey = tuple[int, int, int, float, str]
+"""(width, height, inference_steps, guidance_scale, sampler): items sharing it share a forward
+pass."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +23,12 @@ class GenerationItem:
     height: int
     inference_steps: int
     guidance_scale: float
+    sampler: str = ""
+    """One of `samplers.SAMPLERS`; "" is the engine's default (`--scheduler`)."""
 
     @property
     def key(self) -> BatchKey:
-        return (self.width, self.height, self.inference_steps, self.guidance_scale)
+        return (self.width, self.height, self.inference_steps, self.guidance_scale, self.sampler)
 
 
 @dataclass(frozen=True, slots=True)
