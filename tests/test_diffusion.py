@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from batchserve.samplers import SAMPLERS
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import (
     SCHEDULERS,
@@ -16,6 +15,7 @@ from batchserve.engines.diffusion import (
     make_scheduler,
     plan_tuning,
 )
+from batchserve.samplers import SAMPLERS
 from batchserve.settings import Settings, SettingsError
 
 ITEM = GenerationItem("a red cube", "", 7, 64, 64, 2, 7.5)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 
 from batchserve.errors import MalformedJSON, ValidationError
-import jsonschema
-
 from batchserve.schema import FIELDS, MAX_SEED, Limits, parse, repeat, request_schema, validate
 
 LIMITS = Limits(max_pixels=1024 * 1024, max_steps=150, default_timeout_s=300.0)
