@@ -483,7 +483,8 @@ async def test_one_structured_log_line_per_request_without_prompts_by_default(
     assert (ok.status_code, bad.status_code) == (200, 422)
     assert [line["status"] for line in lines] == [200, 422]
     first = lines[0]
-    assert first["id"] == "req-1" and first["key"] == "64x64x1x7.5" and first["batch_size"] == 1
+    assert first["id"] == "req-1" and first["batch_size"] == 1
+    assert first["key"] == "64x64x1x7.5/dpm++2m-karras"
     for timing in ("queue_ms", "inference_ms", "total_ms"):
         assert isinstance(first[timing], float)
     assert lines[1]["error"] == "validation_error"

@@ -8,12 +8,15 @@ the one `Service`, and renders outcomes (and errors) in its own shape. Everythin
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import logging
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,6 +25,7 @@ from starlette.responses import Response
 
 from ..batcher import Outcome
 from ..errors import BatchServeError, BodyTooLarge, Unauthorized, UnsupportedMediaType
+from ..schema import T2IRequest
 from ..service import Service
 
 log = logging.getLogger("batchserve.access")
@@ -58,6 +62,17 @@ class ClientGone(BatchServeError):
 
     def __init__(self) -> None:
         super().__init__("client disconnected before its image was ready")
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """One finished image of a client request, with what its batch looked like."""
+
+    request: T2IRequest
+    content: bytes
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
 
 
 class Gateway:
@@ -99,14 +114,22 @@ class Gateway:
 
         return serve
 
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request, *, basic: bool = False) -> None:
+        """`Authorization: Bearer <key>`; with `basic`, also HTTP Basic with the key as the
+        password (any user name), which is how A1111 clients send their `--api-auth`."""
         key = self.service.settings.api_key
         if key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), key.encode()
-        ):
+        scheme, given = scheme.lower(), given.strip()
+        if basic and scheme == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                given = ""
+        elif scheme != "bearer":
+            given = ""
+        if not given or not hmac.compare_digest(given.encode(), key.encode()):
             raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
 
     async def read_json(self, request: Request) -> bytes:
@@ -145,6 +168,44 @@ class Gateway:
         if exc.reject_reason:
             self.metrics.rejected(exc.reject_reason)
         return exc
+
+    async def generate(
+        self, request: Request, reqs: list[T2IRequest], fmt: str, record: dict[str, Any]
+    ) -> list[Generated]:
+        """Queues a client request's images together, waits for all of them while watching the
+        client, and fills the request log: what every door does between parsing and rendering."""
+        head = reqs[0]
+        record.update(key=head.key_label, seed=head.seed, priority=head.priority)
+        if len(reqs) > 1:
+            record["images"] = len(reqs)
+        if self.service.settings.log_prompts:
+            record.update(prompt=head.prompt, negative_prompt=head.negative_prompt)
+        outcomes = await self.wait_all(request, self.submit_all(reqs, fmt))
+        done = [
+            Generated(req, await o.result,  # encoded off the loop, while the next batch runs
+                      o.batch_size, round(o.queue_s * 1000, 1), round(o.inference_s * 1000, 1))
+            for req, o in zip(reqs, outcomes, strict=True)
+        ]
+        record.update(batch_size=max(g.batch_size for g in done), format=fmt,
+                      queue_ms=max(g.queue_ms for g in done),
+                      inference_ms=max(g.inference_ms for g in done))
+        return done
+
+    def submit_all(
+        self, requests: list[T2IRequest], fmt: str
+    ) -> list[asyncio.Future[Outcome[asyncio.Future[bytes]]]]:
+        """Queues every image of one client request, or none: when one is refused (queue full,
+        draining) the ones already queued are cancelled, so nothing runs for an answer nobody
+        gets. They all enter the batcher at once, so they can share a batch."""
+        futures: list[asyncio.Future[Outcome[asyncio.Future[bytes]]]] = []
+        try:
+            for req in requests:
+                futures.append(self.service.submit(req, fmt))
+        except BatchServeError as exc:
+            for future in futures:
+                future.cancel()
+            raise self.rejecting(exc) from None
+        return futures
 
     async def wait_all(
         self, request: Request, futures: list[asyncio.Future[Outcome[Any]]]

@@ -27,21 +27,11 @@ class T2IDoor:
             req = parse(body, service.limits)
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
-        record.update(key=req.key_label, seed=req.seed, priority=req.priority)
-        if service.settings.log_prompts:
-            record.update(prompt=req.prompt, negative_prompt=req.negative_prompt)
         fmt = negotiate(req.format, request.headers.get("accept"))
-        try:
-            future = service.submit(req, fmt)
-        except BatchServeError as exc:
-            raise gateway.rejecting(exc) from None
-        (outcome,) = await gateway.wait_all(request, [future])
-        record.update(batch_size=outcome.batch_size, queue_ms=round(outcome.queue_s * 1000, 1),
-                      inference_ms=round(outcome.inference_s * 1000, 1), format=fmt)
-        content = await outcome.result  # encoded off the loop, while the next batch runs
-        return Response(content, media_type=MEDIA_TYPES[fmt], headers={
+        (image,) = await gateway.generate(request, [req], fmt, record)
+        return Response(image.content, media_type=MEDIA_TYPES[fmt], headers={
             "X-Seed": str(req.seed),
-            "X-Batch-Size": str(outcome.batch_size),
-            "X-Queue-Ms": f"{outcome.queue_s * 1000:.1f}",
-            "X-Inference-Ms": f"{outcome.inference_s * 1000:.1f}",
+            "X-Batch-Size": str(image.batch_size),
+            "X-Queue-Ms": f"{image.queue_ms:.1f}",
+            "X-Inference-Ms": f"{image.inference_ms:.1f}",
         })

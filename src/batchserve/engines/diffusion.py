@@ -135,20 +135,23 @@ def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
 
 
 class DiffusionEngine:
-    def __init__(self, pipe: Any, plan: Plan, settings: Settings) -> None:
+    def __init__(
+        self, pipe: Any, plan: Plan, settings: Settings, scheduler_config: Any = None
+    ) -> None:
         self.pipe = pipe
         self.plan = plan
         self.settings = settings
-        # The checkpoint's own scheduler config: each batch's sampler is built from it (cheap),
+        # The checkpoint's own scheduler config: a batch's sampler is built from it (cheap),
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
-        self.scheduler_config = pipe.scheduler.config
+        self.scheduler_config = scheduler_config
+        self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype])
-        engine = cls(pipe, plan, settings)
+        engine = cls(pipe, plan, settings, pipe.scheduler.config)
         pipe.scheduler = make_scheduler(settings.scheduler, engine.scheduler_config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(plan.device)
@@ -180,7 +183,9 @@ class DiffusionEngine:
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
         sampler = first.sampler or self.settings.scheduler  # one per batch: it joins the key
-        self.pipe.scheduler = make_scheduler(sampler, self.scheduler_config)
+        if sampler != self.sampler:
+            self.pipe.scheduler = make_scheduler(sampler, self.scheduler_config)
+            self.sampler = sampler
         try:
             with torch.inference_mode():
                 out = self.pipe(
