@@ -68,6 +68,8 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self._settled = asyncio.Event()
+        self.running: tuple[int, float] | None = None  # (items, monotonic start) of the batch
+        self.last_batch_s: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -168,7 +170,13 @@ class Service:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
-        images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        started = time.monotonic()
+        self.running = (len(jobs), started)
+        try:
+            images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        finally:
+            self.last_batch_s = time.monotonic() - started
+            self.running = None
         self.metrics.gpu_memory(engine.memory_bytes())
         return self._encode_all(images, [j.fmt for j in jobs])
 
@@ -185,6 +193,18 @@ class Service:
             done = loop.run_in_executor(self.encoder, job)
             done.add_done_callback(partial(_fan_out, [out[i] for i in picked]))
         return out
+
+    def live(self) -> dict[str, Any]:
+        """What is happening now: for the page's status line and A1111's `/progress`."""
+        running = self.running
+        images = self.metrics.registry.get_sample_value("batchserve_images_total")
+        return {
+            "queue_depth": self.batcher.depth,
+            "running_batch_size": running[0] if running else 0,
+            "running_for_s": round(time.monotonic() - running[1], 3) if running else 0.0,
+            "last_batch_s": self.last_batch_s,
+            "images_total": int(images or 0),
+        }
 
     def info(self) -> dict[str, Any]:
         s = self.settings
@@ -208,6 +228,7 @@ class Service:
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
             },
+            "live": self.live(),
             "auth": {
                 "t2i": s.api_key is not None,
                 "metrics": bool(s.api_key and s.protect_metrics),

@@ -17,7 +17,10 @@ from ..errors import BatchServeError, MethodNotAllowed, NotFound
 from ..metrics import instrument
 from ..service import Service
 from ..settings import Settings
-from .common import Gateway, error_response
+from . import a1111, openai
+from .a1111 import A1111Door
+from .common import Gateway, Handler, error_response
+from .openai import OpenAIDoor
 from .ops import OpsRoutes
 from .t2i import T2IDoor
 
@@ -26,8 +29,29 @@ __all__ = ["create_app"]
 
 def routes(gateway: Gateway) -> list[Route]:
     ops = OpsRoutes(gateway)
+    oai = OpenAIDoor(gateway)
+    sd = A1111Door(gateway)
+
+    def openai_route(path: str, handler: Handler, method: str) -> Route:
+        return Route(path, gateway.endpoint("openai", handler, openai.render_error),
+                     methods=[method])
+
+    def a1111_route(path: str, handler: Handler, method: str) -> Route:
+        return Route(f"/sdapi/v1/{path}", gateway.endpoint("a1111", handler, a1111.render_error),
+                     methods=[method])
+
     return [
         Route("/t2i", gateway.endpoint("t2i", T2IDoor(gateway)), methods=["POST"]),
+        openai_route("/v1/images/generations", oai.generations, "POST"),
+        openai_route("/v1/models", oai.models, "GET"),
+        a1111_route("txt2img", sd.txt2img, "POST"),
+        a1111_route("sd-models", sd.sd_models, "GET"),
+        a1111_route("samplers", sd.samplers, "GET"),
+        a1111_route("schedulers", sd.schedulers, "GET"),
+        a1111_route("options", sd.get_options, "GET"),
+        a1111_route("options", sd.set_options, "POST"),
+        a1111_route("progress", sd.progress, "GET"),
+        a1111_route("interrupt", sd.interrupt, "POST"),
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/v1/info", ops.info, methods=["GET"]),

@@ -24,7 +24,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..batcher import Outcome
-from ..errors import BatchServeError, BodyTooLarge, Unauthorized, UnsupportedMediaType
+from ..errors import (
+    BatchServeError,
+    BodyTooLarge,
+    QueueFull,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from ..schema import T2IRequest
 from ..service import Service
 
@@ -197,6 +203,12 @@ class Gateway:
         """Queues every image of one client request, or none: when one is refused (queue full,
         draining) the ones already queued are cancelled, so nothing runs for an answer nobody
         gets. They all enter the batcher at once, so they can share a batch."""
+        batcher = self.service.batcher
+        if len(requests) > 1 and batcher.depth + len(requests) > batcher.max_queue:
+            raise self.rejecting(QueueFull(
+                f"queue is full ({batcher.max_queue} requests waiting; this request needs "
+                f"{len(requests)} places)", retry_after_s=batcher.retry_after_s(),
+            ))
         futures: list[asyncio.Future[Outcome[asyncio.Future[bytes]]]] = []
         try:
             for req in requests:

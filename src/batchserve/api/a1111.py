@@ -1,0 +1,327 @@
+"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` and the listing routes its clients call first.
+
+A translation onto the one request. A1111 ignores fields it does not know, and clients send many
+(`url`, `auth`, `styles: []`, `override_settings`, `hr_*` with `enable_hr: false`, ...), so
+unknown fields are ignored here too; but a value that would change the picture in a way we
+cannot honour (`enable_hr: true`, `restore_faces: true`, an `alwayson_scripts` entry, ...) is
+refused with a 422 naming it, never answered with a silently different image.
+
+Errors use the shape of A1111's own exception handler (a FastAPI app):
+`{"error": <class name>, "detail": <message>, "body": "", "errors": <message>}`.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import BatchServeError, ValidationError
+from ..samplers import SAMPLERS
+from ..schema import FIELDS, MAX_SEED, Limits, T2IRequest, decode, repeat, validate
+from ..service import Service
+from .common import Gateway, Generated, JSONResponse, error_headers
+
+MAX_IMAGES = 16  # batch_size * n_iter per request
+# A1111 sampler name (lower case) -> (our sampler on a uniform schedule, ours on Karras).
+SAMPLER_FAMILIES: dict[str, tuple[str, str | None]] = {
+    "dpm++ 2m": ("dpm++2m", "dpm++2m-karras"),
+    "euler a": ("euler-a", None),
+    "euler": ("euler", None),
+    "ddim": ("ddim", None),
+    "heun": ("heun", None),
+    "unipc": ("unipc", None),
+}
+A1111_NAMES = {"dpm++ 2m": "DPM++ 2M", "euler a": "Euler a", "euler": "Euler", "ddim": "DDIM",
+               "heun": "Heun", "unipc": "UniPC"}
+LEGACY = {"dpm++ 2m karras": "dpm++2m-karras"}  # A1111 < 1.9 folded the schedule into the name
+# "automatic" is the sampler's usual schedule: Karras for DPM++ 2M, uniform for the others.
+SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "normal": "Normal",
+              "karras": "Karras"}
+_MAPPED = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "inference_steps",
+           "cfg_scale": "guidance_scale", "width": "width", "height": "height"}
+_ALIASES = {ours: theirs for theirs, ours in _MAPPED.items()}
+# Options that change the image: refused when set to anything but their neutral value.
+_REFUSED_TRUE = ("enable_hr", "restore_faces", "tiling")
+
+
+def render_error(exc: BatchServeError) -> Response:
+    body = {"error": type(exc).__name__, "detail": exc.message, "body": "", "errors": exc.message}
+    return JSONResponse(body, status_code=exc.status, headers=error_headers(exc))
+
+
+def sampler_for(name: Any, scheduler: Any, default: str) -> str:
+    """A1111's `sampler_name` + `scheduler` to one of our samplers."""
+    if name in (None, ""):
+        return default
+    if not isinstance(name, str) or not isinstance(scheduler, str | None):
+        raise ValidationError("sampler_name and scheduler must be strings", field="sampler_name")
+    key, sched = name.strip().lower(), (scheduler or "automatic").strip().lower()
+    if key in LEGACY:
+        return LEGACY[key]
+    if key in SAMPLERS and key not in SAMPLER_FAMILIES:  # our own name, e.g. "euler-a"
+        return key
+    if key not in SAMPLER_FAMILIES:
+        raise ValidationError(
+            f"sampler_name {name!r} is not served here; served: "
+            f"{', '.join(A1111_NAMES.values())} (schedulers: {', '.join(SCHEDULERS.values())})",
+            field="sampler_name",
+        )
+    uniform, karras = SAMPLER_FAMILIES[key]
+    if sched not in SCHEDULERS:
+        raise ValidationError(
+            f"scheduler {scheduler!r} is not served here; served: "
+            f"{', '.join(SCHEDULERS.values())}", field="scheduler",
+        )
+    if sched == "karras" or (sched == "automatic" and karras is not None):
+        if karras is None:
+            raise ValidationError(
+                f"{A1111_NAMES[key]} with the Karras schedule is not served here; use "
+                "scheduler Automatic or Uniform", field="scheduler",
+            )
+        return karras
+    return uniform
+
+
+def _refuse_unhonourable(data: dict[str, Any], model: str) -> None:
+    def refuse(field: str, why: str) -> None:
+        raise ValidationError(f"{field}: {why} is not supported here; the image would differ "
+                              "from what you asked for", field=field)
+
+    for name in _REFUSED_TRUE:
+        if data.get(name):
+            refuse(name, f"{name}=true")
+    if data.get("init_images"):
+        refuse("init_images", "img2img")
+    if data.get("alwayson_scripts"):
+        refuse("alwayson_scripts", f"scripts {', '.join(map(str, data['alwayson_scripts']))}")
+    if data.get("script_name"):
+        refuse("script_name", f"script {data['script_name']!r}")
+    if data.get("styles"):
+        refuse("styles", "prompt styles")
+    strength = data.get("subseed_strength") or 0
+    if not isinstance(strength, int | float) or strength > 0:
+        refuse("subseed_strength", "variation seeds (subseed_strength > 0)")
+    overrides = data.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        refuse("override_settings", "override_settings that is not an object")
+    checkpoint = overrides.get("sd_model_checkpoint")
+    if checkpoint not in (None, "", model):
+        refuse("override_settings", f"checkpoint {checkpoint!r} (this server runs {model!r})")
+    if overrides.get("CLIP_stop_at_last_layers") not in (None, 1):
+        refuse("override_settings", "CLIP_stop_at_last_layers > 1 (clip skip)")
+
+
+def _count(data: dict[str, Any], name: str) -> int:
+    value = data.get(name)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IMAGES:
+        raise ValidationError(f"{name} must be an integer between 1 and {MAX_IMAGES}", field=name)
+    return value
+
+
+def translate(data: dict[str, Any], limits: Limits, model: str) -> list[T2IRequest]:
+    """An A1111 txt2img body to our requests, one per image (batch_size * n_iter)."""
+    _refuse_unhonourable(data, model)
+    count = _count(data, "batch_size") * _count(data, "n_iter")
+    if count > MAX_IMAGES:
+        raise ValidationError(f"batch_size * n_iter must be at most {MAX_IMAGES}",
+                              field="batch_size")
+    ours = {_MAPPED[k]: v for k, v in data.items() if k in _MAPPED and v is not None}
+    seed = data.get("seed")
+    if seed is not None and seed != -1:  # -1: random, as in A1111
+        ours["seed"] = seed
+    name = data.get("sampler_name") or data.get("sampler_index")
+    ours["sampler"] = sampler_for(name, data.get("scheduler"), limits.default_sampler)
+    aliases = {**_ALIASES, "sampler": "sampler_name"}
+    return repeat(validate(ours, limits, aliases, count=count), count)
+
+
+def _model_title(service: Service) -> str:
+    return service.settings.model
+
+
+class A1111Door:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.service = gateway.service
+
+    async def txt2img(self, request: Request, record: dict[str, Any]) -> Response:
+        gateway, service = self.gateway, self.service
+        gateway.authorize(request, basic=True)
+        service.check_admitting()
+        body = await gateway.read_json(request)
+        try:
+            data = decode(body)
+            reqs = translate(data, service.limits, _model_title(service))
+        except BatchServeError as exc:
+            raise gateway.rejecting(exc) from None
+        images = await gateway.generate(request, reqs, "png", record)
+        send = data.get("send_images", True) is not False
+        return JSONResponse({
+            "images": [base64.b64encode(g.content).decode() for g in images] if send else [],
+            "parameters": self._parameters(data, reqs[0]),
+            "info": orjson.dumps(self._info(data, images)).decode(),
+        }, headers={"X-Seed": str(reqs[0].seed)})
+
+    def _parameters(self, data: dict[str, Any], req: T2IRequest) -> dict[str, Any]:
+        """The request as A1111 echoes it: what was sent, defaults filled in (no secrets)."""
+        sent = {k: v for k, v in data.items() if k not in ("auth", "url")}
+        return {**sent, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+                "seed": data.get("seed", -1), "steps": req.inference_steps,
+                "cfg_scale": req.guidance_scale, "width": req.width, "height": req.height,
+                "batch_size": data.get("batch_size", 1), "n_iter": data.get("n_iter", 1),
+                "sampler_name": data.get("sampler_name") or req.sampler,
+                "scheduler": data.get("scheduler") or "automatic"}
+
+    def _info(self, data: dict[str, Any], images: list[Generated]) -> dict[str, Any]:
+        first = images[0].request
+        seeds = [g.request.seed for g in images]
+        return {
+            "prompt": first.prompt, "all_prompts": [first.prompt] * len(images),
+            "negative_prompt": first.negative_prompt,
+            "all_negative_prompts": [first.negative_prompt] * len(images),
+            "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+            "subseed_strength": 0, "width": first.width, "height": first.height,
+            "sampler_name": data.get("sampler_name") or first.sampler,
+            "scheduler": data.get("scheduler") or "automatic", "batchserve_sampler": first.sampler,
+            "cfg_scale": first.guidance_scale, "steps": first.inference_steps,
+            "batch_size": data.get("batch_size", 1), "n_iter": data.get("n_iter", 1),
+            "restore_faces": False, "sd_model_name": _model_title(self.service),
+            "sd_model_hash": None, "clip_skip": 1, "index_of_first_image": 0,
+            "infotexts": [self._infotext(g.request) for g in images], "styles": [],
+            "version": "batchserve",
+            "batchserve": {"batch_sizes": [g.batch_size for g in images],
+                           "queue_ms": [g.queue_ms for g in images],
+                           "inference_ms": [g.inference_ms for g in images]},
+        }
+
+    def _infotext(self, req: T2IRequest) -> str:
+        negative = f"\nNegative prompt: {req.negative_prompt}" if req.negative_prompt else ""
+        return (f"{req.prompt}{negative}\nSteps: {req.inference_steps}, Sampler: {req.sampler}, "
+                f"CFG scale: {req.guidance_scale:g}, Seed: {req.seed}, "
+                f"Size: {req.width}x{req.height}, Model: {_model_title(self.service)}")
+
+    # -- the listing routes clients call before generating ------------------------------------
+
+    async def sd_models(self, request: Request, record: dict[str, Any]) -> Response:
+        self.gateway.authorize(request, basic=True)
+        title = _model_title(self.service)
+        return JSONResponse([{"title": title, "model_name": title, "hash": None, "sha256": None,
+                              "filename": title, "config": None}])
+
+    async def samplers(self, request: Request, record: dict[str, Any]) -> Response:
+        self.gateway.authorize(request, basic=True)
+        return JSONResponse([
+            {"name": A1111_NAMES[key], "aliases": [ours for ours in fam if ours],
+             "options": {"scheduler": "karras"} if fam[1] else {}}
+            for key, fam in SAMPLER_FAMILIES.items()
+        ])
+
+    async def schedulers(self, request: Request, record: dict[str, Any]) -> Response:
+        self.gateway.authorize(request, basic=True)
+        return JSONResponse([{"name": name, "label": label, "aliases": None,
+                              "default_rho": -1, "need_inner_model": False}
+                             for name, label in SCHEDULERS.items()])
+
+    async def get_options(self, request: Request, record: dict[str, Any]) -> Response:
+        self.gateway.authorize(request, basic=True)
+        return JSONResponse(self._options())
+
+    def _options(self) -> dict[str, Any]:
+        return {"sd_model_checkpoint": _model_title(self.service), "sd_checkpoint_hash": None,
+                "samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+
+    async def set_options(self, request: Request, record: dict[str, Any]) -> Response:
+        """Accepted when it names the served model (clients post the whole options dict back);
+        the other options do not apply here and are ignored."""
+        self.gateway.authorize(request, basic=True)
+        data = decode(await self.gateway.read_json(request))
+        model = data.get("sd_model_checkpoint")
+        if model not in (None, _model_title(self.service)):
+            raise ValidationError(
+                f"sd_model_checkpoint {model!r} is not served here; this server runs "
+                f"{_model_title(self.service)!r}", field="sd_model_checkpoint",
+            )
+        return JSONResponse(None)
+
+    async def progress(self, request: Request, record: dict[str, Any]) -> Response:
+        """From the queue and the running batch; no per-step progress or preview image."""
+        self.gateway.authorize(request, basic=True)
+        live = self.service.live()
+        last = live["last_batch_s"]
+        running = live["running_batch_size"] > 0
+        done = min(0.99, live["running_for_s"] / last) if running and last else 0.0
+        jobs = live["queue_depth"] + (1 if running else 0)
+        eta = (max(0.0, last - live["running_for_s"]) if running else 0.0) if last else 0.0
+        if last:
+            eta += last * -(-live["queue_depth"] // self.service.settings.max_batch_size)
+        return JSONResponse({
+            "progress": round(done, 3), "eta_relative": round(eta, 3),
+            "state": {"skipped": False, "interrupted": False, "job": "", "job_count": jobs,
+                      "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                      "sampling_steps": 0},
+            "current_image": None, "textinfo": None,
+        })
+
+    async def interrupt(self, request: Request, record: dict[str, Any]) -> Response:
+        """A no-op: a batch is shared with other clients' images, so one client cannot stop it.
+        A client that disconnects still has its queued images dropped."""
+        self.gateway.authorize(request, basic=True)
+        return JSONResponse(None)
+
+
+def openapi(limits: Limits) -> dict[str, Any]:
+    """This door's paths; the mapped fields come from the shared field definitions."""
+    props: dict[str, Any] = {
+        theirs: FIELDS[ours].json_schema(limits, description=f"our {ours}: "
+                                         + FIELDS[ours].doc)
+        for theirs, ours in _MAPPED.items()
+    }
+    props["seed"] = {"type": "integer", "minimum": -1, "maximum": MAX_SEED,
+                     "default": -1, "description": "-1: random"}
+    props["sampler_name"] = {"type": "string", "enum": list(A1111_NAMES.values())
+                             + list(LEGACY) + list(SAMPLERS)}
+    props["scheduler"] = {"type": "string", "enum": list(SCHEDULERS) + list(SCHEDULERS.values())}
+    for name in ("batch_size", "n_iter"):
+        props[name] = {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES, "default": 1,
+                       "description": f"batch_size * n_iter <= {MAX_IMAGES}; all in one queue"}
+    for name in _REFUSED_TRUE:
+        props[name] = {"type": "boolean", "const": False, "description": "true is refused"}
+    error = {"description": "an error in A1111's shape",
+             "content": {"application/json": {"schema": {
+                 "$ref": "#/components/schemas/A1111Error"}}}}
+    any_json = {"200": {"description": "OK", "content": {"application/json": {
+        "schema": {}}}}, "default": error}
+
+    def route(method: str, summary: str, op: str, **extra: Any) -> dict[str, Any]:
+        return {method: {"tags": ["AUTOMATIC1111"], "summary": summary, "operationId": op,
+                         "responses": any_json, **extra}}
+
+    return {
+        "/sdapi/v1/txt2img": route(
+            "post", "Generate images (A1111 txt2img; unknown fields ignored)", "a1111_txt2img",
+            requestBody={"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": props}}}},
+        ),
+        "/sdapi/v1/sd-models": route("get", "The served model", "a1111_sd_models"),
+        "/sdapi/v1/samplers": route("get", "Served samplers, by A1111 name", "a1111_samplers"),
+        "/sdapi/v1/schedulers": route("get", "Served schedules", "a1111_schedulers"),
+        "/sdapi/v1/options": {
+            **route("get", "Options (the served model)", "a1111_get_options"),
+            **route("post", "Accepted for the served model; 422 for another",
+                    "a1111_set_options", requestBody={"content": {"application/json": {
+                        "schema": {"type": "object"}}}}),
+        },
+        "/sdapi/v1/progress": route("get", "Queue and running batch", "a1111_progress"),
+        "/sdapi/v1/interrupt": route("post", "No-op (batches are shared)", "a1111_interrupt"),
+    }
+
+
+ERROR_SCHEMA = {"type": "object", "properties": {
+    "error": {"type": "string"}, "detail": {"type": "string"}, "body": {"type": "string"},
+    "errors": {"type": "string"}}}
