@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import base64
-import io
 import contextlib
+import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,8 +16,9 @@ import openai
 import orjson
 import pytest
 import webuiapi
-from conftest import ServerProcess
 from PIL import Image
+
+from conftest import ServerProcess
 
 PROMPT = "a lighthouse at dusk"
 
