@@ -194,22 +194,22 @@ def decode(body: bytes) -> dict[str, Any]:
 
 def parse(body: bytes, limits: Limits) -> T2IRequest:
     """`/t2i`: raises `MalformedJSON` (400) or `ValidationError` (422) naming the field."""
-    data = decode(body)
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise ValidationError(
-            f"unknown field {unknown[0]!r}; allowed fields: {', '.join(ALLOWED)}", field=unknown[0]
-        )
-    return validate(data, limits)
+    return validate(decode(body), limits)
 
 
 def validate(
     data: Mapping[str, Any], limits: Limits, aliases: Mapping[str, str] | None = None,
     *, count: int = 1,
 ) -> T2IRequest:
-    """The core: a dict of our field names (all known) to one request. `aliases` maps our names
-    to the door's for error messages. `count` > 1 reserves seeds seed..seed+count-1 (see
-    `repeat`), so a random seed is drawn where they all fit."""
+    """The core: a dict of our field names to one request; an unknown name is refused (a door
+    translating its own names passes only ours). `aliases` maps our names to the door's for
+    error messages. `count` > 1 reserves seeds seed..seed+count-1 (see `repeat`), so a random
+    seed is drawn where they all fit."""
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ValidationError(
+            f"unknown field {unknown[0]!r}; allowed fields: {', '.join(ALLOWED)}", field=unknown[0]
+        )
     names = aliases or {}
 
     def label(name: str) -> str:

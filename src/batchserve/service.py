@@ -20,6 +20,7 @@ from .encode import encode
 from .engines import Engine, GenerationItem, load_engine
 from .errors import Draining, GenerationFailed, NotReady
 from .metrics import Metrics
+from .samplers import SAMPLERS
 from .schema import Limits
 from .settings import Settings
 from .worker import Worker
@@ -228,6 +229,7 @@ class Service:
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
             },
+            "samplers": {"served": list(SAMPLERS), "default": s.scheduler},
             "live": self.live(),
             "auth": {
                 "t2i": s.api_key is not None,

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ..errors import BatchServeError, MethodNotAllowed, NotFound
 from ..metrics import instrument
@@ -22,12 +22,13 @@ from .a1111 import A1111Door
 from .common import Gateway, Handler, error_response
 from .openai import OpenAIDoor
 from .ops import OpsRoutes
+from .page import PageRoutes
 from .t2i import T2IDoor
 
 __all__ = ["create_app"]
 
 
-def routes(gateway: Gateway) -> list[Route]:
+def routes(gateway: Gateway) -> list[BaseRoute]:
     ops = OpsRoutes(gateway)
     oai = OpenAIDoor(gateway)
     sd = A1111Door(gateway)
@@ -56,6 +57,7 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/v1/info", ops.info, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
+        *PageRoutes(gateway).routes(),
     ]
 
 

@@ -1,0 +1,86 @@
+"""`GET /openapi.json`: OpenAPI 3.1 for every route, built from the same field definitions the
+validator uses (`schema.FIELDS`, with the running server's limits), so it cannot drift.
+
+Each door module contributes its own paths (`openai.openapi`, `a1111.openapi`, ...); this module
+adds `/t2i`, the operations routes and the page, and the shared components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .. import __version__
+from ..encode import MEDIA_TYPES
+from ..schema import Limits, request_schema
+from . import a1111, openai
+
+PathsFor = Callable[[Limits], dict[str, Any]]
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message", "field"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"},
+        "field": {"type": ["string", "null"]}}}}}
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"description": _STATUS[s], "content": {"application/json": {
+        "schema": _ERROR}}} for s in statuses}
+
+
+_STATUS = {400: "malformed JSON", 401: "missing or wrong API key", 413: "body too large",
+           415: "not application/json", 422: "a field missing, unknown or out of range",
+           429: "queue full (Retry-After)", 500: "generation failed",
+           503: "not ready or draining (Retry-After)", 504: "waited past its timeout"}
+
+
+def _t2i(limits: Limits) -> dict[str, Any]:
+    image = {"description": "the image; headers X-Seed, X-Batch-Size, X-Queue-Ms, "
+             "X-Inference-Ms, X-Request-Id",
+             "content": {media: {"schema": {"type": "string", "contentMediaType": media}}
+                         for media in MEDIA_TYPES.values()}}
+    return {"/t2i": {"post": {
+        "tags": ["batchserve"], "summary": "Generate one image", "operationId": "t2i",
+        "security": [{"bearer": []}, {}],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/T2IRequest"}}}},
+        "responses": {"200": image, **_errors(400, 401, 413, 415, 422, 429, 500, 503, 504)},
+    }}}
+
+
+def _ops(limits: Limits) -> dict[str, Any]:
+    def get(path: str, summary: str, op: str, media: str = "application/json",
+            tag: str = "operations") -> dict[str, Any]:
+        return {path: {"get": {"tags": [tag], "summary": summary, "operationId": op,
+                               "responses": {"200": {"description": "OK",
+                                                     "content": {media: {"schema": {}}}}}}}}
+
+    return {
+        **get("/healthz", "Liveness", "healthz"),
+        **get("/readyz", "200 when loaded, warmed and accepting; else 503", "readyz"),
+        **get("/v1/info", "Model, device, tuning, batching, limits, live state", "info"),
+        **get("/metrics", "Prometheus metrics", "metrics", "text/plain"),
+        **get("/openapi.json", "This document", "openapi"),
+        **get("/docs", "This document, rendered", "docs", "text/html", "page"),
+        **get("/", "The web page", "page", "text/html", "page"),
+    }
+
+
+def build(limits: Limits, extra: list[PathsFor] | None = None) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for part in (_t2i, openai.openapi, a1111.openapi, _ops, *(extra or [])):
+        paths.update(part(limits))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "batchserve", "version": __version__,
+                 "description": "Micro-batching text-to-image server. Every door below "
+                 "validates with the same rules and shares the same batches."},
+        "paths": paths,
+        "components": {
+            "schemas": {"T2IRequest": request_schema(limits), "Error": ERROR_SCHEMA,
+                        "OpenAIError": openai.ERROR_SCHEMA, "A1111Error": a1111.ERROR_SCHEMA},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "--api-key, when set"}},
+        },
+    }

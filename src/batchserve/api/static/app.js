@@ -1,0 +1,282 @@
+// batchserve page: a client of the public API, nothing more. It reads /v1/info for the live
+// state and for what the server offers, submits through the jobs API when the server runs one
+// (and polls it, as web-queue-worker products do), else through /t2i; every image of a submit
+// is sent at once so they can share a batch.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "batchserve.api_key";
+const FIELDS = ["prompt", "negative_prompt", "width", "height", "inference_steps",
+                "guidance_scale", "sampler", "seed", "count", "api_key"];
+const MAX_COUNT = 8;
+const POLL_MS = [250, 250, 500, 500, 1000];  // jobs polling backoff, then every second
+
+let info = null;
+let lastCount = null;  // [images_total, time] for images/s
+
+// -- live state ------------------------------------------------------------------------------
+
+async function refreshInfo() {
+  try {
+    const response = await fetch("/v1/info", { cache: "no-store" });
+    info = await response.json();
+    showLive(info);
+  } catch (err) {
+    setState("unreachable", false);
+  }
+}
+
+function showLive(data) {
+  const live = data.live || {};
+  setState(data.state === "ready" ? "ready" : data.state, data.state === "ready");
+  $("queue").textContent = String(live.queue_depth ?? data.batching?.queue_depth ?? "–");
+  const now = performance.now();
+  if (typeof live.images_total === "number") {
+    if (lastCount) {
+      const rate = (live.images_total - lastCount[0]) / ((now - lastCount[1]) / 1000);
+      $("rate").textContent = rate.toFixed(2);
+    }
+    lastCount = [live.images_total, now];
+  }
+  const engine = data.engine || {};
+  $("model").textContent = engine.model ? `${engine.model} on ${engine.device}` : "";
+  $("key-field").hidden = !(data.auth && data.auth.t2i);
+  fillSamplers(data.samplers);
+}
+
+function setState(text, ready) {
+  const el = $("state");
+  el.textContent = text;
+  el.className = "state " + (ready ? "ready" : "down");
+}
+
+function fillSamplers(samplers) {
+  const select = $("sampler");
+  if (!samplers || select.options.length) return;
+  for (const name of samplers.served) {
+    const option = new Option(name === samplers.default ? `${name} (default)` : name, name);
+    option.selected = name === samplers.default;
+    select.add(option);
+  }
+}
+
+// -- errors next to their field --------------------------------------------------------------
+
+function clearErrors() {
+  for (const el of document.querySelectorAll(".error")) el.textContent = "";
+  for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+}
+
+function showError(field, message) {
+  const name = field === "num_inference_steps" ? "inference_steps" : field;
+  const slot = FIELDS.includes(name) ? $(`${name}-error`) : null;
+  (slot || $("form-error")).textContent = message;  // the server's message, as is
+  const input = slot ? $(name) : null;
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  }
+}
+
+// -- the request -----------------------------------------------------------------------------
+
+function readForm() {
+  const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value };
+  // Numbers are sent as typed; the server judges them, so its messages show here unchanged.
+  for (const name of ["width", "height", "inference_steps", "guidance_scale"]) {
+    const raw = $(name).value.trim();
+    if (raw !== "") body[name] = Number.isNaN(Number(raw)) ? raw : Number(raw);
+  }
+  if ($("sampler").value) body.sampler = $("sampler").value;
+  const seed = $("seed").value.trim();
+  const count = Number($("count").value || "1");
+  return { body, seed, count };
+}
+
+function headers() {
+  const h = { "content-type": "application/json" };
+  const key = $("api_key").value.trim();
+  if (key) h.authorization = `Bearer ${key}`;
+  return h;
+}
+
+async function errorOf(response) {
+  try {
+    const data = await response.json();
+    if (data && data.error) return data.error;
+  } catch (err) { /* not JSON */ }
+  return { field: null, message: `${response.status} ${response.statusText}` };
+}
+
+class Refused extends Error {
+  constructor(error) { super(error.message); this.field = error.field; }
+}
+
+async function viaT2I(text) {
+  const response = await fetch("/t2i", { method: "POST", headers: headers(), body: text });
+  if (!response.ok) throw new Refused(await errorOf(response));
+  const h = response.headers;
+  return { blob: await response.blob(), seed: h.get("x-seed"), batch: h.get("x-batch-size"),
+           queueMs: h.get("x-queue-ms"), inferenceMs: h.get("x-inference-ms") };
+}
+
+async function viaJobs(text) {
+  const created = await fetch("/v1/jobs", { method: "POST", headers: headers(), body: text });
+  if (!created.ok) throw new Refused(await errorOf(created));
+  let job = await created.json();
+  for (let i = 0; !["succeeded", "failed", "canceled"].includes(job.status); i++) {
+    await new Promise((done) => setTimeout(done, POLL_MS[Math.min(i, POLL_MS.length - 1)]));
+    const polled = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}`, { headers: headers() });
+    if (!polled.ok) throw new Refused(await errorOf(polled));
+    job = await polled.json();
+  }
+  if (job.status !== "succeeded") {
+    throw new Refused({ field: null, message: job.error ? job.error.message : `job ${job.status}` });
+  }
+  const image = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}/image`, { headers: headers() });
+  if (!image.ok) throw new Refused(await errorOf(image));
+  const r = job.result;
+  return { blob: await image.blob(), seed: String(r.seed), batch: String(r.batch_size),
+           queueMs: String(r.queue_ms), inferenceMs: String(r.inference_ms) };
+}
+
+// -- the gallery -----------------------------------------------------------------------------
+
+function placeholder(label) {
+  const card = document.createElement("li");
+  card.className = "card";
+  const figure = document.createElement("figure");
+  const wait = document.createElement("div");
+  wait.className = "pending";
+  wait.textContent = "queued…";
+  const caption = document.createElement("figcaption");
+  caption.textContent = label;
+  figure.append(wait, caption);
+  card.append(figure);
+  $("gallery").prepend(card);
+  return card;
+}
+
+function fill(card, body, done) {
+  const url = URL.createObjectURL(done.blob);
+  const figure = card.querySelector("figure");
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = `${body.prompt} (seed ${done.seed})`;
+  img.width = body.width || 512;
+  img.height = body.height || 512;
+  card.querySelector(".pending").replaceWith(img);
+  const caption = figure.querySelector("figcaption");
+  caption.replaceChildren();
+  const line = (label, value) => {
+    const span = document.createElement("span");
+    const b = document.createElement("b");
+    b.textContent = value;
+    span.append(`${label} `, b, " ");
+    caption.append(span);
+  };
+  line("seed", done.seed);
+  line("batch", done.batch);
+  line("queue", `${Math.round(Number(done.queueMs))} ms`);
+  line("inference", `${Math.round(Number(done.inferenceMs))} ms`);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = `batchserve-${done.seed}.png`;
+  link.textContent = "Download";
+  caption.append(document.createElement("br"), link);
+  card.dataset.seed = done.seed;
+}
+
+function failed(card, message) {
+  card.classList.add("failed");
+  card.querySelector(".pending").textContent = message;
+}
+
+// -- submit ----------------------------------------------------------------------------------
+
+async function submit(event) {
+  event.preventDefault();
+  clearErrors();
+  const key = $("api_key").value.trim();
+  if (key) sessionStorage.setItem(KEY_STORE, key); else sessionStorage.removeItem(KEY_STORE);
+  const { body, seed, count } = readForm();
+  if (!Number.isInteger(count) || count < 1 || count > MAX_COUNT) {
+    showError("count", `count must be between 1 and ${MAX_COUNT}`);
+    return;
+  }
+  let first = null;
+  if (seed !== "") {
+    if (!/^\d+$/.test(seed)) {
+      showError("seed", "seed must be a whole number, or blank for random");
+      return;
+    }
+    first = BigInt(seed);
+  }
+  const send = info && info.jobs ? viaJobs : viaT2I;
+  const button = $("submit");
+  button.disabled = true;
+  const bodies = [];
+  for (let i = 0; i < count; i++) {
+    bodies.push(jsonText(body, first === null ? null : first + BigInt(i)));  // seed, seed+1, ...
+  }
+  const cards = bodies.map((b, i) => placeholder(count > 1 ? `image ${i + 1} of ${count}` : ""));
+  const results = await Promise.allSettled(bodies.map((text) => send(text)));
+  let shown = false;
+  results.forEach((result, i) => {
+    if (result.status === "fulfilled") {
+      fill(cards[i], body, result.value);
+      return;
+    }
+    const err = result.reason;
+    if (err instanceof Refused && !shown) {
+      showError(err.field, err.message);
+      shown = true;
+    }
+    if (err instanceof Refused && err.field) cards[i].remove();
+    else failed(cards[i], err.message || String(err));
+  });
+  button.disabled = false;
+  refreshInfo();
+}
+
+// The body as JSON text. A seed is spliced in as digits: JSON numbers in a script keep only
+// 53 bits, and the server takes 63-bit seeds.
+function jsonText(body, seed) {
+  const text = JSON.stringify(body);
+  return seed === null ? text : `${text.slice(0, -1)},"seed":${seed.toString()}}`;
+}
+
+// -- wiring ----------------------------------------------------------------------------------
+
+function onSizeChange() {
+  const value = $("size").value;
+  if (value === "custom") {
+    $("width").focus();
+    return;
+  }
+  const [w, h] = value.split("x");
+  $("width").value = w;
+  $("height").value = h;
+}
+
+function onDimensionInput() {
+  const preset = `${$("width").value}x${$("height").value}`;
+  const match = [...$("size").options].find((o) => o.value === preset);
+  $("size").value = match ? preset : "custom";
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("api_key").value = sessionStorage.getItem(KEY_STORE) || "";
+  $("generate").addEventListener("submit", submit);
+  $("size").addEventListener("change", onSizeChange);
+  $("width").addEventListener("input", onDimensionInput);
+  $("height").addEventListener("input", onDimensionInput);
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      $("generate").requestSubmit();
+    }
+  });
+  refreshInfo();
+  setInterval(refreshInfo, 2000);
+});
