@@ -12,7 +12,8 @@ const MAX_COUNT = 8;
 const POLL_MS = [250, 250, 500, 500, 1000];  // jobs polling backoff, then every second
 
 let info = null;
-let lastCount = null;  // [images_total, time] for images/s
+const RATE_WINDOW_MS = 10000;
+let counts = [];  // [images_total, time] samples of the last RATE_WINDOW_MS, for images/s
 
 // -- live state ------------------------------------------------------------------------------
 
@@ -32,11 +33,12 @@ function showLive(data) {
   $("queue").textContent = String(live.queue_depth ?? data.batching?.queue_depth ?? "–");
   const now = performance.now();
   if (typeof live.images_total === "number") {
-    if (lastCount) {
-      const rate = (live.images_total - lastCount[0]) / ((now - lastCount[1]) / 1000);
-      $("rate").textContent = rate.toFixed(2);
+    counts.push([live.images_total, now]);
+    counts = counts.filter(([, t]) => now - t <= RATE_WINDOW_MS);
+    const [first, since] = counts[0];
+    if (now > since) {
+      $("rate").textContent = ((live.images_total - first) / ((now - since) / 1000)).toFixed(2);
     }
-    lastCount = [live.images_total, now];
   }
   const engine = data.engine || {};
   $("model").textContent = engine.model ? `${engine.model} on ${engine.device}` : "";
@@ -103,7 +105,14 @@ function headers() {
 async function errorOf(response) {
   try {
     const data = await response.json();
-    if (data && data.error) return data.error;
+    if (data && data.error) {
+      // A wrong or missing key belongs next to the key field, which must then be visible.
+      if (response.status === 401) {
+        $("key-field").hidden = false;
+        return { field: "api_key", message: data.error.message };
+      }
+      return data.error;
+    }
   } catch (err) { /* not JSON */ }
   return { field: null, message: `${response.status} ${response.statusText}` };
 }
@@ -153,7 +162,6 @@ function placeholder(label) {
   caption.textContent = label;
   figure.append(wait, caption);
   card.append(figure);
-  $("gallery").prepend(card);
   return card;
 }
 
@@ -172,7 +180,7 @@ function fill(card, body, done) {
     const span = document.createElement("span");
     const b = document.createElement("b");
     b.textContent = value;
-    span.append(`${label} `, b, " ");
+    span.append(`${label} `, b);
     caption.append(span);
   };
   line("seed", done.seed);
@@ -183,7 +191,7 @@ function fill(card, body, done) {
   link.href = url;
   link.download = `batchserve-${done.seed}.png`;
   link.textContent = "Download";
-  caption.append(document.createElement("br"), link);
+  caption.append(link);
   card.dataset.seed = done.seed;
 }
 
@@ -220,6 +228,7 @@ async function submit(event) {
     bodies.push(jsonText(body, first === null ? null : first + BigInt(i)));  // seed, seed+1, ...
   }
   const cards = bodies.map((b, i) => placeholder(count > 1 ? `image ${i + 1} of ${count}` : ""));
+  $("gallery").prepend(...cards);  // newest submit first, its images in seed order
   const results = await Promise.allSettled(bodies.map((text) => send(text)));
   let shown = false;
   results.forEach((result, i) => {

@@ -1,0 +1,177 @@
+"""The web page in a real headless Chromium (Debian's chromium + chromedriver, via Selenium)
+against a real server: fill the prompt, submit, images of the chosen size appear; a bad value
+shows the server's message next to its field; the API key field; a phone-sized window.
+
+Each run saves a screenshot of the page with results under the test's tmp dir; set
+BATCHSERVE_UPDATE_SCREENSHOT=1 to also write docs/images/page.png (shown in the README)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, ServerProcess, require_tool, running_server
+
+SHOT = ROOT / "docs" / "images" / "page.png"
+WAIT_S = 90
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium = require_tool("chromium", "chromium-browser")
+    driver_path = require_tool("chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,900", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("page")
+    with running_server("--model", "tiny", "--max-wait-ms", "300", "--warmup", "128x128x1",
+                        tmp_path=tmp) as server:
+        yield server
+
+
+def until(driver: Any, check: Any, timeout: float = WAIT_S) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(check)
+
+
+def open_page(driver: Any, url: str) -> None:
+    driver.get(url + "/")
+    until(driver, lambda d: d.execute_script(
+        "return document.getElementById('sampler').options.length > 0"))
+
+
+def set_value(driver: Any, element_id: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def finished_images(driver: Any) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = driver.execute_script("""
+        return [...document.querySelectorAll('#gallery .card img')]
+          .filter(img => img.complete && img.naturalWidth > 0)
+          .map(img => ({w: img.naturalWidth, h: img.naturalHeight,
+                        caption: img.closest('figure').querySelector('figcaption').innerText,
+                        href: img.closest('figure').querySelector('a[download]').href}));
+    """)
+    return result
+
+
+def test_prompt_submit_and_images_of_the_chosen_size_appear(
+    browser: Any, page_server: ServerProcess, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_page(browser, page_server.url)
+    until(browser, lambda d: d.find_element(By.ID, "state").text == "ready")
+    assert browser.find_element(By.ID, "key-field").is_displayed() is False  # no key needed
+    set_value(browser, "prompt", "a lighthouse at dusk")
+    Select(browser.find_element(By.ID, "size")).select_by_value("128x128")
+    set_value(browser, "inference_steps", "1")
+    set_value(browser, "seed", "5")
+    set_value(browser, "count", "3")
+    browser.find_element(By.ID, "submit").click()
+    until(browser, lambda d: len(finished_images(d)) == 3)
+    images = finished_images(browser)
+    assert {(i["w"], i["h"]) for i in images} == {(128, 128)}
+    captions = " ".join(i["caption"] for i in images)
+    for seed in ("5", "6", "7"):
+        assert f"seed {seed}" in captions
+    assert "batch" in captions and "inference" in captions and "queue" in captions
+    assert all(i["href"].startswith("blob:") for i in images)  # download links
+    until(browser, lambda d: d.find_element(By.ID, "rate").text not in ("", "–"))
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    if os.environ.get("BATCHSERVE_UPDATE_SCREENSHOT"):
+        SHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / "page.png", SHOT)
+
+
+def test_a_bad_value_shows_the_servers_message_next_to_its_field(
+    browser: Any, page_server: ServerProcess
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, page_server.url)
+    set_value(browser, "width", "100")
+    set_value(browser, "inference_steps", "1")
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.send_keys("a red cube")
+    prompt.send_keys(Keys.CONTROL, Keys.ENTER)  # keyboard submit
+    until(browser, lambda d: d.find_element(By.ID, "width-error").text != "")
+    assert browser.find_element(By.ID, "width-error").text == "width must be a multiple of 8"
+    width = browser.find_element(By.ID, "width")
+    assert width.get_attribute("aria-invalid") == "true"
+    assert browser.switch_to.active_element == width  # focus moves to the field to fix
+    set_value(browser, "inference_steps", "999")
+    set_value(browser, "width", "128")
+    browser.find_element(By.ID, "submit").click()
+    until(browser, lambda d: d.find_element(By.ID, "inference_steps-error").text != "")
+    assert browser.find_element(By.ID, "inference_steps-error").text == (
+        "inference_steps must be between 1 and 150")
+    assert browser.find_element(By.ID, "width-error").text == ""  # old errors cleared
+
+
+def test_every_control_has_a_label_and_a_phone_needs_no_sideways_scroll(
+    browser: Any, page_server: ServerProcess
+) -> None:
+    open_page(browser, page_server.url)
+    unlabelled = browser.execute_script("""
+        return [...document.querySelectorAll('input, select, textarea')]
+          .filter(el => !document.querySelector(`label[for="${el.id}"]`)).map(el => el.id);
+    """)
+    assert unlabelled == []
+    browser.set_window_size(390, 844)
+    try:
+        open_page(browser, page_server.url)
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0
+    finally:
+        browser.set_window_size(1280, 900)
+
+
+def test_api_key_field_when_the_server_requires_one(browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    key = "page-test-key-1"
+    with running_server("--model", "sim", "--api-key", key, "--max-wait-ms", "0",
+                        tmp_path=tmp_path) as server:
+        open_page(browser, server.url)
+        until(browser, lambda d: d.find_element(By.ID, "key-field").is_displayed())
+        set_value(browser, "prompt", "x")
+        set_value(browser, "api_key", "wrong-key-123")
+        set_value(browser, "width", "64")
+        set_value(browser, "height", "64")
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: d.find_element(By.ID, "api_key-error").text != "")
+        assert "API key" in browser.find_element(By.ID, "api_key-error").text
+        set_value(browser, "api_key", key)
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: len(finished_images(d)) == 1)
+        browser.refresh()  # the key stays for this tab (sessionStorage), not in the page
+        until(browser, lambda d: d.find_element(By.ID, "api_key").get_attribute("value") == key)
