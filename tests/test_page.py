@@ -8,6 +8,7 @@ BATCHSERVE_UPDATE_SCREENSHOT=1 to also write docs/images/page.png (shown in the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_prompt_submit_and_images_of_the_chosen_size_appear(
         assert f"seed {seed}" in captions
     assert "batch" in captions and "inference" in captions and "queue" in captions
     assert all(i["href"].startswith("blob:") for i in images)  # download links
-    until(browser, lambda d: d.find_element(By.ID, "rate").text not in ("", "–"))
+    until(browser, lambda d: re.fullmatch(r"\d+\.\d\d", d.find_element(By.ID, "rate").text))
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("BATCHSERVE_UPDATE_SCREENSHOT"):
         SHOT.parent.mkdir(parents=True, exist_ok=True)
