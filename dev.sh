@@ -12,16 +12,22 @@ PY="$VENV/bin/python"
 if [ -t 2 ]; then log() { printf '\033[1m[dev.sh]\033[0m %s\n' "$*" >&2; }
 else log() { printf '[dev.sh] %s\n' "$*" >&2; }; fi
 
-setup_python() {  # $1: extras ("" or "dev")
-  [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
+setup_python() {  # $1: extras ("" or "dev"); $2: "loud" shows pip's own progress
   local stamp="$VENV/.installed-${1:-base}-$(cat pyproject.toml | sha1sum | cut -c1-12)"
   [ -f "$stamp" ] && return 0
+  local quiet=-q
+  if [ "${2:-}" = loud ]; then
+    quiet=""
+    log "first run: installing torch and batchserve into $VENV (about 90 s on a fresh" \
+        "machine; pip's progress follows). Later runs start at once."
+  fi
+  [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
   if ! "$PY" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-      log "installing torch (CUDA build)"; "$PY" -m pip install -q torch
+      log "installing torch (CUDA build)"; "$PY" -m pip install $quiet torch
     else
       # The CPU wheel: local on our dev/CI machines, and a range the package accepts.
-      log "installing torch 2.13.0 (CPU)"; "$PY" -m pip install -q torch==2.13.0
+      log "installing torch 2.13.0 (CPU)"; "$PY" -m pip install $quiet torch==2.13.0
     fi
   fi
   if [ "${1:-}" = dev ] && command -v npm >/dev/null 2>&1; then
@@ -30,7 +36,7 @@ setup_python() {  # $1: extras ("" or "dev")
       || log "could not install dclint; the compose lint test will be skipped"
   fi
   log "installing batchserve${1:+[$1]}"
-  "$PY" -m pip install -q -e ".${1:+[$1]}"
+  "$PY" -m pip install $quiet -e ".${1:+[$1]}"
   touch "$stamp"
 }
 
@@ -65,7 +71,9 @@ setup_debian() {
 case "${1:-}" in
   serve)
     shift
-    setup_python ""
+    setup_python "" loud
+    log "starting batchserve (model load and warm-up take a few seconds; ready when the log" \
+        "says 'ready in')"
     exec "$VENV/bin/batchserve" serve "$@"
     ;;
   test)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from batchserve.cli import build_parser, main
+from batchserve.samplers import SAMPLERS
 from batchserve.settings import Settings, SettingsError, env_name, flag_name
 
 
@@ -57,6 +58,21 @@ def test_every_setting_has_a_flag_with_env_and_default_in_help() -> None:
     for flag in ("--model", "--host", "--port", "--device", "--dtype", "--max-batch-size",
                  "--max-wait-ms", "--max-queue", "--scheduler"):
         assert flag in text
+
+
+def test_help_is_plain_text_naming_every_builtin_model_and_sampler() -> None:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    text = " ".join(serve.format_help().split())
+    assert "`" not in text  # help texts are read in a terminal, not rendered as markdown
+    for model in ("tiny", "sim", "sd15"):
+        assert model in text
+    for sampler in SAMPLERS:
+        assert sampler in text
+
+
+def test_a_sampler_the_engine_cannot_serve_fails_at_start() -> None:
+    with pytest.raises(SettingsError, match="--scheduler"):
+        Settings(scheduler="lms")
 
 
 def test_cli_rejects_invalid_setting_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,7 +47,9 @@ class Settings:
     channels_last: bool = _opt(True, "channels-last UNet/VAE memory format (CUDA only)")
     cudnn_benchmark: bool = _opt(True, "cudnn.benchmark autotuning (CUDA only)")
     compile: bool = _opt(False, "torch.compile the UNet (CUDA only; slow start)")
-    warmup: str = _opt("512x512x2", "warm-up shapes WxH[xSTEPS], comma separated; '' for none")
+    warmup: str = _opt(
+        "256x256x2,512x512x2", "warm-up shapes WxH[xSTEPS], comma separated; '' for none"
+    )
     max_batch_size: int = _opt(8, "flush a group when it holds this many requests")
     max_wait_ms: float = _opt(500.0, "flush a group when its oldest request waited this long")
     flush_policy: str = _opt(
