@@ -401,3 +401,19 @@ def test_roles_need_shared_backends(role: str) -> None:
         Settings(role=role)
     with pytest.raises(SettingsError, match=f"--results=memory with --role={role}"):
         Settings(role=role, queue="redis://127.0.0.1:6379/0")
+
+
+async def test_a_backend_failure_after_the_job_is_stored_still_answers_202() -> None:
+    class FailsAfterCreate(FlakyQueue):
+        async def create(self, record: JobRecord, idempotency_key: str | None = None
+                         ) -> JobRecord:
+            stored = await super().create(record, idempotency_key)
+            self.down = True
+            return stored
+
+    queue = FailsAfterCreate(ttl_s=3600, visibility_timeout_s=120)
+    async with in_process(max_wait_ms=0, backends={"queue": queue}) as app:
+        response = await submit(app, headers={"Prefer": "wait=10"})
+        assert response.status_code == 202
+        queue.down = False
+        assert (await app.client.get(f"/v1/jobs/{response.json()['id']}")).status_code == 200

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..encode import MEDIA_TYPES
-from ..errors import BatchServeError, Draining, NotFound, NotReady, QueueFull
+from ..errors import BatchServeError, Draining, GenerationFailed, NotFound, NotReady, QueueFull
 from ..schema import T2IRequest
 from .protocol import BackendUnavailable, Delivery
 from .record import JobError, JobResult, Status, TransitionRefused
@@ -150,6 +150,9 @@ class JobRunner:
             held.future.cancel()
             await self.queue.ack(d)
             return
+        except BaseException:  # the backend failed us: nobody would take this image
+            held.future.cancel()
+            raise
         try:
             outcome = await held.future
             data = await outcome.result
@@ -161,8 +164,13 @@ class JobRunner:
         except Draining:
             await self._requeue(d)
             return
-        except BatchServeError as exc:
+        except BatchServeError as exc:  # what /t2i would have answered: generation failed, timeout
             await self._end(d, Status.FAILED, error=JobError(exc.code, exc.message))
+            return
+        except Exception as exc:  # e.g. encoding failed: still one final answer
+            log.exception("job %s failed", d.job_id)
+            failed = GenerationFailed(f"generation failed ({type(exc).__name__}); see server logs")
+            await self._end(d, Status.FAILED, error=JobError(failed.code, failed.message))
             return
         await self._finish(d, req, record.format, outcome, data)
 
