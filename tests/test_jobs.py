@@ -417,3 +417,24 @@ async def test_a_backend_failure_after_the_job_is_stored_still_answers_202() -> 
         assert response.status_code == 202
         queue.down = False
         assert (await app.client.get(f"/v1/jobs/{response.json()['id']}")).status_code == 200
+
+
+class PresigningStore(MemoryResultStore):
+    """The memory store answering presigned URLs as an S3 store would."""
+
+    async def presigned_url(self, job_id: str, expires_s: int) -> str | None:
+        return f"https://s3.example/bucket/{job_id}.png?X-Amz-Expires={expires_s}"
+
+
+@pytest.mark.parametrize("redirect", [True, False])
+async def test_result_redirect_answers_302_to_the_presigned_url(redirect: bool) -> None:
+    backends = {"store": PresigningStore(ttl_s=3600)}
+    async with in_process(max_wait_ms=0, result_redirect=redirect, backends=backends) as app:
+        job = await submitted(app)
+        await finished(app, job)
+        image = await app.client.get(f"/v1/jobs/{job}/image")
+        if redirect:
+            assert image.status_code == 302
+            assert image.headers["location"].startswith(f"https://s3.example/bucket/{job}.png")
+        else:
+            assert image.status_code == 200 and image.content.startswith(b"\x89PNG")

@@ -239,8 +239,11 @@ class JobRunner:
         acknowledged; the rest stay pending for another worker."""
         self.stop_pulling()
         if self._loop is not None:
+            # A pull blocks up to `block_s`. Cancelling one in flight is harmless in memory but
+            # could strand a Redis delivery until the visibility timeout: let it return.
+            patience = 0.0 if self.service.settings.queue == "memory" else self.block_s + 1
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._loop), self.block_s + 1)
+                await asyncio.wait_for(asyncio.shield(self._loop), patience)
             self._loop.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))
