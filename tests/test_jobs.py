@@ -13,7 +13,7 @@ import httpx
 import pytest
 from inprocess import InProcess, in_process
 from PIL import Image
-from test_bad_input import CASES, Case, check, send
+from test_bad_input import CASES, COUNTED, Case, check, send
 from test_reliability import eventually
 
 from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
@@ -372,6 +372,8 @@ async def test_every_bad_t2i_body_is_refused_the_same_way_by_jobs() -> None:
         assert engine.batches == []
         assert await app.service.jobs.queue.waiting() == 0
         assert app.metric("batchserve_jobs_total", status="queued") == 0
+        invalid = app.metric("batchserve_requests_rejected_total", reason="invalid")
+        assert invalid == len(COUNTED)  # counted exactly as /t2i counts them
 
 
 async def test_unknown_field_is_refused_before_anything_is_stored() -> None:

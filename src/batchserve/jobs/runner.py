@@ -144,7 +144,7 @@ class JobRunner:
             await self.queue.release(d)
             return
         try:
-            await jobs.transition(d.job_id, Status.RUNNING, started_at=jobs._clock(),
+            await jobs.transition(d.job_id, Status.RUNNING, started_at=jobs.now(),
                                   attempts=d.attempts)
         except (TransitionRefused, NotFound):  # canceled (or gone) just now
             held.future.cancel()
@@ -188,14 +188,14 @@ class JobRunner:
         )
         try:
             await _persist(lambda: self.jobs.transition(
-                d.job_id, Status.SUCCEEDED, result=result, completed_at=self.jobs._clock()))
+                d.job_id, Status.SUCCEEDED, result=result, completed_at=self.jobs.now()))
         except (TransitionRefused, NotFound):  # canceled after all: nobody may read it
             await _persist(lambda: self.jobs.store.delete(d.job_id))
         await _persist(lambda: self.queue.ack(d))
 
     async def _end(self, d: Delivery, status: Status, **changes: Any) -> None:
         with contextlib.suppress(TransitionRefused, NotFound):
-            await self.jobs.transition(d.job_id, status, completed_at=self.jobs._clock(),
+            await self.jobs.transition(d.job_id, status, completed_at=self.jobs.now(),
                                        **changes)
         await self.queue.ack(d)
 
