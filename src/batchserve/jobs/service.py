@@ -64,12 +64,14 @@ def backend_errors() -> Iterator[None]:
     except BackendUnavailable as exc:
         log.warning("job backend unavailable: %s", exc)
         raise BackendDown(
-            "the job queue or result store is unreachable; nothing was stored, retry later",
+            "the job queue or result store is unreachable; nothing was changed, retry later",
             retry_after_s=5,
         ) from None
 
 
 class JobService:
+    """The jobs API of one process over its queue and store (the contract: module docstring)."""
+
     def __init__(
         self,
         service: Service,
