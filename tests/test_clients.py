@@ -55,6 +55,17 @@ def test_openai_client_generates_n_images(tiny_server: ServerProcess) -> None:
     assert not np.array_equal(images[0], images[1])  # seeds 3 and 4
 
 
+def test_openai_client_url_format_points_at_job_images(tiny_server: ServerProcess) -> None:
+    with oai(tiny_server) as client:
+        result = client.images.generate(
+            prompt=PROMPT, size="64x64",  # type: ignore[arg-type]
+            response_format="url", extra_body={"num_inference_steps": 1, "seed": 4},
+        )
+    assert result.data is not None and result.data[0].url is not None
+    image = httpx.get(result.data[0].url)
+    assert image.status_code == 200 and decode_png(image.content).shape == (64, 64, 3)
+
+
 def test_openai_client_sees_errors_as_openai_errors(tiny_server: ServerProcess) -> None:
     with oai(tiny_server) as client, pytest.raises(openai.UnprocessableEntityError) as caught:
         client.images.generate(prompt=PROMPT, n=11)

@@ -60,7 +60,6 @@ OPENAI_BAD = [
     ({"prompt": "x", "size": "4096x4096"}, "size"),
     ({"prompt": "x", "size": "100x64"}, "size"),
     ({"prompt": "x", "response_format": "gif"}, "response_format"),
-    ({"prompt": "x", "response_format": "url"}, "response_format"),  # no jobs API here
     ({"prompt": ""}, "prompt"),
     ({"n": 1}, "prompt"),
     ({"prompt": "x", "steps": 3}, "steps"),
@@ -81,6 +80,22 @@ async def test_openai_bad_input_in_openai_error_shape(body: dict[str, Any], para
             param, "invalid_request_error", "validation_error")
         assert error["message"]
         assert app.engine.batches == []
+
+
+async def test_openai_url_format_answers_job_image_urls_once_generated() -> None:
+    async with in_process(api_key=KEY, max_batch_size=2, max_wait_ms=60_000) as app:
+        response = await app.client.post("/v1/images/generations", headers=BEARER, json={
+            "prompt": "x", "n": 2, "size": "64x128", "seed": 9, "response_format": "url"})
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert [d["seed"] for d in data] == [9, 10]
+        for item in data:
+            assert "/v1/jobs/" in item["url"] and item["url"].endswith("/image")
+            image = await app.client.get(item["url"], headers=BEARER)
+            assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+            assert Image.open(io.BytesIO(image.content)).size == (64, 128)
+        (batch,) = app.engine.batches  # the two jobs shared one batch
+        assert [i.seed for i in batch] == [9, 10]
 
 
 async def test_openai_auth_and_malformed_json_keep_openai_shape_and_status() -> None:

@@ -104,6 +104,7 @@ def test_prompt_submit_and_images_of_the_chosen_size_appear(
         assert f"seed {seed}" in captions
     assert "batch" in captions and "inference" in captions and "queue" in captions
     assert all(i["href"].startswith("blob:") for i in images)  # download links
+    assert re.search(r'"door": ?"jobs"', page_server.logs())  # submitted as jobs, then polled
     until(browser, lambda d: re.fullmatch(r"\d+\.\d\d", d.find_element(By.ID, "rate").text))
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("BATCHSERVE_UPDATE_SCREENSHOT"):

@@ -20,6 +20,7 @@ from ..settings import Settings
 from . import a1111, openai
 from .a1111 import A1111Door
 from .common import Gateway, Handler, error_response
+from .jobs import JobsDoor
 from .openai import OpenAIDoor
 from .ops import OpsRoutes
 from .page import PageRoutes
@@ -29,9 +30,22 @@ __all__ = ["create_app"]
 
 
 def routes(gateway: Gateway) -> list[BaseRoute]:
+    """Every role serves the operations routes; a `--role worker` process serves only them."""
     ops = OpsRoutes(gateway)
+    served: list[BaseRoute] = [
+        Route("/healthz", ops.healthz, methods=["GET"]),
+        Route("/readyz", ops.readyz, methods=["GET"]),
+        Route("/v1/info", ops.info, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
+    ]
+    if gateway.service.role == "worker":
+        return served
+    jobs = JobsDoor(gateway)
     oai = OpenAIDoor(gateway)
     sd = A1111Door(gateway)
+
+    def jobs_route(path: str, handler: Handler, method: str) -> Route:
+        return Route(path, gateway.endpoint("jobs", handler), methods=[method])
 
     def openai_route(path: str, handler: Handler, method: str) -> Route:
         return Route(path, gateway.endpoint("openai", handler, openai.render_error),
@@ -43,6 +57,10 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
 
     return [
         Route("/t2i", gateway.endpoint("t2i", T2IDoor(gateway)), methods=["POST"]),
+        jobs_route("/v1/jobs", jobs.submit, "POST"),
+        jobs_route("/v1/jobs/{job_id}", jobs.get, "GET"),
+        jobs_route("/v1/jobs/{job_id}", jobs.cancel, "DELETE"),
+        jobs_route("/v1/jobs/{job_id}/image", jobs.image, "GET"),
         openai_route("/v1/images/generations", oai.generations, "POST"),
         openai_route("/v1/models", oai.models, "GET"),
         a1111_route("txt2img", sd.txt2img, "POST"),
@@ -53,10 +71,7 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
         a1111_route("options", sd.set_options, "POST"),
         a1111_route("progress", sd.progress, "GET"),
         a1111_route("interrupt", sd.interrupt, "POST"),
-        Route("/healthz", ops.healthz, methods=["GET"]),
-        Route("/readyz", ops.readyz, methods=["GET"]),
-        Route("/v1/info", ops.info, methods=["GET"]),
-        Route("/metrics", ops.metrics, methods=["GET"]),
+        *served,
         *PageRoutes(gateway).routes(),
     ]
 

@@ -6,16 +6,17 @@ seed+1, ..., and the extras keep our names. Errors use OpenAI's shape with our s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import BatchServeError, ValidationError
+from ..errors import BatchServeError, GenerationFailed, QueueTimeout, ValidationError
+from ..jobs.record import JobRecord, Status
 from ..schema import FIELDS, Limits, T2IRequest, decode, repeat, validate
 from .common import Gateway, JSONResponse, error_headers
 
@@ -29,9 +30,6 @@ ALLOWED = ("prompt", "n", "size", "response_format", *IGNORED, *EXTRAS)
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           429: "rate_limit_error"}
 
-UrlMaker = Callable[[Request, list[T2IRequest], dict[str, Any]], Awaitable[list[str]]]
-"""Turns the validated images of a `response_format: "url"` request into URLs (via the jobs
-API); None while there is no jobs API."""
 
 
 def render_error(exc: BatchServeError) -> Response:
@@ -77,10 +75,9 @@ def _size(value: Any) -> tuple[int, int]:
 
 
 class OpenAIDoor:
-    def __init__(self, gateway: Gateway, urls: UrlMaker | None = None) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.service = gateway.service
-        self.urls = urls
 
     async def generations(self, request: Request, record: dict[str, Any]) -> Response:
         gateway, service = self.gateway, self.service
@@ -89,17 +86,13 @@ class OpenAIDoor:
         body = await gateway.read_json(request)
         try:
             reqs, response_format = translate(decode(body), service.limits)
-            if response_format == "url" and self.urls is None:
-                raise ValidationError(
-                    'response_format "url" needs the jobs API, which this server does not run; '
-                    'use "b64_json"', field="response_format",
-                )
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
         created = int(time.time())
-        if response_format == "url" and self.urls is not None:
-            urls = await self.urls(request, reqs, record)
-            return JSONResponse({"created": created, "data": [{"url": u} for u in urls]})
+        if response_format == "url":
+            urls = await self._via_jobs(request, reqs, record)
+            return JSONResponse({"created": created, "data": [
+                {"url": url, "seed": req.seed} for url, req in zip(urls, reqs, strict=True)]})
         images = await gateway.generate(request, reqs, "png", record)
         data = [{"b64_json": base64.b64encode(g.content).decode(), "seed": g.request.seed}
                 for g in images]
@@ -107,6 +100,36 @@ class OpenAIDoor:
             "X-Seed": str(reqs[0].seed),
             "X-Batch-Size": str(max(g.batch_size for g in images)),
         })
+
+    async def _via_jobs(
+        self, request: Request, reqs: list[T2IRequest], record: dict[str, Any]
+    ) -> list[str]:
+        """`response_format: "url"`: each image becomes a job, answered once all have ended,
+        with the URLs of their images (`GET /v1/jobs/{id}/image`, valid for --job-ttl-s)."""
+        jobs, base = self.service.jobs, str(request.base_url)
+        record.update(key=reqs[0].key_label, seed=reqs[0].seed, images=len(reqs))
+        submitted: list[JobRecord] = []
+        try:
+            for req in reqs:
+                submitted.append(await jobs.submit(req, "png", base_url=base))
+        except BatchServeError as exc:
+            for job in submitted:  # all or none, as for b64_json
+                await jobs.cancel(job.id)
+            raise self.gateway.rejecting(exc) from None
+        record["jobs"] = [job.id for job in submitted]
+        ended = await asyncio.gather(*(jobs.wait(job.id, req.timeout_s)
+                                       for job, req in zip(submitted, reqs, strict=True)))
+        for job in ended:
+            if job.status is Status.SUCCEEDED:
+                continue
+            if job.status.terminal:
+                raise GenerationFailed(job.error.message if job.error else f"job {job.status}")
+            raise QueueTimeout(f"job {job.id} did not finish within its timeout_s; it may still "
+                               f"run: poll {jobs.urls(job.id, base)['get']}")
+        if ended and (result := ended[0].result) is not None:
+            record.update(batch_size=result.batch_size, queue_ms=result.queue_ms,
+                          inference_ms=result.inference_ms)
+        return [jobs.urls(job.id, base)["image"] for job in ended]
 
     async def models(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request)
@@ -127,7 +150,7 @@ def openapi(limits: Limits) -> dict[str, Any]:
                  + FIELDS["width"].json_schema(limits)["description"]},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS),
                             "default": "b64_json",
-                            "description": "url: a jobs API image URL (when jobs run)"},
+                            "description": "url: each image's jobs API URL"},
         **{name: {"type": ["string", "null"], "description": "accepted and ignored"}
            for name in IGNORED},
         **{name: FIELDS[name].json_schema(limits) for name in EXTRAS},

@@ -29,7 +29,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         "schema": _ERROR}}} for s in statuses}
 
 
-_STATUS = {400: "malformed JSON", 401: "missing or wrong API key", 413: "body too large",
+_STATUS = {400: "malformed JSON", 401: "missing or wrong API key", 404: "no such job",
+           413: "body too large",
            415: "not application/json", 422: "a field missing, unknown or out of range",
            429: "queue full (Retry-After)", 500: "generation failed",
            503: "not ready or draining (Retry-After)", 504: "waited past its timeout"}
@@ -47,6 +48,55 @@ def _t2i(limits: Limits) -> dict[str, Any]:
             "schema": {"$ref": "#/components/schemas/T2IRequest"}}}},
         "responses": {"200": image, **_errors(400, 401, 413, 415, 422, 429, 500, 503, 504)},
     }}}
+
+
+def _jobs(limits: Limits) -> dict[str, Any]:
+    body = request_schema(limits)
+    body["properties"]["webhook"] = {
+        "type": "string", "format": "uri",
+        "description": "POSTed the job's final view when it ends (hosts in "
+        "--webhook-allow-hosts)"}
+    job = {"description": "the job", "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/Job"}}}}
+    job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    headers = [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
+               {"name": "Prefer", "in": "header", "schema": {"type": "string"},
+                "description": "wait=N: answer when the job ends, within N <= 60 s"}]
+
+    def op(summary: str, op_id: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {"tags": ["jobs"], "summary": summary, "operationId": op_id,
+                "security": [{"bearer": []}, {}], "responses": responses, **extra}
+
+    return {
+        "/v1/jobs": {"post": op(
+            "Submit an async job (the /t2i body plus webhook)", "jobs_submit",
+            {"202": job, "200": job, **_errors(400, 401, 413, 415, 422, 429, 503)},
+            parameters=headers,
+            requestBody={"required": True, "content": {"application/json": {"schema": body}}},
+        )},
+        "/v1/jobs/{job_id}": {
+            "get": op("A job's status and result", "jobs_get", {"200": job, **_errors(401, 404)},
+                      parameters=job_id),
+            "delete": op("Cancel a job (or delete its result)", "jobs_cancel",
+                         {"200": job, **_errors(401, 404)}, parameters=job_id),
+        },
+        "/v1/jobs/{job_id}/image": {"get": op(
+            "The image of a succeeded job", "jobs_image",
+            {"200": {"description": "the image", "content": {
+                media: {"schema": {"type": "string", "contentMediaType": media}}
+                for media in MEDIA_TYPES.values()}},
+             "302": {"description": "redirect to a presigned URL (--result-redirect)"},
+             **_errors(401, 404)},
+            parameters=job_id,
+        )},
+    }
+
+
+JOB_SCHEMA = {"type": "object", "required": ["id", "status"], "properties": {
+    "id": {"type": "string"},
+    "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+    "result": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]},
+    "urls": {"type": "object"}, "queue_position": {"type": ["integer", "null"]}}}
 
 
 def _ops(limits: Limits) -> dict[str, Any]:
@@ -69,7 +119,7 @@ def _ops(limits: Limits) -> dict[str, Any]:
 
 def build(limits: Limits, extra: list[PathsFor] | None = None) -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    for part in (_t2i, openai.openapi, a1111.openapi, _ops, *(extra or [])):
+    for part in (_t2i, _jobs, openai.openapi, a1111.openapi, _ops, *(extra or [])):
         paths.update(part(limits))
     return {
         "openapi": "3.1.0",
@@ -79,7 +129,7 @@ def build(limits: Limits, extra: list[PathsFor] | None = None) -> dict[str, Any]
         "paths": paths,
         "components": {
             "schemas": {"T2IRequest": request_schema(limits), "Error": ERROR_SCHEMA,
-                        "OpenAIError": openai.ERROR_SCHEMA, "A1111Error": a1111.ERROR_SCHEMA},
+                        "OpenAIError": openai.ERROR_SCHEMA, "A1111Error": a1111.ERROR_SCHEMA, "Job": JOB_SCHEMA},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "--api-key, when set"}},
         },
