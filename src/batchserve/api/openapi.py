@@ -129,7 +129,8 @@ def build(limits: Limits, extra: list[PathsFor] | None = None) -> dict[str, Any]
         "paths": paths,
         "components": {
             "schemas": {"T2IRequest": request_schema(limits), "Error": ERROR_SCHEMA,
-                        "OpenAIError": openai.ERROR_SCHEMA, "A1111Error": a1111.ERROR_SCHEMA, "Job": JOB_SCHEMA},
+                        "OpenAIError": openai.ERROR_SCHEMA, "A1111Error": a1111.ERROR_SCHEMA,
+                        "Job": JOB_SCHEMA},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "--api-key, when set"}},
         },
