@@ -110,6 +110,20 @@ def load_single_file(settings: Settings, torch_dtype: torch.dtype) -> Any:
         ) from None
 
 
+def check_paths(settings: Settings) -> None:
+    """Every named file exists and may be loaded: checked before minutes of model loading."""
+    model = settings.model
+    if model.lower().endswith(WEIGHT_SUFFIXES):
+        checked_file("--model", model, allow_pickle=settings.allow_pickle, what="checkpoint file")
+    if settings.vae and not Path(settings.vae).is_dir():
+        checked_file("--vae", settings.vae, allow_pickle=settings.allow_pickle)
+    for path, _ in settings.lora_specs():
+        checked_file("--lora", path, allow_pickle=settings.allow_pickle)
+    if settings.embeddings:
+        for file in _embedding_files("--embeddings", settings.embeddings):
+            checked_file("--embeddings", file, allow_pickle=settings.allow_pickle)
+
+
 def apply_addons(pipe: Any, settings: Settings) -> Addons:
     """VAE, then LoRA, then embeddings, each checked; the pipeline is ready to move and tune."""
     vae = _replace_vae(pipe, settings) if settings.vae else None

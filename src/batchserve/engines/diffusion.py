@@ -146,6 +146,7 @@ class DiffusionEngine:
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
+        checkpoints.check_paths(settings)
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype])
         pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
