@@ -215,6 +215,9 @@ def test_lora_scale_zero_is_the_base_model_and_one_changes_it(base: DiffusionEng
     zero = load(model="tiny", lora=f"{files.lora}:0")
     full = load(model="tiny", lora=str(files.lora))
     assert same(one(zero), one(base))
+    assert all(torch.equal(a, b) for a, b in zip(zero.pipe.unet.state_dict().values(),
+                                                  base.pipe.unet.state_dict().values(),
+                                                  strict=True))
     assert not same(one(full), one(base))
     assert full.info().to_dict()["loras"] == [
         {"path": str(files.lora), "scale": 1.0, "components": ["unet"]}
