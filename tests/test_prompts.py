@@ -13,7 +13,7 @@ from PIL.Image import Image
 
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import DiffusionEngine
-from batchserve.engines.prompts import CHUNK
+from batchserve.engines.prompts import CHUNK, stack
 from batchserve.settings import Settings
 
 HEAD = "a red cube on a wooden table " * 4  # > 75 tokens on its own
@@ -100,3 +100,30 @@ def test_mixed_lengths_without_guidance(chunking: DiffusionEngine) -> None:
     batched = chunking.generate(items)
     for it, image in zip(items, batched, strict=True):
         assert same(image, one(chunking, it))
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_items_encoded_apart_stack_like_a_batch(chunking: DiffusionEngine,
+                                                guidance: bool) -> None:
+    """What a step-wise engine does: encode each item when it joins, stack the running ones."""
+    prompts, negatives = [HEAD * 2, SHORT, HEAD], ["", HEAD * 3, "blurry"]
+    with torch.inference_mode():
+        together = chunking.prompts.encode(prompts, negatives, guidance=guidance)
+        apart = stack([chunking.prompts.encode([p], [n], guidance=guidance)
+                       for p, n in zip(prompts, negatives, strict=True)])
+    assert together.attention_mask is not None and apart.attention_mask is not None
+    assert torch.equal(together.attention_mask, apart.attention_mask)
+    keep = together.attention_mask
+    n = len(prompts)
+    pairs = [(together.prompt_embeds, apart.prompt_embeds, keep[-n:])]
+    if guidance:
+        assert together.negative_embeds is not None and apart.negative_embeds is not None
+        pairs.append((together.negative_embeds, apart.negative_embeds, keep[:n]))
+    else:
+        assert apart.negative_embeds is None
+    for a, b, real in pairs:
+        assert a.shape == b.shape
+        assert torch.allclose(a[real], b[real], atol=1e-5)
+    with torch.inference_mode():
+        short = stack([chunking.prompts.encode([SHORT], [""], guidance=True)] * 2)
+    assert short.attention_mask is None  # nothing padded: plain diffusers conditioning

@@ -11,7 +11,7 @@ pad with) and `attention_mask` marks the padding, which `cross_attention_mask` h
 so padded positions get no attention: an item's image is the same alone or in any batch.
 
 `PromptEncoder.encode` is the one entry point; the whole-batch engine and a step-wise engine call
-it the same way.
+it the same way (the latter can encode items apart and join them with `stack`).
 """
 
 from __future__ import annotations
@@ -152,6 +152,40 @@ class PromptEncoder:
             out = _final_layer_norm(self.text_encoder)(states[-self.clip_skip])
         result: torch.Tensor = out.to(dtype=self.text_encoder.dtype)
         return result
+
+
+def stack(parts: Sequence[Encoded]) -> Encoded:
+    """Joins conditionings encoded apart (a step-wise engine encodes each item once, when it
+    joins) into one batch, padded to the longest and masked, as `encode` does for a batch.
+    All parts must agree on guidance (negatives present or not)."""
+    guided = parts[0].negative_embeds is not None
+    if any((p.negative_embeds is not None) != guided for p in parts):
+        raise ValueError("stack: parts disagree on classifier-free guidance")
+    length = max(p.prompt_embeds.shape[1] for p in parts)
+    positives, negatives, pos_masks, neg_masks = [], [], [], []
+    for part in parts:
+        rows, own = part.prompt_embeds.shape[:2]
+        mask = part.attention_mask
+        if mask is None:
+            mask = torch.ones(2 * rows if guided else rows, own, dtype=torch.bool,
+                              device=part.prompt_embeds.device)
+        positives.append(_pad(part.prompt_embeds, length))
+        pos_masks.append(_pad(mask[rows:] if guided else mask, length))
+        if part.negative_embeds is not None:
+            negatives.append(_pad(part.negative_embeds, length))
+            neg_masks.append(_pad(mask[:rows], length))
+    masks = torch.cat(neg_masks + pos_masks)
+    return Encoded(torch.cat(positives), torch.cat(negatives) if guided else None,
+                   None if bool(masks.all()) else masks)
+
+
+def _pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pads dimension 1 (the sequence) to `length`; False for a mask."""
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    shape = (tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=1)
 
 
 def _final_layer_norm(text_encoder: Any) -> Any:
