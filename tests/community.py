@@ -73,8 +73,10 @@ def other_vae(like: Any, seed: int, **config: Any) -> Any:
         torch.random.set_rng_state(state)
 
 
-def vae_single_file(vae: Any, path: Path) -> Path:
-    tensors = {VAE_PREFIX + k: v.detach().contiguous().clone()
+def vae_single_file(vae: Any, path: Path, prefix: str = VAE_PREFIX) -> Path:
+    """Original layout: as cut from a full checkpoint (`first_stage_model.`) or as the
+    stand-alone VAE files are published (no prefix)."""
+    tensors = {prefix + k: v.detach().contiguous().clone()
                for k, v in vae_state_dict(vae).items()}
     save_file(tensors, str(path))
     return path

@@ -272,12 +272,17 @@ def test_lora_flag_syntax() -> None:
 
 # -- VAE -----------------------------------------------------------------------------------------
 
-def test_vae_from_folder_or_single_file(base: DiffusionEngine, files: Files) -> None:
+def test_vae_from_folder_or_single_file(base: DiffusionEngine, files: Files,
+                                        tmp_path: Path) -> None:
     folder = load(model="tiny", vae=str(files.vae_folder))
     single = load(model="tiny", vae=str(files.vae_file))
     assert not same(one(folder), one(base))
     assert same(one(folder), one(single))
     assert single.info().to_dict()["vae"] == str(files.vae_file)
+    bare = vae_single_file(folder.pipe.vae, tmp_path / "vae-bare.safetensors", prefix="")
+    in_diffusers_layout = files.vae_folder / "diffusion_pytorch_model.safetensors"
+    for file in (bare, in_diffusers_layout):
+        assert same(one(load(model="tiny", vae=str(file))), one(folder)), file
 
 
 def test_vae_of_another_shape_is_a_settings_error(base: DiffusionEngine, tmp_path: Path) -> None:
