@@ -58,10 +58,10 @@ class PromptEncoder:
         self.unet = unet  # gets the padding mask (`conditioning`)
         self.chunked = long_prompts == "chunk"
         self.clip_skip = clip_skip
-        self._expansions = dict(expansions or {})
         # The tokenizer matches added tokens case-insensitively and inside words; so does this.
         # (diffusers' `maybe_convert_prompt` compares the lower-cased pieces case-sensitively and
         # misses mixed-case names like `EasyNegative`.)
+        self._expansions = {k.lower(): v for k, v in (expansions or {}).items()}
         names = sorted(self._expansions, key=len, reverse=True)
         self._pattern = (
             re.compile("|".join(re.escape(n) for n in names) + r"(?!_\d)", re.IGNORECASE)
@@ -117,18 +117,12 @@ class PromptEncoder:
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         if self._pattern is not None:
-            pattern = self._pattern
-            texts = [pattern.sub(lambda m: self._expand(m.group(0)), t) for t in texts]
+            pattern, expand = self._pattern, self._expansions
+            texts = [pattern.sub(lambda m: expand[m.group(0).lower()], t) for t in texts]
         ids: list[list[int]] = self.tokenizer(
             texts, add_special_tokens=False, truncation=False, verbose=False
         ).input_ids
         return ids
-
-    def _expand(self, matched: str) -> str:
-        for name, expansion in self._expansions.items():
-            if name.lower() == matched.lower():
-                return expansion
-        return matched
 
     def _chunks(self, ids: list[int]) -> list[list[int]]:
         if not self.chunked or len(ids) <= CHUNK:
