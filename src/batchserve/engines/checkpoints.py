@@ -82,10 +82,14 @@ def checked_file(setting: str, path: str | Path, *, allow_pickle: bool,
     return file
 
 
-def _reason(exc: BaseException) -> str:
-    """The first line of a library error: enough to act on, without the wall of text."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """The head of a library error: enough to act on, without the wall of text (a first line
+    ending in ':' announces the line that says what is wrong, so that one comes too)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    head = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
+    if len(head) > limit:
+        head = head[:limit] + "..."
+    return f"{type(exc).__name__}: {head}" if head else type(exc).__name__
 
 
 def load_single_file(settings: Settings, torch_dtype: torch.dtype) -> Any:
@@ -125,7 +129,8 @@ def check_paths(settings: Settings) -> None:
 
 
 def apply_addons(pipe: Any, settings: Settings) -> Addons:
-    """VAE, then LoRA, then embeddings, each checked; the pipeline is ready to move and tune."""
+    """VAE, then LoRA, then embeddings, each checked, on the pipeline already on its device
+    (fusing is faster there) and before any tuning (compiling) sees the weights."""
     vae = _replace_vae(pipe, settings) if settings.vae else None
     loras = tuple(
         _fuse_lora(pipe, path, scale, index, settings.allow_pickle)
