@@ -181,6 +181,20 @@ async def test_a1111_batch_size_times_n_iter_all_queued_at_once() -> None:
             ("euler-a", 5.0, "blur")}
 
 
+async def test_a1111_clip_skip_is_the_servers() -> None:
+    async with in_process(clip_skip=2, max_wait_ms=0) as app:
+        body = {"prompt": "x", "width": 64, "height": 64}
+        same = await app.client.post("/sdapi/v1/txt2img", json={
+            **body, "override_settings": {"CLIP_stop_at_last_layers": 2}})
+        assert same.status_code == 200
+        assert orjson.loads(same.json()["info"])["clip_skip"] == 2
+        other = await app.client.post("/sdapi/v1/txt2img", json={
+            **body, "override_settings": {"CLIP_stop_at_last_layers": 1}})
+        assert other.status_code == 422 and "--clip-skip 2" in other.json()["detail"]
+        options = (await app.client.get("/sdapi/v1/options")).json()
+        assert options["CLIP_stop_at_last_layers"] == 2
+
+
 async def test_a1111_seed_minus_one_is_random_and_send_images_false() -> None:
     async with in_process(max_wait_ms=0) as app:
         response = await app.client.post("/sdapi/v1/txt2img", json={
@@ -200,7 +214,7 @@ A1111_BAD = [
     ({"styles": ["cinematic"]}, "styles"),
     ({"script_name": "x/y/z plot"}, "script_name"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, "override_settings"),
-    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),  # server: 1
     ({"sampler_name": "LMS"}, "sampler_name"),
     ({"steps": 0}, "steps"),
     ({"cfg_scale": 31}, "cfg_scale"),

@@ -82,7 +82,8 @@ async def test_submit_poll_and_fetch_the_image() -> None:
             7, 128, 64)
         assert view["request"] == {"prompt": "a cube", "negative_prompt": "", "width": 128,
                                    "height": 64, "inference_steps": 1, "guidance_scale": 7.5,
-                                   "seed": 7, "priority": 0, "timeout_s": 300.0, "format": "png"}
+                                   "seed": 7, "priority": 0, "timeout_s": 300.0, "format": "png",
+                                   "sampler": "dpm++2m-karras"}
         image = await app.client.get(f"/v1/jobs/{job}/image")
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(image.content)).size == (128, 64)

@@ -86,7 +86,7 @@ def sampler_for(name: Any, scheduler: Any, default: str) -> str:
     return uniform
 
 
-def _refuse_unhonourable(data: dict[str, Any], model: str) -> None:
+def _refuse_unhonourable(data: dict[str, Any], model: str, clip_skip: int) -> None:
     def refuse(field: str, why: str) -> None:
         raise ValidationError(f"{field}: {why} is not supported here; the image would differ "
                               "from what you asked for", field=field)
@@ -111,8 +111,9 @@ def _refuse_unhonourable(data: dict[str, Any], model: str) -> None:
     checkpoint = overrides.get("sd_model_checkpoint")
     if checkpoint not in (None, "", model):
         refuse("override_settings", f"checkpoint {checkpoint!r} (this server runs {model!r})")
-    if overrides.get("CLIP_stop_at_last_layers") not in (None, 1):
-        refuse("override_settings", "CLIP_stop_at_last_layers > 1 (clip skip)")
+    if overrides.get("CLIP_stop_at_last_layers") not in (None, clip_skip):
+        refuse("override_settings", f"CLIP_stop_at_last_layers other than this server's "
+               f"--clip-skip {clip_skip}")
 
 
 def _count(data: dict[str, Any], name: str) -> int:
@@ -124,9 +125,11 @@ def _count(data: dict[str, Any], name: str) -> int:
     return value
 
 
-def translate(data: dict[str, Any], limits: Limits, model: str) -> list[T2IRequest]:
+def translate(
+    data: dict[str, Any], limits: Limits, model: str, clip_skip: int = 1
+) -> list[T2IRequest]:
     """An A1111 txt2img body to our requests, one per image (batch_size * n_iter)."""
-    _refuse_unhonourable(data, model)
+    _refuse_unhonourable(data, model, clip_skip)
     count = _count(data, "batch_size") * _count(data, "n_iter")
     if count > MAX_IMAGES:
         raise ValidationError(f"batch_size * n_iter must be at most {MAX_IMAGES}",
@@ -157,7 +160,8 @@ class A1111Door:
         body = await gateway.read_json(request)
         try:
             data = decode(body)
-            reqs = translate(data, service.limits, _model_title(service))
+            reqs = translate(data, service.limits, _model_title(service),
+                             service.settings.clip_skip)
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
         images = await gateway.generate(request, reqs, "png", record)
@@ -192,7 +196,8 @@ class A1111Door:
             "cfg_scale": first.guidance_scale, "steps": first.inference_steps,
             "batch_size": data.get("batch_size", 1), "n_iter": data.get("n_iter", 1),
             "restore_faces": False, "sd_model_name": _model_title(self.service),
-            "sd_model_hash": None, "clip_skip": 1, "index_of_first_image": 0,
+            "sd_model_hash": None, "clip_skip": self.service.settings.clip_skip,
+            "index_of_first_image": 0,
             "infotexts": [self._infotext(g.request) for g in images], "styles": [],
             "version": "batchserve",
             "batchserve": {"batch_sizes": [g.batch_size for g in images],
@@ -234,7 +239,8 @@ class A1111Door:
 
     def _options(self) -> dict[str, Any]:
         return {"sd_model_checkpoint": _model_title(self.service), "sd_checkpoint_hash": None,
-                "samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+                "samples_format": "png",
+                "CLIP_stop_at_last_layers": self.service.settings.clip_skip, "sd_vae": "Automatic"}
 
     async def set_options(self, request: Request, record: dict[str, Any]) -> Response:
         """Accepted when it names the served model (clients post the whole options dict back);
