@@ -25,7 +25,7 @@ function rules(s) {
   }
   if (s.multipleOf) out.push(`multiple of ${s.multipleOf}`);
   if (s.maxLength !== undefined) out.push(`at most ${s.maxLength} characters`);
-  if (s.pattern) out.push(`matches ${s.pattern}`);
+  if (s.pattern) out.push(s.pattern === "\\S" ? "not blank" : `matches ${s.pattern}`);
   return out.join("; ");
 }
 
@@ -84,7 +84,12 @@ function operation(spec, path, method, op) {
 }
 
 async function render() {
-  const spec = await (await fetch("/openapi.json")).json();
+  // Bounds such as 2**63-1 do not fit a script number; where the browser gives the source text
+  // of a JSON number (JSON.parse source access), keep its digits.
+  const text = await (await fetch("/openapi.json")).text();
+  const spec = JSON.parse(text, (key, value, context) =>
+    typeof value === "number" && !Number.isSafeInteger(value) && context && context.source
+      ? context.source : value);
   const routes = document.getElementById("routes");
   const toc = document.getElementById("toc");
   routes.replaceChildren();
