@@ -27,8 +27,11 @@ class Status(enum.StrEnum):
 TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
 _ALLOWED: dict[Status, frozenset[Status]] = {
     Status.QUEUED: frozenset({Status.RUNNING, Status.FAILED, Status.CANCELED}),
-    # RUNNING -> QUEUED: a worker that drains or dies leaves the job for another worker.
-    Status.RUNNING: frozenset({Status.QUEUED, Status.SUCCEEDED, Status.FAILED, Status.CANCELED}),
+    # RUNNING -> QUEUED: a draining worker hands the job back. RUNNING -> RUNNING: another
+    # worker claimed it after its first worker went silent (the visibility timeout).
+    Status.RUNNING: frozenset(
+        {Status.QUEUED, Status.RUNNING, Status.SUCCEEDED, Status.FAILED, Status.CANCELED}
+    ),
     Status.SUCCEEDED: frozenset(),
     Status.FAILED: frozenset(),
     Status.CANCELED: frozenset(),
