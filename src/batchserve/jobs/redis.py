@@ -69,6 +69,7 @@ if ARGV[4] == '1' then
   if entry then
     redis.call('XACK', KEYS[2], '""" + GROUP + """', entry)
     redis.call('XDEL', KEYS[2], entry)
+    redis.call('HDEL', KEYS[1], 'entry')
   end
 end
 return 1
@@ -100,7 +101,8 @@ class RedisQueue:
     async def create(self, record: JobRecord, idempotency_key: str | None = None) -> JobRecord:
         idem = f"{self._idem_prefix}{record.owner}:{idempotency_key}" if idempotency_key else ""
         keys = [self._stream, self._job_key(record.id), idem]
-        args = [record.id, record.dumps(), self._ttl_ms, self._job_prefix]
+        args: list[bytes | str | int] = [record.id, record.dumps(), self._ttl_ms,
+                                         self._job_prefix]
         async with self._guard():
             await self._ensure_group()
             _, raw = await self._create_script(keys=keys, args=args)
@@ -156,8 +158,8 @@ class RedisQueue:
                 # Block only when there is nothing to hand back yet.
                 block_ms = None if deliveries or block_s <= 0 else round(
                     min(block_s, _MAX_BLOCK_S) * 1000)
-                reply = await self._redis.xreadgroup(GROUP, consumer, {self._stream: ">"},
-                                                     count=want, block=block_ms)
+                reply: Any = await self._redis.xreadgroup(
+                    GROUP, consumer, {self._stream: ">"}, count=want, block=block_ms)
                 deliveries += [Delivery(_text(_field(fields, "job")), _text(eid), 1)
                                for _, entries in reply or [] for eid, fields in entries]
         return deliveries
@@ -182,8 +184,7 @@ class RedisQueue:
             await self._ensure_group()
             last, lag = await self._progress()
             if lag is None:  # an XDEL ahead of the group makes Redis unsure: count entries
-                lag = len(await self._redis.xrange(self._stream, "(" + last, "+",
-                                                   count=_COUNT_CAP))
+                lag = len(await self._entries("(" + last, "+"))
             return lag + len(await self._stale())
 
     async def position(self, job_id: str) -> int | None:
@@ -199,9 +200,7 @@ class RedisQueue:
             stale = await self._stale()
             if _entry_key(entry) <= _entry_key(last):  # delivered: waiting only if handed back
                 return stale.index(entry) if entry in stale else None
-            ahead = await self._redis.xrange(self._stream, "(" + last, "(" + entry,
-                                             count=_COUNT_CAP)
-            return len(stale) + len(ahead)
+            return len(stale) + len(await self._entries("(" + last, "(" + entry))
 
     async def ping(self) -> None:
         async with self._guard():
@@ -250,6 +249,9 @@ class RedisQueue:
                 lag = info.get("lag")
                 return _text(info["last-delivered-id"]), None if lag is None else int(lag)
         raise ResponseError("NOGROUP consumer group missing")
+
+    async def _entries(self, start: str, end: str) -> list[Any]:
+        return list(await self._redis.xrange(self._stream, start, end, count=_COUNT_CAP) or [])
 
     async def _stale(self) -> list[str]:
         """Pending entries idle past the visibility timeout (released, or left by a worker
