@@ -198,8 +198,24 @@ class Service:
     # -- requests --------------------------------------------------------------------------
 
     def check_admitting(self) -> None:
+        """For the doors that generate while the client waits (`/t2i` and its translations):
+        only `--role all` serves them."""
+        if self.role == "api":
+            raise NotServedHere(
+                "this --role api process loads no model and does not generate while you wait; "
+                "submit an async job with POST /v1/jobs, or call a --role all server"
+            )
         if self.role == "worker":
             raise NotServedHere("this is a --role worker process; send requests to the api")
+        self._check_state()
+
+    def check_accepting_jobs(self) -> None:
+        """For the jobs door: `--role all` and `--role api`."""
+        if self.role == "worker":
+            raise NotServedHere("this is a --role worker process; send jobs to the api")
+        self._check_state()
+
+    def _check_state(self) -> None:
         if self.state == self.DRAINING:
             raise Draining("server is shutting down; retry on another instance", retry_after_s=5)
         if self.state != self.READY:
@@ -208,16 +224,13 @@ class Service:
     def submit(
         self, request: T2IRequest, fmt: str = "png"
     ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
-        """Queues one request; its outcome's result is a future of the encoded image."""
-        if self.role == "api":
-            raise NotServedHere(
-                "/t2i is not served by a --role api process (it loads no model); submit an "
-                "async job with POST /v1/jobs, or call a --role all server"
-            )
-        if self.role == "all":
+        """Queues one request; its outcome's result is a future of the encoded image. A worker's
+        job runner submits too (roles all and worker)."""
+        if self.role == "worker":
+            if self.state != self.READY:
+                raise Draining("worker is not accepting jobs", retry_after_s=5)
+        else:
             self.check_admitting()
-        elif self.state != self.READY:  # a worker's own job runner
-            raise Draining("worker is not accepting jobs", retry_after_s=5)
         return self.batcher.submit(
             Job(request.item(), fmt), key=request.key, priority=request.priority,
             timeout_s=request.timeout_s,

@@ -30,7 +30,7 @@ class JobsDoor:
     async def submit(self, request: Request, record: dict[str, Any]) -> Response:
         gateway, service = self.gateway, self.service
         gateway.authorize(request)
-        service.check_admitting()
+        service.check_accepting_jobs()
         body = await gateway.read_json(request)
         try:
             data = decode(body)

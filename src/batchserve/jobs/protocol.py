@@ -4,6 +4,16 @@ queue; memory or Redis Streams) and a `ResultStore` (image bytes; memory, file o
 Both are asyncio-facing; implementations that block (files, boto3) do so off the event loop.
 Errors reaching a backend (connection refused, timeouts) are raised as `BackendUnavailable`, which
 the HTTP layer turns into 503 + Retry-After (nothing was stored) and workers retry with backoff.
+
+Shared semantics (`memory.MemoryQueue` / `MemoryResultStore` are the reference, with tests):
+- Expiry: a record (with its idempotency key) and a result live `ttl_s` after their LAST write
+  (create, transition, put); then `get` returns None, as for an unknown id.
+- `pull` hands out a job at most once at a time: a delivery not acknowledged nor released within
+  the visibility timeout goes to the next `pull` (any consumer, the same one included) with
+  `attempts` + 1. The worker, not the queue, fails jobs past `--job-max-attempts`.
+- `release` puts the job back for the next `pull` at once and does not count as an attempt.
+- A job whose record is terminal (canceled while queued) may still be delivered; the worker
+  checks the record and acknowledges it without running it.
 """
 
 from __future__ import annotations

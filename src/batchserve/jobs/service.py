@@ -103,7 +103,7 @@ class JobService:
         webhook: str | None = None,
         base_url: str = "",
     ) -> JobRecord:
-        self.service.check_admitting()
+        self.service.check_accepting_jobs()
         record = JobRecord(
             id=new_job_id(), status=Status.QUEUED, created_at=self._clock(),
             request=dataclasses.asdict(req), format=fmt, owner=owner, webhook=webhook,
