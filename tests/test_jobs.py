@@ -13,7 +13,7 @@ import httpx
 import pytest
 from inprocess import InProcess, in_process
 from PIL import Image
-from test_bad_input import CASES, Case, check, send
+from test_bad_input import CASES, COUNTED, Case, check, send
 from test_reliability import eventually
 
 from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
@@ -372,6 +372,8 @@ async def test_every_bad_t2i_body_is_refused_the_same_way_by_jobs() -> None:
         assert engine.batches == []
         assert await app.service.jobs.queue.waiting() == 0
         assert app.metric("batchserve_jobs_total", status="queued") == 0
+        invalid = app.metric("batchserve_requests_rejected_total", reason="invalid")
+        assert invalid == len(COUNTED)  # counted exactly as /t2i counts them
 
 
 async def test_unknown_field_is_refused_before_anything_is_stored() -> None:
@@ -401,3 +403,40 @@ def test_roles_need_shared_backends(role: str) -> None:
         Settings(role=role)
     with pytest.raises(SettingsError, match=f"--results=memory with --role={role}"):
         Settings(role=role, queue="redis://127.0.0.1:6379/0")
+
+
+async def test_a_backend_failure_after_the_job_is_stored_still_answers_202() -> None:
+    class FailsAfterCreate(FlakyQueue):
+        async def create(self, record: JobRecord, idempotency_key: str | None = None
+                         ) -> JobRecord:
+            stored = await super().create(record, idempotency_key)
+            self.down = True
+            return stored
+
+    queue = FailsAfterCreate(ttl_s=3600, visibility_timeout_s=120)
+    async with in_process(max_wait_ms=0, backends={"queue": queue}) as app:
+        response = await submit(app, headers={"Prefer": "wait=10"})
+        assert response.status_code == 202
+        queue.down = False
+        assert (await app.client.get(f"/v1/jobs/{response.json()['id']}")).status_code == 200
+
+
+class PresigningStore(MemoryResultStore):
+    """The memory store answering presigned URLs as an S3 store would."""
+
+    async def presigned_url(self, job_id: str, expires_s: int) -> str | None:
+        return f"https://s3.example/bucket/{job_id}.png?X-Amz-Expires={expires_s}"
+
+
+@pytest.mark.parametrize("redirect", [True, False])
+async def test_result_redirect_answers_302_to_the_presigned_url(redirect: bool) -> None:
+    backends = {"store": PresigningStore(ttl_s=3600)}
+    async with in_process(max_wait_ms=0, result_redirect=redirect, backends=backends) as app:
+        job = await submitted(app)
+        await finished(app, job)
+        image = await app.client.get(f"/v1/jobs/{job}/image")
+        if redirect:
+            assert image.status_code == 302
+            assert image.headers["location"].startswith(f"https://s3.example/bucket/{job}.png")
+        else:
+            assert image.status_code == 200 and image.content.startswith(b"\x89PNG")

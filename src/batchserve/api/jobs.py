@@ -4,6 +4,7 @@ the `/t2i` body (same `schema` validation, same errors) plus an optional `webhoo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from ..errors import BatchServeError, ValidationError
+from ..errors import BackendDown, BatchServeError, ValidationError
 from ..jobs.service import PREFER_WAIT_MAX_S
 from ..jobs.webhooks import check_url
 from ..schema import decode, validate
@@ -54,7 +55,10 @@ class JobsDoor:
         headers = {"Location": self.jobs.urls(job.id, base)["get"]}
         if wait_s is not None:
             headers["Preference-Applied"] = f"wait={wait_s}"
-            job = await self.jobs.wait(job.id, wait_s)
+            # The job is stored: a backend failure now answers 202, never a 503 (which promises
+            # nothing was stored and invites a resubmit).
+            with contextlib.suppress(BackendDown):
+                job = await self.jobs.wait(job.id, wait_s)
             if job.status.terminal:
                 return JSONResponse(self.jobs.view(job, base), headers=headers)
         return JSONResponse(self.jobs.summary(job, base), status_code=202, headers=headers)

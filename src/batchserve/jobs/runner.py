@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..encode import MEDIA_TYPES
-from ..errors import BatchServeError, Draining, NotFound, NotReady, QueueFull
+from ..errors import BatchServeError, Draining, GenerationFailed, NotFound, NotReady, QueueFull
 from ..schema import T2IRequest
 from .protocol import BackendUnavailable, Delivery
 from .record import JobError, JobResult, Status, TransitionRefused
@@ -144,12 +144,15 @@ class JobRunner:
             await self.queue.release(d)
             return
         try:
-            await jobs.transition(d.job_id, Status.RUNNING, started_at=jobs._clock(),
+            await jobs.transition(d.job_id, Status.RUNNING, started_at=jobs.now(),
                                   attempts=d.attempts)
         except (TransitionRefused, NotFound):  # canceled (or gone) just now
             held.future.cancel()
             await self.queue.ack(d)
             return
+        except BaseException:  # the backend failed us: nobody would take this image
+            held.future.cancel()
+            raise
         try:
             outcome = await held.future
             data = await outcome.result
@@ -161,8 +164,13 @@ class JobRunner:
         except Draining:
             await self._requeue(d)
             return
-        except BatchServeError as exc:
+        except BatchServeError as exc:  # what /t2i would have answered: generation failed, timeout
             await self._end(d, Status.FAILED, error=JobError(exc.code, exc.message))
+            return
+        except Exception as exc:  # e.g. encoding failed: still one final answer
+            log.exception("job %s failed", d.job_id)
+            failed = GenerationFailed(f"generation failed ({type(exc).__name__}); see server logs")
+            await self._end(d, Status.FAILED, error=JobError(failed.code, failed.message))
             return
         await self._finish(d, req, record.format, outcome, data)
 
@@ -180,14 +188,14 @@ class JobRunner:
         )
         try:
             await _persist(lambda: self.jobs.transition(
-                d.job_id, Status.SUCCEEDED, result=result, completed_at=self.jobs._clock()))
+                d.job_id, Status.SUCCEEDED, result=result, completed_at=self.jobs.now()))
         except (TransitionRefused, NotFound):  # canceled after all: nobody may read it
             await _persist(lambda: self.jobs.store.delete(d.job_id))
         await _persist(lambda: self.queue.ack(d))
 
     async def _end(self, d: Delivery, status: Status, **changes: Any) -> None:
         with contextlib.suppress(TransitionRefused, NotFound):
-            await self.jobs.transition(d.job_id, status, completed_at=self.jobs._clock(),
+            await self.jobs.transition(d.job_id, status, completed_at=self.jobs.now(),
                                        **changes)
         await self.queue.ack(d)
 
@@ -231,8 +239,11 @@ class JobRunner:
         acknowledged; the rest stay pending for another worker."""
         self.stop_pulling()
         if self._loop is not None:
+            # A pull blocks up to `block_s`. Cancelling one in flight is harmless in memory but
+            # could strand a Redis delivery until the visibility timeout: let it return.
+            patience = 0.0 if self.service.settings.queue == "memory" else self.block_s + 1
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._loop), self.block_s + 1)
+                await asyncio.wait_for(asyncio.shield(self._loop), patience)
             self._loop.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))

@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,7 @@ class JobService:
         store: ResultStore,
         *,
         webhooks: WebhookSender | None = None,
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
         self.queue = queue
@@ -227,6 +227,10 @@ class JobService:
         }
 
     # -- for the runner and the service ------------------------------------------------------
+
+    def now(self) -> float:
+        """Wall-clock seconds for the records' timestamps (injectable)."""
+        return self._clock()
 
     async def transition(self, job_id: str, status: Status, **changes: Any) -> JobRecord:
         """`queue.transition` plus, when the job ends here, its side effects. Raises
