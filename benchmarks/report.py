@@ -132,8 +132,9 @@ def _job_targets(results: dict[str, Any], add: Callable[..., None]) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    lines = [f"Model `{cfg['model']}`, {cfg['size']} (WxHxsteps), max batch "
-             f"{cfg['max_batch_size']}, max wait {cfg['max_wait_ms']:g} ms; "
+    model_parts = "raw" in results or any(p["part"] == "served" for p in results["points"])
+    model = f"Model `{cfg['model']}`, {cfg['size']} (WxHxsteps), max" if model_parts else "Max"
+    lines = [f"{model} batch {cfg['max_batch_size']}, max wait {cfg['max_wait_ms']:g} ms; "
              f"{results['machine']['cpus']} CPUs; {results['elapsed_s']:g} s in all.", ""]
     for key, when in (("raw", "before"), ("raw_after", "after")):
         raw = results.get(key)
