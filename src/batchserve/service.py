@@ -167,6 +167,7 @@ class Service:
             # Storing finished images is quick; what is left after that goes back to the queue.
             left = self.settings.drain_timeout_s - (time.monotonic() - started)
             await self.runner.finish(max(left, 5.0))
+        self.jobs.stop_waiting()
         return finished
 
     def end_drain(self) -> None:

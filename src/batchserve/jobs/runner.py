@@ -86,7 +86,9 @@ class JobRunner:
                 continue
             try:
                 deliveries = await self.queue.pull(self.consumer, room, self.block_s)
-            except BackendUnavailable as exc:
+            except Exception as exc:  # unreachable, or a bug: the loop must outlive both
+                if not isinstance(exc, BackendUnavailable):
+                    log.exception("pulling jobs failed")
                 self._unreachable(exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
@@ -137,7 +139,12 @@ class JobRunner:
                 "worker_lost", f"the job was handed to {self.max_attempts} workers and none "
                 "finished it"))
             return
-        req = T2IRequest(**record.request)
+        try:
+            req = T2IRequest(**record.request)
+        except TypeError:  # written by a version with other fields: fail it, don't retry it
+            await self._end(d, Status.FAILED, error=JobError(
+                "invalid_request", "the stored request does not fit this server version"))
+            return
         try:
             held.future = self.service.submit(req, record.format)
         except (Draining, NotReady, QueueFull):

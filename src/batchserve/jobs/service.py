@@ -64,12 +64,14 @@ def backend_errors() -> Iterator[None]:
     except BackendUnavailable as exc:
         log.warning("job backend unavailable: %s", exc)
         raise BackendDown(
-            "the job queue or result store is unreachable; nothing was stored, retry later",
+            "the job queue or result store is unreachable; nothing was changed, retry later",
             retry_after_s=5,
         ) from None
 
 
 class JobService:
+    """The jobs API of one process over its queue and store (the contract: module docstring)."""
+
     def __init__(
         self,
         service: Service,
@@ -90,6 +92,7 @@ class JobService:
         self._local = service.settings.queue == "memory"
         self._ended: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, int] = {}
+        self._closing = False
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -134,7 +137,7 @@ class JobService:
             while True:
                 record = await self.get(job_id)
                 left = deadline - loop.time()
-                if record.status.terminal or left <= 0:
+                if record.status.terminal or left <= 0 or self._closing:
                     return record
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), left if self._local else min(left, delay))
@@ -251,6 +254,13 @@ class JobService:
         if record.webhook and self.webhooks is not None:
             body = self.view(record, str(record.extra.get("base_url", "")))
             self.webhooks.send(record.webhook, record.id, body)
+
+    def stop_waiting(self) -> None:
+        """Ends every `wait` now with the job as it is (the server is about to exit: a
+        `Prefer: wait` answer then says 202 rather than being cut off)."""
+        self._closing = True
+        for ended in self._ended.values():
+            ended.set()
 
     async def check_backends(self, *, store: bool = True) -> str | None:
         """None when the queue (and the store) answer within 2 s, else why not."""
