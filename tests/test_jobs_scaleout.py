@@ -104,11 +104,17 @@ def wait_all(api: str, ids: list[str], timeout_s: float = 60) -> dict[str, dict[
     return done
 
 
-def assert_readable(api: str, views: dict[str, dict[str, Any]]) -> None:
+def assert_readable(api: str, views: dict[str, dict[str, Any]], s3: str | None = None) -> None:
+    """Every job succeeded and its PNG reads through `api` (or, given the S3 endpoint, through
+    the api's 302 to a presigned URL there)."""
     with httpx.Client(base_url=api, timeout=10) as client:
         for job_id, view in views.items():
             assert view["status"] == "succeeded", view
             image = client.get(f"/v1/jobs/{job_id}/image")
+            if s3 is not None:
+                assert image.status_code == 302
+                assert image.headers["location"].startswith(s3)
+                image = httpx.get(image.headers["location"], timeout=10)  # no credentials
             assert image.status_code == 200
             assert image.headers["content-type"] == "image/png"
             assert image.content.startswith(b"\x89PNG")
@@ -191,10 +197,11 @@ def test_workers_share_the_queue_survive_a_kill_and_an_api_restart(backends: Bac
             assert receiver.finals == collections.Counter({job_id: 1 for job_id in ids})
             assert receiver.bad_signatures == 0
 
-        # A new api process (another port) serves every job and image.
-        with running_server(*SIM, "--role", "api", *backends.args(), tmp_path=backends.tmp,
-                            env=backends.s3.env, name="api-2") as api2:
-            assert_readable(api2.url, wait_all(api2.url, ids, timeout_s=10))
+        # A new api process (another port) serves every job; this one sends clients to S3.
+        with running_server(*SIM, "--role", "api", *backends.args(), "--result-redirect",
+                            tmp_path=backends.tmp, env=backends.s3.env, name="api-2") as api2:
+            assert_readable(api2.url, wait_all(api2.url, ids, timeout_s=10),
+                            s3=backends.s3.endpoint_url)
     finally:
         receiver.close()
 
@@ -221,6 +228,8 @@ def test_redis_down_refuses_jobs_and_unreadies_workers(backends: Backends) -> No
             assert resp.json()["error"]["code"]
             wait_for(lambda: httpx.get(worker.url + "/readyz").status_code == 503, 20,
                      "worker still ready with Redis down")
+            assert "unreachable" in httpx.get(worker.url + "/readyz").text
+            assert "unreachable" in worker.logs()  # and says so in its log
             assert httpx.get(api.url + "/readyz").status_code == 503
         finally:
             backends.redis.start()
