@@ -250,6 +250,16 @@ async def test_waiting_and_position_follow_the_queue(queue: JobQueue) -> None:
     assert await queue.waiting() == 0
 
 
+async def test_positions_after_work_is_acknowledged(queue: JobQueue) -> None:
+    jobs = [await queue.create(record()) for _ in range(5)]
+    for delivery in await queue.pull("w", 2, 0):
+        await queue.ack(delivery)
+    assert [await queue.position(j.id) for j in jobs] == [None, None, 0, 1, 2]
+    later = await queue.create(record())
+    assert await queue.position(later.id) == 3
+    assert await queue.waiting() == 4
+
+
 async def test_records_and_keys_expire(queue_backend: tuple[JobQueue, Backend]) -> None:
     queue, backend = queue_backend
     job = await queue.create(record(owner="a"), idempotency_key="k")

@@ -51,7 +51,11 @@ if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
 end
 local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-redis.call('HSET', KEYS[2], 'record', ARGV[2], 'entry', entry, 'idem', KEYS[3])
+-- The entry's sequence number (entries ever added, this one included) gives its queue position
+-- by subtraction instead of a scan.
+local info, seq = redis.call('XINFO', 'STREAM', KEYS[1]), 0
+for i = 1, #info, 2 do if info[i] == 'entries-added' then seq = info[i + 1] end end
+redis.call('HSET', KEYS[2], 'record', ARGV[2], 'entry', entry, 'idem', KEYS[3], 'seq', seq)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {1, ARGV[2]}
 """
@@ -182,7 +186,7 @@ class RedisQueue:
     async def waiting(self) -> int:
         async with self._guard():
             await self._ensure_group()
-            last, lag = await self._progress()
+            last, lag, _ = await self._progress()
             if lag is None:  # an XDEL ahead of the group makes Redis unsure: count entries
                 lag = len(await self._entries("(" + last, "+"))
             return lag + len(await self._stale())
@@ -191,15 +195,18 @@ class RedisQueue:
         """Stale entries first (the next `pull` claims them before new ones, oldest first),
         then the undelivered ones in stream order."""
         async with self._guard():
-            raw = await self._redis.hget(self._job_key(job_id), "entry")
+            raw, seq = await self._redis.hmget(self._job_key(job_id), ["entry", "seq"])
             if raw is None:
                 return None
             entry = _text(raw)
             await self._ensure_group()
-            last, _ = await self._progress()
+            last, lag, read = await self._progress()
             stale = await self._stale()
             if _entry_key(entry) <= _entry_key(last):  # delivered: waiting only if handed back
                 return stale.index(entry) if entry in stale else None
+            if lag is not None and read is not None and seq is not None:
+                # No deletion ahead of the group: sequence numbers are exact, no scan needed.
+                return len(stale) + int(seq) - read - 1
             return len(stale) + len(await self._entries("(" + last, "(" + entry))
 
     async def ping(self) -> None:
@@ -240,14 +247,15 @@ class RedisQueue:
                 raise
         self._group_ready = True
 
-    async def _progress(self) -> tuple[str, int | None]:
-        """The group's last delivered entry id, and its lag (entries never delivered; None
-        when Redis cannot tell, after deletions ahead of the group)."""
+    async def _progress(self) -> tuple[str, int | None, int | None]:
+        """The group's last delivered entry id, its lag (entries never delivered) and how many
+        entries it has read; the last two None when Redis cannot tell (deletions ahead)."""
         for group in await self._redis.xinfo_groups(self._stream):
             info = {_text(k): v for k, v in group.items()}
             if _text(info["name"]) == GROUP:
-                lag = info.get("lag")
-                return _text(info["last-delivered-id"]), None if lag is None else int(lag)
+                lag, read = info.get("lag"), info.get("entries-read")
+                return (_text(info["last-delivered-id"]), None if lag is None else int(lag),
+                        None if read is None else int(read))
         raise ResponseError("NOGROUP consumer group missing")
 
     async def _entries(self, start: str, end: str) -> list[Any]:
