@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -16,6 +18,9 @@ from PIL import Image
 from batchserve.api.a1111 import sampler_for
 from batchserve.engines import GenerationItem
 from batchserve.errors import ValidationError
+from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
+
+from fakes import FakeEngine
 
 KEY = "doors-test-key"
 BEARER = {"authorization": f"Bearer {KEY}"}
@@ -325,3 +330,46 @@ async def test_request_log_names_the_door(caplog: pytest.LogCaptureFixture) -> N
     records = [r.fields for r in caplog.records if hasattr(r, "fields")]
     assert [(r["door"], r["status"]) for r in records] == [("openai", 200), ("a1111", 422)]
     assert records[0]["key"].endswith("/dpm++2m-karras")
+
+
+# -- a --role api process (no model) bridges OpenAI and A1111 over the jobs queue ---------------
+
+@contextlib.asynccontextmanager
+async def api_and_worker(engine: FakeEngine) -> AsyncIterator[tuple[InProcess, InProcess]]:
+    """An api and a worker service sharing one in-memory queue and store (the settings name
+    shared backends, as split roles must; the injected memory ones stand in for them)."""
+    backends = {"queue": MemoryQueue(ttl_s=3600, visibility_timeout_s=120),
+                "store": MemoryResultStore(ttl_s=3600)}
+    shared = {"queue": "redis://127.0.0.1:1/0", "results": "file:///nonexistent"}
+    async with contextlib.AsyncExitStack() as stack:
+        api = await stack.enter_async_context(in_process(FakeEngine(), role="api",
+                                                         backends=backends, **shared))
+        worker = await stack.enter_async_context(in_process(
+            engine, role="worker", max_wait_ms=60_000, max_batch_size=2, backends=backends,
+            **shared))
+        yield api, worker
+
+
+async def test_api_role_serves_openai_and_a1111_through_the_workers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="batchserve.access")
+    async with api_and_worker(FakeEngine()) as (api, worker):
+        oai, sd = await asyncio.gather(
+            api.client.post("/v1/images/generations", json={
+                "prompt": "x", "size": "64x64", "seed": 3}),
+            api.client.post("/sdapi/v1/txt2img", json={
+                "prompt": "x", "width": 64, "height": 64, "seed": 4,
+                "sampler_name": "DPM++ 2M", "scheduler": "Karras"}),
+        )
+        assert (oai.status_code, sd.status_code) == (200, 200), (oai.text, sd.text)
+        assert png_size(oai.json()["data"][0]["b64_json"]) == (64, 64)
+        assert png_size(sd.json()["images"][0]) == (64, 64)
+        (batch,) = worker.engine.batches  # both doors' jobs shared the worker's batch
+        assert sorted(i.seed for i in batch) == [3, 4] and api.engine.batches == []
+        logged = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("jobs")]
+        assert {r["door"] for r in logged} == {"openai", "a1111"}
+        for job in (job for r in logged for job in r["jobs"]):
+            assert await api.service.jobs.store.get(job) is None  # read back, then deleted
+        t2i = await api.client.post("/t2i", json={"prompt": "x", "width": 64, "height": 64})
+        assert t2i.status_code == 503 and t2i.json()["error"]["code"] == "not_served_here"

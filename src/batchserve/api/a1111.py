@@ -156,7 +156,7 @@ class A1111Door:
     async def txt2img(self, request: Request, record: dict[str, Any]) -> Response:
         gateway, service = self.gateway, self.service
         gateway.authorize(request, basic=True)
-        service.check_admitting()
+        gateway.check_admitting()
         body = await gateway.read_json(request)
         try:
             data = decode(body)

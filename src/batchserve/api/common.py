@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -27,14 +27,18 @@ from ..batcher import Outcome
 from ..errors import (
     BatchServeError,
     BodyTooLarge,
+    GenerationFailed,
     QueueFull,
+    QueueTimeout,
     Unauthorized,
     UnsupportedMediaType,
 )
+from ..jobs.record import JobRecord, Status
 from ..schema import T2IRequest
 from ..service import Service
 
 log = logging.getLogger("batchserve.access")
+X = TypeVar("X")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 ErrorRenderer = Callable[[BatchServeError], Response]
@@ -175,6 +179,15 @@ class Gateway:
             self.metrics.rejected(exc.reject_reason)
         return exc
 
+    def check_admitting(self) -> None:
+        """For OpenAI and A1111, whose clients wait for the image and cannot poll: a `--role api`
+        process takes them over the jobs queue (see `generate`); `/t2i` uses
+        `service.check_admitting`, which refuses on api."""
+        if self.service.role == "api":
+            self.service.check_accepting_jobs()
+        else:
+            self.service.check_admitting()
+
     async def generate(
         self, request: Request, reqs: list[T2IRequest], fmt: str, record: dict[str, Any]
     ) -> list[Generated]:
@@ -186,6 +199,8 @@ class Gateway:
             record["images"] = len(reqs)
         if self.service.settings.log_prompts:
             record.update(prompt=head.prompt, negative_prompt=head.negative_prompt)
+        if self.service.role == "api":  # see check_admitting
+            return await self._generate_via_jobs(request, reqs, fmt, record)
         outcomes = await self.wait_all(request, self.submit_all(reqs, fmt))
         done = [
             Generated(req, await o.result,  # encoded off the loop, while the next batch runs
@@ -196,6 +211,63 @@ class Gateway:
                       queue_ms=max(g.queue_ms for g in done),
                       inference_ms=max(g.inference_ms for g in done))
         return done
+
+    async def _generate_via_jobs(
+        self, request: Request, reqs: list[T2IRequest], fmt: str, record: dict[str, Any]
+    ) -> list[Generated]:
+        """A `--role api` process has no model: a door whose clients cannot poll (OpenAI, A1111)
+        runs its images as jobs on the workers and answers when they end. The images are read
+        back and the jobs deleted at once: nobody will ask for them by id."""
+        jobs = self.service.jobs
+        ended = await self.run_jobs(request, reqs, fmt, record)
+        try:
+            done = []
+            for req, job in zip(reqs, ended, strict=True):
+                result = job.result
+                assert result is not None  # run_jobs returns succeeded jobs only
+                done.append(Generated(req, await jobs.image(job.id), result.batch_size,
+                                      result.queue_ms, result.inference_ms))
+        finally:
+            for job in ended:
+                await jobs.cancel(job.id)  # a succeeded job: deletes its stored image
+        record.update(batch_size=max(g.batch_size for g in done), format=fmt,
+                      queue_ms=max(g.queue_ms for g in done),
+                      inference_ms=max(g.inference_ms for g in done))
+        return done
+
+    async def run_jobs(
+        self, request: Request, reqs: list[T2IRequest], fmt: str, record: dict[str, Any]
+    ) -> list[JobRecord]:
+        """Submits one job per image (all or none) and waits, within each request's timeout_s
+        and while the client stays, until all have succeeded; a failure is this request's
+        error. A client that leaves cancels the jobs."""
+        jobs, base = self.service.jobs, str(request.base_url)
+        submitted: list[JobRecord] = []
+        try:
+            for req in reqs:
+                submitted.append(await jobs.submit(req, fmt, base_url=base))
+        except BatchServeError as exc:
+            for job in submitted:
+                await jobs.cancel(job.id)
+            raise self.rejecting(exc) from None
+        record["jobs"] = [job.id for job in submitted]
+        waits: list[asyncio.Future[JobRecord]] = [
+            asyncio.ensure_future(jobs.wait(job.id, req.timeout_s))
+            for job, req in zip(submitted, reqs, strict=True)]
+        try:
+            ended = await self.wait_all(request, waits)
+        except ClientGone:
+            for job in submitted:
+                await jobs.cancel(job.id)
+            raise
+        for job in ended:
+            if job.status is Status.SUCCEEDED:
+                continue
+            if job.status.terminal:
+                raise GenerationFailed(job.error.message if job.error else f"job {job.status}")
+            raise QueueTimeout(f"job {job.id} did not finish within its timeout_s; it may still "
+                               f"run: poll {jobs.urls(job.id, base)['get']}")
+        return ended
 
     def submit_all(
         self, requests: list[T2IRequest], fmt: str
@@ -219,9 +291,7 @@ class Gateway:
             raise self.rejecting(exc) from None
         return futures
 
-    async def wait_all(
-        self, request: Request, futures: list[asyncio.Future[Outcome[Any]]]
-    ) -> list[Outcome[Any]]:
+    async def wait_all(self, request: Request, futures: list[asyncio.Future[X]]) -> list[X]:
         """Awaits every future while watching the client: its leaving cancels all of them,
         which drops queued items (or discards their results mid-batch)."""
         watcher = asyncio.create_task(_disconnected(request))

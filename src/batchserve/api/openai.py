@@ -6,7 +6,6 @@ seed+1, ..., and the extras keep our names. Errors use OpenAI's shape with our s
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import time
@@ -15,8 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import BatchServeError, GenerationFailed, QueueTimeout, ValidationError
-from ..jobs.record import JobRecord, Status
+from ..errors import BatchServeError, ValidationError
 from ..schema import FIELDS, Limits, T2IRequest, decode, repeat, validate
 from .common import Gateway, JSONResponse, error_headers
 
@@ -82,7 +80,7 @@ class OpenAIDoor:
     async def generations(self, request: Request, record: dict[str, Any]) -> Response:
         gateway, service = self.gateway, self.service
         gateway.authorize(request)
-        service.check_admitting()
+        gateway.check_admitting()
         body = await gateway.read_json(request)
         try:
             reqs, response_format = translate(decode(body), service.limits)
@@ -104,32 +102,15 @@ class OpenAIDoor:
     async def _via_jobs(
         self, request: Request, reqs: list[T2IRequest], record: dict[str, Any]
     ) -> list[str]:
-        """`response_format: "url"`: each image becomes a job, answered once all have ended,
-        with the URLs of their images (`GET /v1/jobs/{id}/image`, valid for --job-ttl-s)."""
-        jobs, base = self.service.jobs, str(request.base_url)
+        """`response_format: "url"`: each image becomes a job; the answer, once all have
+        succeeded, holds their image URLs (`GET /v1/jobs/{id}/image`, kept --job-ttl-s)."""
         record.update(key=reqs[0].key_label, seed=reqs[0].seed, images=len(reqs))
-        submitted: list[JobRecord] = []
-        try:
-            for req in reqs:
-                submitted.append(await jobs.submit(req, "png", base_url=base))
-        except BatchServeError as exc:
-            for job in submitted:  # all or none, as for b64_json
-                await jobs.cancel(job.id)
-            raise self.gateway.rejecting(exc) from None
-        record["jobs"] = [job.id for job in submitted]
-        ended = await asyncio.gather(*(jobs.wait(job.id, req.timeout_s)
-                                       for job, req in zip(submitted, reqs, strict=True)))
-        for job in ended:
-            if job.status is Status.SUCCEEDED:
-                continue
-            if job.status.terminal:
-                raise GenerationFailed(job.error.message if job.error else f"job {job.status}")
-            raise QueueTimeout(f"job {job.id} did not finish within its timeout_s; it may still "
-                               f"run: poll {jobs.urls(job.id, base)['get']}")
-        if ended and (result := ended[0].result) is not None:
+        ended = await self.gateway.run_jobs(request, reqs, "png", record)
+        if (result := ended[0].result) is not None:
             record.update(batch_size=result.batch_size, queue_ms=result.queue_ms,
                           inference_ms=result.inference_ms)
-        return [jobs.urls(job.id, base)["image"] for job in ended]
+        base = str(request.base_url)
+        return [self.service.jobs.urls(job.id, base)["image"] for job in ended]
 
     async def models(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request)
