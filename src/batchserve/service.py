@@ -68,7 +68,7 @@ class Service:
         self.state = self.STARTING
         self.engine: Engine | None = None
         self.limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s,
-                             settings.scheduler)
+                             default_sampler=settings.scheduler)
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
