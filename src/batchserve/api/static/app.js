@@ -121,7 +121,7 @@ class Refused extends Error {
   constructor(error) { super(error.message); this.field = error.field; }
 }
 
-async function viaT2I(text) {
+async function viaT2I(text, onStatus) {
   const response = await fetch("/t2i", { method: "POST", headers: headers(), body: text });
   if (!response.ok) throw new Refused(await errorOf(response));
   const h = response.headers;
@@ -129,7 +129,7 @@ async function viaT2I(text) {
            queueMs: h.get("x-queue-ms"), inferenceMs: h.get("x-inference-ms") };
 }
 
-async function viaJobs(text) {
+async function viaJobs(text, onStatus) {
   const created = await fetch("/v1/jobs", { method: "POST", headers: headers(), body: text });
   if (!created.ok) throw new Refused(await errorOf(created));
   let job = await created.json();
@@ -138,6 +138,8 @@ async function viaJobs(text) {
     const polled = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}`, { headers: headers() });
     if (!polled.ok) throw new Refused(await errorOf(polled));
     job = await polled.json();
+    onStatus(job.status === "queued" && job.queue_position != null
+      ? `queued, position ${job.queue_position + 1}` : `${job.status}…`);
   }
   if (job.status !== "succeeded") {
     throw new Refused({ field: null, message: job.error ? job.error.message : `job ${job.status}` });
@@ -229,21 +231,23 @@ async function submit(event) {
   }
   const cards = bodies.map((b, i) => placeholder(count > 1 ? `image ${i + 1} of ${count}` : ""));
   $("gallery").prepend(...cards);  // newest submit first, its images in seed order
-  const results = await Promise.allSettled(bodies.map((text) => send(text)));
   let shown = false;
-  results.forEach((result, i) => {
-    if (result.status === "fulfilled") {
-      fill(cards[i], body, result.value);
-      return;
-    }
-    const err = result.reason;
-    if (err instanceof Refused && !shown) {
-      showError(err.field, err.message);
-      shown = true;
-    }
-    if (err instanceof Refused && err.field) cards[i].remove();
-    else failed(cards[i], err.message || String(err));
-  });
+  // Each card is filled the moment its own image arrives, not when the last one does.
+  const status = (card) => (text) => {
+    const pending = card.querySelector(".pending");
+    if (pending) pending.textContent = text;
+  };
+  await Promise.allSettled(bodies.map((text, i) => send(text, status(cards[i])).then(
+    (done) => fill(cards[i], body, done),
+    (err) => {
+      if (err instanceof Refused && !shown) {
+        showError(err.field, err.message);
+        shown = true;
+      }
+      if (err instanceof Refused && err.field) cards[i].remove();
+      else failed(cards[i], err.message || String(err));
+    },
+  )));
   button.disabled = false;
   refreshInfo();
 }
