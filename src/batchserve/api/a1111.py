@@ -306,6 +306,7 @@ def openapi(limits: Limits) -> dict[str, Any]:
 
     def route(method: str, summary: str, op: str, **extra: Any) -> dict[str, Any]:
         return {method: {"tags": ["AUTOMATIC1111"], "summary": summary, "operationId": op,
+                         "security": [{"bearer": []}, {"basic": []}, {}],
                          "responses": any_json, **extra}}
 
     return {

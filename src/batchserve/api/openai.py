@@ -139,7 +139,7 @@ def openapi(limits: Limits) -> dict[str, Any]:
     error = {"$ref": "#/components/schemas/OpenAIError"}
     return {"/v1/images/generations": {"post": {
         "tags": ["OpenAI"], "summary": "Generate images (OpenAI images API)",
-        "operationId": "openai_images_generations",
+        "operationId": "openai_images_generations", "security": [{"bearer": []}, {}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["prompt"], "additionalProperties": False,
             "properties": props}}}},
@@ -155,6 +155,7 @@ def openapi(limits: Limits) -> dict[str, Any]:
         }}},
         "/v1/models": {"get": {
             "tags": ["OpenAI"], "summary": "The served model", "operationId": "openai_models",
+            "security": [{"bearer": []}, {}],
             "responses": {"200": {"description": "one model",
                                   "content": {"application/json": {"schema": {
                                       "type": "object"}}}}}}},

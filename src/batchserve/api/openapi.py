@@ -131,7 +131,11 @@ def build(limits: Limits, extra: list[PathsFor] | None = None) -> dict[str, Any]
             "schemas": {"T2IRequest": request_schema(limits), "Error": ERROR_SCHEMA,
                         "OpenAIError": openai.ERROR_SCHEMA, "A1111Error": a1111.ERROR_SCHEMA,
                         "Job": JOB_SCHEMA},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "--api-key, when set"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "--api-key, when set"},
+                "basic": {"type": "http", "scheme": "basic",
+                          "description": "A1111 routes: any user name, --api-key as password"},
+            },
         },
     }
