@@ -140,7 +140,8 @@ class Gateway:
         elif scheme != "bearer":
             given = ""
         if not given or not hmac.compare_digest(given.encode(), key.encode()):
-            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+            how = "Bearer <key>, or Basic with the key as password" if basic else "Bearer <key>"
+            raise Unauthorized(f"missing or wrong API key (Authorization: {how})")
 
     async def read_json(self, request: Request) -> bytes:
         """The raw JSON body within `--max-body-bytes`; rejections are counted as invalid."""
