@@ -18,8 +18,8 @@ setup_python() {  # $1: extras ("" or "dev"); $2: "loud" shows pip's own progres
   local quiet=-q
   if [ "${2:-}" = loud ]; then
     quiet=""
-    log "first run: installing torch and batchserve into $VENV (about 90 s on a fresh" \
-        "machine; pip's progress follows). Later runs start at once."
+    log "setting up $VENV: torch and batchserve (about 90 s on a fresh machine; pip's" \
+        "progress follows). Later runs start at once."
   fi
   [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
   if ! "$PY" -c "import torch" 2>/dev/null; then
