@@ -192,3 +192,22 @@ def test_docs_page_renders_every_operation_with_exact_bounds(
     text = browser.execute_script("return document.getElementById('t2i').innerText")
     assert "0..9223372036854775807" in text  # 2**63-1, not a rounded script number
     assert "not blank" in text and "multiple of 8" in text
+
+
+def test_each_image_appears_when_its_own_batch_ends(browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    # One image per batch, 1.5 s each: the second is still pending when the first shows.
+    with running_server("--model", "sim", "--max-batch-size", "1", "--max-wait-ms", "0",
+                        "--sim-per-image-ms", "1500", tmp_path=tmp_path) as server:
+        open_page(browser, server.url)
+        set_value(browser, "prompt", "x")
+        set_value(browser, "width", "64")
+        set_value(browser, "height", "64")
+        set_value(browser, "count", "2")
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: len(finished_images(d)) == 1)
+        pending = browser.execute_script(
+            "return [...document.querySelectorAll('#gallery .pending')].map(e => e.textContent)")
+        assert len(pending) == 1 and pending[0] != ""  # queued or running, not yet an image
+        until(browser, lambda d: len(finished_images(d)) == 2)
