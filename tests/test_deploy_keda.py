@@ -1,0 +1,153 @@
+"""The KEDA triggers work: their queries, run against a real Prometheus that scrapes real
+replicas with deploy/k8s/prometheus-scrape.yml's relabelling, return the number the
+ScaledObject expects.
+
+Two `--model sim` replicas stand in for two pods. Debian's Prometheus has no Kubernetes
+discovery, so each replica is a static target carrying the `__meta_kubernetes_*` labels that
+discovery would give a pod; the job's own relabel rules turn them into `namespace`, `pod` and
+`component`. A batch takes a minute and a group only flushes when full, so after 10 requests to
+one replica and 11 to the other exactly 6 + 7 wait: the queue-depth trigger must read 13, and
+the HPA then wants ceil(13 / 8) = 2 replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ServerProcess, free_port, require_tool, running_server
+from test_prometheus_scrape import poll, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+BATCH = 4
+SENT = {"batchserve-t2i-a": 10, "batchserve-t2i-b": 11}  # pod name -> requests sent
+WAITING = sum(n - BATCH for n in SENT.values())  # one full batch each runs, the rest wait
+
+
+def triggers(path: Path) -> dict[str, dict[str, Any]]:
+    (scaled,) = [o for o in yaml.safe_load_all(path.read_text()) if o["kind"] == "ScaledObject"]
+    return {t["name"]: t["metadata"] for t in scaled["spec"]["triggers"]}
+
+
+def pod_target(server: ServerProcess, pod: str, component: str) -> dict[str, Any]:
+    """A static target labelled as Kubernetes pod discovery would label the pod."""
+    return {"targets": [f"127.0.0.1:{server.port}"], "labels": {
+        "__meta_kubernetes_namespace": "batchserve",
+        "__meta_kubernetes_pod_name": pod,
+        "__meta_kubernetes_pod_label_app_kubernetes_io_name": "batchserve",
+        "__meta_kubernetes_pod_label_app_kubernetes_io_component": component,
+        "__meta_kubernetes_pod_container_port_name": "http",
+    }}
+
+
+def queue_depth(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "batchserve_queue_depth")
+
+
+@contextlib.contextmanager
+def prometheus(targets: list[dict[str, Any]], workdir: Path) -> Iterator[str]:
+    binary = require_tool("prometheus")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((K8S / "prometheus-scrape.yml").read_text())
+    (job,) = config["scrape_configs"]
+    del job["kubernetes_sd_configs"]
+    job.update(static_configs=targets, scrape_interval="1s", scrape_timeout="1s")
+    config["global"] = {"evaluation_interval": "1s"}
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll("Prometheus ready", lambda: httpx.get(f"{url}/-/ready").is_success or None,
+             timeout_s=30, proc=proc, log=log)
+        yield url
+    finally:
+        stop(proc)
+
+
+def query(url: str, expr: str) -> list[dict[str, Any]]:
+    """What KEDA's prometheus scaler sends: GET /api/v1/query?query=..."""
+    body = httpx.get(f"{url}/api/v1/query", params={"query": expr}).json()
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def keda_value(url: str, expr: str) -> float:
+    """The number KEDA's scaler takes from the answer: an empty result is 0
+    (ignoreNullValues, the default); more than one series is an error."""
+    result = query(url, expr)
+    assert len(result) <= 1, f"KEDA refuses more than one series: {result}"
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def selectors(expr: str) -> list[str]:
+    return re.findall(r"[a-z_]+\{[^}]*\}", expr)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[dict[str, ServerProcess]]:
+    if shutil.which("prometheus") is None:
+        require_tool("prometheus")
+    # a batch lasts a minute and a group flushes only when full; no drain at the end
+    args = ("--model", "sim", "--sim-base-ms", "60000", "--max-batch-size", str(BATCH),
+            "--max-wait-ms", "60000", "--drain-timeout-s", "0", "--warmup", "")
+    with running_server(*args, tmp_path=tmp_path, name="a") as a, \
+            running_server(*args, tmp_path=tmp_path, name="b") as b:
+        yield dict(zip(SENT, (a, b), strict=True))
+
+
+def test_queue_depth_trigger_reads_the_fleets_waiting_requests(
+    fleet: dict[str, ServerProcess], tmp_path: Path
+) -> None:
+    t2i = triggers(K8S / "scaledobject.yaml")
+    targets = [pod_target(server, pod, "t2i") for pod, server in fleet.items()]
+    with prometheus(targets, tmp_path / "prom") as url, \
+            ThreadPoolExecutor(sum(SENT.values())) as pool:
+        for pod, server in fleet.items():
+            for seed in range(SENT[pod]):
+                pool.submit(httpx.post, server.url + "/t2i", timeout=120, json={
+                    "prompt": "a harbour", "width": 64, "height": 64, "inference_steps": 1,
+                    "seed": seed})
+        for pod, server in fleet.items():
+            poll(f"{pod} to hold a batch and queue the rest",
+                 lambda s=server, p=pod: queue_depth(s) == SENT[p] - BATCH or None,  # type: ignore[misc]
+                 timeout_s=30)
+
+        expr = t2i["queue-depth"]["query"]
+        value = poll("the trigger's query to see every replica's queue",
+                     lambda: keda_value(url, expr) if keda_value(url, expr) == WAITING else None,
+                     timeout_s=30)
+        threshold = float(t2i["queue-depth"]["threshold"])
+        assert math.ceil(value / threshold) == 2  # AverageValue: ceil(total / threshold)
+        assert value > float(t2i["queue-depth"]["activationThreshold"])
+
+        # Every selector of every trigger matches exactly one series per pod, so a wrong
+        # label cannot pass as "0": the busy query reads 0 now (no batch has finished).
+        for name, trigger in t2i.items():
+            for selector in selectors(trigger["query"]):
+                pods = {s["metric"]["pod"] for s in query(url, selector)}
+                assert pods == set(SENT), f"{name}: {selector} matched {pods}"
+        assert keda_value(url, t2i["engine-busy"]["query"]) == 0.0
+        for server in fleet.values():  # end the held batches now: 503s, then exit
+            server.proc.terminate()
