@@ -17,7 +17,7 @@ import math
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,9 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from test_prometheus_scrape import poll, stop
 
 from conftest import ServerProcess, free_port, require_tool, running_server
-from test_prometheus_scrape import poll, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -101,6 +101,18 @@ def keda_value(url: str, expr: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
+def waiting_on(server: ServerProcess, n: int) -> Callable[[], bool | None]:
+    return lambda: queue_depth(server) == n or None
+
+
+def reads(url: str, expr: str, expected: float) -> Callable[[], float | None]:
+    def check() -> float | None:
+        value = keda_value(url, expr)
+        return value if value == expected else None
+
+    return check
+
+
 def selectors(expr: str) -> list[str]:
     return re.findall(r"[a-z_]+\{[^}]*\}", expr)
 
@@ -124,30 +136,28 @@ def test_queue_depth_trigger_reads_the_fleets_waiting_requests(
     targets = [pod_target(server, pod, "t2i") for pod, server in fleet.items()]
     with prometheus(targets, tmp_path / "prom") as url, \
             ThreadPoolExecutor(sum(SENT.values())) as pool:
-        for pod, server in fleet.items():
-            for seed in range(SENT[pod]):
-                pool.submit(httpx.post, server.url + "/t2i", timeout=120, json={
-                    "prompt": "a harbour", "width": 64, "height": 64, "inference_steps": 1,
-                    "seed": seed})
-        for pod, server in fleet.items():
-            poll(f"{pod} to hold a batch and queue the rest",
-                 lambda s=server, p=pod: queue_depth(s) == SENT[p] - BATCH or None,  # type: ignore[misc]
-                 timeout_s=30)
+        try:
+            for pod, server in fleet.items():
+                for seed in range(SENT[pod]):
+                    pool.submit(httpx.post, server.url + "/t2i", timeout=120, json={
+                        "prompt": "a harbour", "width": 64, "height": 64, "inference_steps": 1,
+                        "seed": seed})
+            for pod, server in fleet.items():
+                poll(f"{pod} to hold a batch and queue the rest",
+                     waiting_on(server, SENT[pod] - BATCH), timeout_s=30)
+            value = poll("the trigger's query to see every replica's queue",
+                         reads(url, t2i["queue-depth"]["query"], WAITING), timeout_s=30)
+            threshold = float(t2i["queue-depth"]["threshold"])
+            assert math.ceil(value / threshold) == 2  # AverageValue: ceil(total / threshold)
+            assert value > float(t2i["queue-depth"]["activationThreshold"])
 
-        expr = t2i["queue-depth"]["query"]
-        value = poll("the trigger's query to see every replica's queue",
-                     lambda: keda_value(url, expr) if keda_value(url, expr) == WAITING else None,
-                     timeout_s=30)
-        threshold = float(t2i["queue-depth"]["threshold"])
-        assert math.ceil(value / threshold) == 2  # AverageValue: ceil(total / threshold)
-        assert value > float(t2i["queue-depth"]["activationThreshold"])
-
-        # Every selector of every trigger matches exactly one series per pod, so a wrong
-        # label cannot pass as "0": the busy query reads 0 now (no batch has finished).
-        for name, trigger in t2i.items():
-            for selector in selectors(trigger["query"]):
-                pods = {s["metric"]["pod"] for s in query(url, selector)}
-                assert pods == set(SENT), f"{name}: {selector} matched {pods}"
-        assert keda_value(url, t2i["engine-busy"]["query"]) == 0.0
-        for server in fleet.values():  # end the held batches now: 503s, then exit
-            server.proc.terminate()
+            # Every selector of every trigger matches exactly one series per pod, so a wrong
+            # label cannot pass as "0": the busy query reads 0 now (no batch has finished).
+            for name, trigger in t2i.items():
+                for selector in selectors(trigger["query"]):
+                    pods = {s["metric"]["pod"] for s in query(url, selector)}
+                    assert pods == set(SENT), f"{name}: {selector} matched {pods}"
+            assert keda_value(url, t2i["engine-busy"]["query"]) == 0.0
+        finally:  # end the held batches now (503s, then exit), also on failure
+            for server in fleet.values():
+                server.proc.terminate()
