@@ -242,7 +242,8 @@ def chart(results: dict[str, Any], out: Path) -> None:
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+    ax_t.legend(fontsize=8, loc="upper left")
+    ax_l.legend(fontsize=8, loc="lower right")
     cfg = results["config"]
     fig.suptitle(f"replicas behind nginx: simulated GPU {cfg['sim_base_ms']:g} + "
                  f"{cfg['sim_per_image_ms']:g} ms/image, {cfg['users_per_replica']} users "
@@ -267,17 +268,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=45.0, help="Locust time per point")
     p.add_argument("--warm-s", type=float, default=8.0,
                    help="requests started this soon after the first are not measured")
-    p.add_argument("--restart-replicas", type=int, default=2,
+    p.add_argument("--restart-replicas", type=int, default=4,
                    help="replicas in the rolling restart (0: skip it)")
-    p.add_argument("--restart-pause-s", type=float, default=6.0,
-                   help="wait after a replica is ready again (longer than nginx fail_timeout)")
+    p.add_argument("--restart-pause-s", type=float, default=5.0,
+                   help="wait after a replica is ready again (2 x nginx fail_timeout)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 and 2 replicas, short")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.replicas, opts.duration_s, opts.warm_s = "1,2", 3.0, 0.5
         opts.users_per_replica, opts.max_batch_size, opts.max_wait_ms = 4, 2, 50.0
-        opts.sim_base_ms, opts.sim_per_image_ms, opts.restart_pause_s = 50.0, 25.0, 5.5
+        opts.sim_base_ms, opts.sim_per_image_ms, opts.restart_pause_s = 50.0, 25.0, 4.0
+        opts.restart_replicas = 2
     return opts
 
 

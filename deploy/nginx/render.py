@@ -36,7 +36,7 @@ class NginxConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     request_timeout_s: float = REQUEST_TIMEOUT_S
     user: str | None = None  # `user` directive; only meaningful when nginx starts as root
-    fail_timeout_s: int = 5
+    fail_timeout_s: int = 2
 
     @property
     def read_timeout_s(self) -> int:
