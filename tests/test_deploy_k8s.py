@@ -208,6 +208,9 @@ def test_gpu_non_root_and_model_volume(directory: Path, deployment: dict[str, An
     assert box["securityContext"]["capabilities"]["drop"] == ["ALL"]
     if role in ("api", "worker"):
         assert box["args"][-2:] == ["--role", role]
+        roles = {f.name: f for f in dataclasses.fields(Settings)}.get("role")
+        if roles is not None:  # the async jobs settings are in this tree
+            assert role in roles.metadata["choices"]
     labels = pod_labels(deployment)
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
