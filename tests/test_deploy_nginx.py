@@ -58,7 +58,7 @@ def test_shipped_compose_config_is_the_template_rendered() -> None:
 
 def test_the_retry_and_limit_rules() -> None:
     conf = render(NginxConfig(["a:8000", "b:8000"]))
-    assert directive(conf, "least_conn") == [] and "least_conn;" in conf
+    assert "least_conn;" in conf and directive(conf, "zone") == ["batchserve 1m"]
     # retried only when nothing was accepted: never on a timeout, never on 429
     (retry,) = directive(conf, "proxy_next_upstream")
     assert retry.split() == ["error", "http_503", "non_idempotent"]
