@@ -21,7 +21,7 @@ from .engines import Engine, GenerationItem, load_engine
 from .errors import Draining, GenerationFailed, NotReady
 from .metrics import Metrics
 from .schema import Limits
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -89,7 +89,10 @@ class Service:
                 log.warning(DEMO_WARNING)
             await self.worker.run(engine.warmup)
         except Exception as exc:
-            log.exception("model %r failed to load", settings.model)
+            # A bad setting or model file is the operator's to fix and its message says how; a
+            # traceback would only bury it. Anything else keeps its traceback.
+            log.error("model %r failed to load: %s", settings.model, exc,
+                      exc_info=not isinstance(exc, SettingsError))
             self._fail(f"model failed to load: {type(exc).__name__}: {exc}")
             self._settled.set()
             return

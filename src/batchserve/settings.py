@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -26,6 +27,24 @@ class Settings:
     model: str = _opt("tiny", "`tiny`, `sim`, a diffusers folder, a hub id or a .safetensors file")
     model_config: str | None = _opt(
         None, "diffusers folder or hub id giving the config of a single-file checkpoint"
+    )
+    allow_pickle: bool = _opt(
+        False, "load pickle files (.ckpt/.pt/.pth/.bin): they can run code; trusted sources only"
+    )
+    vae: str | None = _opt(None, "VAE replacing the model's: a diffusers folder or a single file")
+    lora: str | None = _opt(
+        None, "LoRA files fused into the weights at load: PATH[:SCALE], comma separated"
+    )
+    embeddings: str | None = _opt(
+        None, "textual-inversion embeddings: a file or a folder of them; token = file name"
+    )
+    long_prompts: str = _opt(
+        "chunk",
+        "prompts over 77 tokens: chunk (75-token chunks, like the web UIs) or truncate (cut)",
+        choices=("chunk", "truncate"),
+    )
+    clip_skip: int = _opt(
+        1, "CLIP layers to skip, web-UI numbering: 1 = last layer, 2 = penultimate"
     )
     host: str = _opt("127.0.0.1", "bind address")
     port: int = _opt(8000, "bind port")
@@ -78,6 +97,9 @@ class Settings:
 
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         return parse_shapes(self.warmup)
+
+    def lora_specs(self) -> list[tuple[str, float]]:
+        return parse_loras(self.lora or "")
 
     def public(self) -> dict[str, Any]:
         """Settings safe to show (no secrets)."""
@@ -148,6 +170,21 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def parse_loras(text: str) -> list[tuple[str, float]]:
+    """`PATH[:SCALE],...` (scale 1.0 when absent); a tail that is no number stays in the path."""
+    specs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        path, scale = part, 1.0
+        head, _, tail = part.rpartition(":")
+        if head:
+            with contextlib.suppress(ValueError):
+                path, scale = head, float(tail)
+        if not -10.0 <= scale <= 10.0:
+            raise SettingsError(f"--lora: {part!r}: scale must be -10..10")
+        specs.append((path, scale))
+    return specs
+
+
 def _rule(name: str, ok: Callable[[Any], bool], rule: str) -> Callable[[Settings], None]:
     def check(s: Settings) -> None:
         value = getattr(s, name)
@@ -166,6 +203,11 @@ def _check_choices(s: Settings) -> None:
             )
 
 
+def _check_lora(s: Settings) -> None:
+    if s.lora is not None and not s.lora_specs():  # parsing also checks every scale
+        raise SettingsError(f"--lora={s.lora!r}: names no file (PATH[:SCALE], comma separated)")
+
+
 def _check_warmup(s: Settings) -> None:
     for w, h, _ in parse_shapes(s.warmup):
         if w % 8 or h % 8:
@@ -175,7 +217,9 @@ def _check_warmup(s: Settings) -> None:
 _CHECKS: list[Callable[[Settings], None]] = [
     _check_choices,
     _check_warmup,
+    _check_lora,
     _rule("port", lambda v: 0 <= v <= 65535, "must be 0..65535"),
+    _rule("clip_skip", lambda v: 1 <= v <= 24, "must be 1..24 (1 = last layer)"),
     _rule("max_batch_size", lambda v: 1 <= v <= 256, "must be 1..256"),
     _rule("max_wait_ms", lambda v: 0 <= v <= 60_000, "must be 0..60000"),
     _rule("priority_aging_s", lambda v: v > 0, "must be > 0"),
