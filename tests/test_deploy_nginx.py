@@ -6,6 +6,7 @@ JSON shape. The compose file and its Prometheus config name the same replicas as
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -92,6 +94,19 @@ def test_compose_runs_one_replica_per_gpu_behind_nginx_and_scrapes_each() -> Non
     (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "batchserve"]
     targets = [t for group in job["static_configs"] for t in group["targets"]]
     assert targets == compose_upstreams(4)
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    schema = json.loads((NGINX_DIR / "schemas" / "compose-spec.json").read_text())
+    compose = yaml.safe_load((NGINX_DIR / "compose.yml").read_text())
+    jsonschema.Draft7Validator(schema).validate(compose)
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (NGINX_DIR / source).exists(), f"missing bind-mount source {source}"
+            else:
+                assert source in compose["volumes"], f"undeclared volume {source}"
 
 
 def test_compose_prometheus_config_passes_promtool() -> None:
