@@ -13,6 +13,7 @@ the HPA then wants ceil(13 / 8) = 2 replicas.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import shutil
@@ -27,6 +28,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from test_prometheus_scrape import poll, stop
+
+from batchserve.settings import Settings
 
 from conftest import ServerProcess, free_port, require_tool, running_server
 
@@ -161,3 +164,37 @@ def test_queue_depth_trigger_reads_the_fleets_waiting_requests(
         finally:  # end the held batches now (503s, then exit), also on failure
             for server in fleet.values():
                 server.proc.terminate()
+
+
+JOBS = 20  # submitted with no worker running: all of them wait
+
+
+def test_jobs_waiting_trigger_reads_the_stream_backlog(tmp_path: Path) -> None:
+    """An api pod (no workers yet) takes 20 jobs: the workers' trigger must read 20 and ask for
+    ceil(20 / 16) = 2 workers; its busy trigger selects the worker pods' series."""
+    if not any(f.name == "role" for f in dataclasses.fields(Settings)):
+        pytest.skip("async jobs (--role, --queue) not in this tree yet")
+    from services import redis_server
+
+    require_tool("prometheus")
+    workers = triggers(K8S / "jobs" / "worker-scaledobject.yaml")
+    with redis_server(tmp_path) as redis:
+        args = ("--role", "api", "--queue", redis.url, "--results",
+                f"file://{tmp_path / 'results'}", "--warmup", "")
+        with running_server(*args, tmp_path=tmp_path, name="api") as api, \
+                prometheus([pod_target(api, "batchserve-api-a", "api")],
+                           tmp_path / "prom") as url:
+            for seed in range(JOBS):
+                submitted = httpx.post(api.url + "/v1/jobs", timeout=10, json={
+                    "prompt": "a harbour", "width": 64, "height": 64, "inference_steps": 1,
+                    "seed": seed})
+                assert submitted.status_code == 202, submitted.text
+            trigger = workers["jobs-waiting"]
+            value = poll("the workers' trigger to read the backlog",
+                         reads(url, trigger["query"], JOBS), timeout_s=30)
+            assert math.ceil(value / float(trigger["threshold"])) == 2
+            assert value > float(trigger["activationThreshold"])  # wakes a worker from 0
+            for selector in selectors(trigger["query"]):
+                assert {s["metric"]["pod"] for s in query(url, selector)} == {"batchserve-api-a"}
+            # no worker pod yet: the busy trigger reads 0, and KEDA accepts the empty answer
+            assert keda_value(url, workers["engine-busy"]["query"]) == 0.0
