@@ -40,7 +40,7 @@ def kustomize(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """The objects `kubectl apply -k directory` would apply, with the file each came from
     (resources only: these kustomizations use nothing else)."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "resources"}, kustomization
+    assert set(kustomization) <= {"apiVersion", "kind", "resources", "images"}, kustomization
     for entry in kustomization["resources"]:
         path = (directory / entry).resolve()
         if path.is_dir():
@@ -218,6 +218,14 @@ def test_gpu_non_root_and_model_volume(directory: Path, deployment: dict[str, An
 def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
     labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
     return labels
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_every_image_is_set_in_the_kustomization(directory: Path) -> None:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    names = {image["name"] for image in kustomization["images"]}
+    for deployment in (o for o in objects(directory) if o["kind"] == "Deployment"):
+        assert container(deployment)["image"] in names
 
 
 def test_api_key_comes_from_the_secret_the_readme_names() -> None:
