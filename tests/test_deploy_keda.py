@@ -16,7 +16,6 @@ import contextlib
 import importlib.util
 import math
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -120,8 +119,7 @@ def selectors(expr: str) -> list[str]:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[dict[str, ServerProcess]]:
-    if shutil.which("prometheus") is None:
-        require_tool("prometheus")
+    require_tool("prometheus")  # before starting the replicas
     # a batch lasts a minute and a group flushes only when full; no drain at the end
     args = ("--model", "sim", "--sim-base-ms", "60000", "--max-batch-size", str(BATCH),
             "--max-wait-ms", "60000", "--drain-timeout-s", "0", "--warmup", "")
