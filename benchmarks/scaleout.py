@@ -5,7 +5,11 @@
    closed-loop Locust load proportional to the replica count (`--users-per-replica`, two full
    batches per replica by default); images/s, p50/p95 and the scaling efficiency
    thr(N) / (N x thr(1)) per replica count.
-2. A rolling restart under the same load: SIGTERM one replica at a time, wait for it to drain
+2. Async jobs: one `--role api` process and 1, 2 and 4 `--role worker` processes on one Redis
+   stream (results in a shared directory), under the jobs Locust scenario (submit, poll, fetch),
+   users proportional to the workers; the same figures, throughput counted when images were
+   ready.
+3. A rolling restart under the /t2i load: SIGTERM one replica at a time, wait for it to drain
    and exit, start it again on its port, wait until it is ready, next. nginx retries what a
    draining or stopped replica did not accept, so clients should see no failure.
 
@@ -37,6 +41,7 @@ from benchmarks.serve import (
     free_port,
     locust_command,
     read_records,
+    redis_server,
     run_locust,
     summarize,
 )
@@ -47,11 +52,11 @@ SIZE = (512, 512, 20)  # what the requests ask for; the sim engine only counts t
 class Replica:
     """One `batchserve serve --model sim` process on a fixed loopback port, restartable."""
 
-    def __init__(self, args: Sequence[str], workdir: Path, index: int) -> None:
+    def __init__(self, args: Sequence[str], workdir: Path, name: str) -> None:
         self.args = list(args)
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.log = workdir / f"replica-{index}.log"
+        self.log = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,9 +96,10 @@ class Replica:
 
 
 @contextlib.contextmanager
-def fleet(n: int, args: Sequence[str], workdir: Path) -> Iterator[list[Replica]]:
+def fleet(n: int, args: Sequence[str], workdir: Path,
+          name: str = "replica") -> Iterator[list[Replica]]:
     workdir.mkdir(parents=True, exist_ok=True)
-    replicas = [Replica(args, workdir, i) for i in range(n)]
+    replicas = [Replica(args, workdir, f"{name}-{i}") for i in range(n)]
     try:
         for replica in replicas:
             replica.start()
@@ -125,6 +131,25 @@ def run_point(opts: argparse.Namespace, n: int, nginx: str, workdir: Path) -> di
         records = run_locust(lb.url, load, workdir, f"scaleout-r{n}")
         spread = _spread(lb.records())
     return {"replicas": n, "users": users, **summarize(records, load), "spread": spread}
+
+
+def run_workers_point(opts: argparse.Namespace, n: int, workdir: Path) -> dict[str, Any]:
+    """One `--role api` process and `n` `--role worker` processes on one Redis stream, the
+    results in one shared directory; the jobs Locust scenario (submit, poll with backoff,
+    fetch the image) against the api. Throughput counts when images were ready."""
+    users = n * opts.job_users_per_worker
+    load = Load("jobs", users, opts.duration_s, opts.warm_s, SIZE)
+    point_dir = workdir / f"w{n}"
+    point_dir.mkdir(parents=True, exist_ok=True)
+    with redis_server(point_dir) as redis_url:
+        shared = ["--queue", redis_url, "--results", f"file://{point_dir / 'results'}"]
+        api = ["--role", "api", "--warmup", "", *shared]
+        worker = [*server_args(opts), "--role", "worker", *shared]
+        with fleet(1, api, point_dir, "api") as (front,), \
+                fleet(n, worker, point_dir, "worker"):
+            print(f"  {n} worker(s): {users} job users, {opts.duration_s:g} s", flush=True)
+            records = run_locust(front.url, load, workdir, f"scaleout-w{n}")
+    return {"workers": n, "users": users, **summarize(records, load)}
 
 
 def run_rolling_restart(opts: argparse.Namespace, nginx: str, workdir: Path) -> dict[str, Any]:
@@ -181,11 +206,11 @@ def _spread(log: list[dict[str, Any]]) -> dict[str, int]:
     return _count(r["upstream_addr"].split(",")[-1].strip() for r in log)
 
 
-def efficiency(points: list[dict[str, Any]]) -> None:
-    base = next((p["images_per_s"] for p in points if p["replicas"] == 1), None)
+def efficiency(points: list[dict[str, Any]], key: str = "replicas") -> None:
+    """thr(N) / (N x thr(1)), N = points' `key` (replicas or workers)."""
+    base = next((p["images_per_s"] for p in points if p[key] == 1), None)
     for p in points:
-        p["efficiency"] = (round(p["images_per_s"] / (p["replicas"] * base), 3)
-                           if base else None)
+        p["efficiency"] = round(p["images_per_s"] / (p[key] * base), 3) if base else None
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -204,6 +229,20 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {p['replicas']} | {p['users']} | {p['images_per_s']:.2f} | {eff} | "
                      f"{p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['mean_batch_size']:.2f} | "
                      f"{p['failures']} |")
+    workers = results.get("workers")
+    if workers:
+        lines += ["", f"Async jobs: one `--role api` process and N `--role worker` processes "
+                      f"(same simulated GPU) on one Redis stream, {cfg['job_users_per_worker']} "
+                      f"closed-loop users per worker each submitting a job, polling it "
+                      f"(0.25 s doubling to 2 s) and fetching the image.", "",
+                  "| workers | users | images/s | efficiency | p50 ms (client) | p95 ms | "
+                  "mean batch | failures |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in workers:
+            eff = f"{p['efficiency'] * 100:.1f}%" if p.get("efficiency") is not None else "-"
+            lines.append(f"| {p['workers']} | {p['users']} | {p['images_per_s']:.2f} | {eff} | "
+                         f"{p['p50_ms']:.0f} | {p['p95_ms']:.0f} | "
+                         f"{p['mean_batch_size']:.2f} | {p['failures']} |")
     restart = results.get("rolling_restart")
     if restart:
         lines += ["", f"Rolling restart of {restart['replicas']} replicas under "
@@ -223,7 +262,11 @@ def chart(results: dict[str, Any], out: Path) -> None:
     points = results["points"]
     ns = [p["replicas"] for p in points]
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax_t.plot(ns, [p["images_per_s"] for p in points], marker="o", label="measured")
+    ax_t.plot(ns, [p["images_per_s"] for p in points], marker="o", label="/t2i: replicas")
+    workers = results.get("workers") or []
+    if workers:
+        ax_t.plot([p["workers"] for p in workers], [p["images_per_s"] for p in workers],
+                  marker="s", label="async jobs: workers")
     base = next((p["images_per_s"] for p in points if p["replicas"] == 1), None)
     if base:
         ax_t.plot(ns, [n * base for n in ns], linestyle=":", color="grey",
@@ -236,7 +279,10 @@ def chart(results: dict[str, Any], out: Path) -> None:
                           textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax_l.plot(ns, [p["p50_ms"] / 1000 for p in points], marker="o", label="p50")
     ax_l.plot(ns, [p["p95_ms"] / 1000 for p in points], marker="o", label="p95")
-    ax_t.set(title="throughput", xlabel="replicas", ylabel="images / s")
+    if workers:
+        ax_l.plot([p["workers"] for p in workers], [p["p50_ms"] / 1000 for p in workers],
+                  marker="s", label="jobs p50 (polling included)")
+    ax_t.set(title="throughput", xlabel="replicas (or workers)", ylabel="images / s")
     ax_l.set(title="latency", xlabel="replicas", ylabel="seconds")
     for ax in (ax_t, ax_l):
         ax.set_xticks(ns, [str(n) for n in ns])
@@ -272,6 +318,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="replicas in the rolling restart (0: skip it)")
     p.add_argument("--restart-pause-s", type=float, default=5.0,
                    help="wait after a replica is ready again (2 x nginx fail_timeout)")
+    p.add_argument("--workers", default=None,
+                   help="worker counts for the async-jobs part (default 1,2,4; --quick 1,2; "
+                        "'': skip it)")
+    p.add_argument("--job-users-per-worker", type=int, default=32,
+                   help="job users per worker (more than /t2i: each also spends time polling)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 and 2 replicas, short")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     opts = p.parse_args(argv)
@@ -279,7 +330,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         opts.replicas, opts.duration_s, opts.warm_s = "1,2", 3.0, 0.5
         opts.users_per_replica, opts.max_batch_size, opts.max_wait_ms = 4, 2, 50.0
         opts.sim_base_ms, opts.sim_per_image_ms, opts.restart_pause_s = 50.0, 25.0, 4.0
-        opts.restart_replicas = 2
+        opts.restart_replicas, opts.job_users_per_worker = 2, 8
+    if opts.workers is None:
+        opts.workers = "1,2" if opts.quick else "1,2,4"
     return opts
 
 
@@ -302,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engine_limit": round(engine_limit(opts), 3),
         "points": points,
     }
+    if opts.workers:
+        print("async jobs: api + workers on one Redis stream", flush=True)
+        results["workers"] = [run_workers_point(opts, n, workdir) for n in _ints(opts.workers)]
+        efficiency(results["workers"], "workers")
     if opts.restart_replicas:
         print("rolling restart", flush=True)
         results["rolling_restart"] = run_rolling_restart(opts, nginx, workdir)
@@ -314,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not opts.quick:
         chart(results, out)
     print(table)
-    failures = sum(p["failures"] for p in points)
+    failures = sum(p["failures"] for p in points + results.get("workers", []))
     failures += results.get("rolling_restart", {}).get("failures", 0)
     return 1 if failures else 0
 
