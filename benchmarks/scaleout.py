@@ -277,13 +277,13 @@ def chart(results: dict[str, Any], out: Path) -> None:
         if p.get("efficiency") is not None:
             ax_t.annotate(f"{p['efficiency'] * 100:.0f}%", (p["replicas"], p["images_per_s"]),
                           textcoords="offset points", xytext=(6, -12), fontsize=8)
-    ax_l.plot(ns, [p["p50_ms"] / 1000 for p in points], marker="o", label="p50")
-    ax_l.plot(ns, [p["p95_ms"] / 1000 for p in points], marker="o", label="p95")
+    ax_l.plot(ns, [p["p50_ms"] / 1000 for p in points], marker="o", label="/t2i p50")
+    ax_l.plot(ns, [p["p95_ms"] / 1000 for p in points], marker="o", label="/t2i p95")
     if workers:
         ax_l.plot([p["workers"] for p in workers], [p["p50_ms"] / 1000 for p in workers],
                   marker="s", label="jobs p50 (polling included)")
     ax_t.set(title="throughput", xlabel="replicas (or workers)", ylabel="images / s")
-    ax_l.set(title="latency", xlabel="replicas", ylabel="seconds")
+    ax_l.set(title="latency", xlabel="replicas (or workers)", ylabel="seconds")
     for ax in (ax_t, ax_l):
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.grid(alpha=0.3)
