@@ -7,15 +7,18 @@ discovery, so each replica is a static target carrying the `__meta_kubernetes_*`
 discovery would give a pod; the job's own relabel rules turn them into `namespace`, `pod` and
 `component`. A batch takes a minute and a group only flushes when full, so after 10 requests to
 one replica and 11 to the other exactly 6 + 7 wait: the queue-depth trigger must read 13, and
-the HPA then wants ceil(13 / 8) = 2 replicas.
+the HPA then wants ceil(13 / 8) = 2 replicas. The workers' triggers are checked the same way
+against a `--role api` process on a real Redis, then a `--role worker` joining it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import math
 import re
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,28 +62,46 @@ def queue_depth(server: ServerProcess) -> float:
                if s.name == "batchserve_queue_depth")
 
 
-@contextlib.contextmanager
-def prometheus(targets: list[dict[str, Any]], workdir: Path) -> Iterator[str]:
-    binary = require_tool("prometheus")
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((K8S / "prometheus-scrape.yml").read_text())
+@dataclasses.dataclass
+class Prometheus:
+    url: str
+    config: Path
+    proc: subprocess.Popen[bytes]
+
+    def retarget(self, targets: list[dict[str, Any]]) -> None:
+        """New static targets, applied by a reload (SIGHUP), as discovery would add a pod."""
+        self.config.write_text(yaml.safe_dump(scrape_config(targets)))
+        self.proc.send_signal(signal.SIGHUP)
+
+
+def scrape_config(targets: list[dict[str, Any]]) -> dict[str, Any]:
+    """deploy/k8s/prometheus-scrape.yml with static targets for pod discovery, every second."""
+    config: dict[str, Any] = yaml.safe_load((K8S / "prometheus-scrape.yml").read_text())
     (job,) = config["scrape_configs"]
     del job["kubernetes_sd_configs"]
     job.update(static_configs=targets, scrape_interval="1s", scrape_timeout="1s")
     config["global"] = {"evaluation_interval": "1s"}
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    return config
+
+
+@contextlib.contextmanager
+def prometheus(targets: list[dict[str, Any]], workdir: Path) -> Iterator[Prometheus]:
+    binary = require_tool("prometheus")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "prometheus.yml"
+    config.write_text(yaml.safe_dump(scrape_config(targets)))
     port = free_port()
     log = workdir / "prometheus.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
             stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
     try:
         poll("Prometheus ready", lambda: httpx.get(f"{url}/-/ready").is_success or None,
              timeout_s=30, proc=proc, log=log)
-        yield url
+        yield Prometheus(url, config, proc)
     finally:
         stop(proc)
 
@@ -133,8 +154,9 @@ def test_queue_depth_trigger_reads_the_fleets_waiting_requests(
 ) -> None:
     t2i = triggers(K8S / "scaledobject.yaml")
     targets = [pod_target(server, pod, "t2i") for pod, server in fleet.items()]
-    with prometheus(targets, tmp_path / "prom") as url, \
+    with prometheus(targets, tmp_path / "prom") as prom, \
             ThreadPoolExecutor(sum(SENT.values())) as pool:
+        url = prom.url
         try:
             for pod, server in fleet.items():
                 for seed in range(SENT[pod]):
@@ -167,30 +189,57 @@ JOBS = 20  # submitted with no worker running: all of them wait
 
 def test_jobs_waiting_trigger_reads_the_stream_backlog(tmp_path: Path) -> None:
     """An api pod (no workers yet) takes 20 jobs: the workers' trigger must read 20 and ask for
-    ceil(20 / 16) = 2 workers; its busy trigger selects the worker pods' series."""
+    ceil(20 / 16) = 2 workers. Then a worker pod starts: it pulls a share of them (the trigger
+    reads fewer), and the busy trigger's selector finds its series."""
     if importlib.util.find_spec("batchserve.jobs.redis") is None:
         pytest.skip("the Redis job queue is not in this tree yet")
     from services import redis_server
 
     require_tool("prometheus")
     workers = triggers(K8S / "jobs" / "worker-scaledobject.yaml")
+    waiting, busy = workers["jobs-waiting"], workers["engine-busy"]
     with redis_server(tmp_path) as redis:
-        args = ("--role", "api", "--queue", redis.url, "--results",
-                f"file://{tmp_path / 'results'}", "--warmup", "")
-        with running_server(*args, tmp_path=tmp_path, name="api") as api, \
-                prometheus([pod_target(api, "batchserve-api-a", "api")],
-                           tmp_path / "prom") as url:
-            for seed in range(JOBS):
-                submitted = httpx.post(api.url + "/v1/jobs", timeout=10, json={
-                    "prompt": "a harbour", "width": 64, "height": 64, "inference_steps": 1,
-                    "seed": seed})
-                assert submitted.status_code == 202, submitted.text
-            trigger = workers["jobs-waiting"]
-            value = poll("the workers' trigger to read the backlog",
-                         reads(url, trigger["query"], JOBS), timeout_s=30)
-            assert math.ceil(value / float(trigger["threshold"])) == 2
-            assert value > float(trigger["activationThreshold"])  # wakes a worker from 0
-            for selector in selectors(trigger["query"]):
-                assert {s["metric"]["pod"] for s in query(url, selector)} == {"batchserve-api-a"}
-            # no worker pod yet: the busy trigger reads 0, and KEDA accepts the empty answer
-            assert keda_value(url, workers["engine-busy"]["query"]) == 0.0
+        shared = ("--queue", redis.url, "--results", f"file://{tmp_path / 'results'}",
+                  "--warmup", "", "--drain-timeout-s", "0")
+        with running_server("--role", "api", *shared, tmp_path=tmp_path, name="api") as api:
+            api_target = pod_target(api, "batchserve-api-a", "api")
+            with prometheus([api_target], tmp_path / "prom") as prom:
+                for seed in range(JOBS):
+                    submitted = httpx.post(api.url + "/v1/jobs", timeout=10, json={
+                        "prompt": "a harbour", "width": 64, "height": 64, "inference_steps": 1,
+                        "seed": seed})
+                    assert submitted.status_code == 202, submitted.text
+                value = poll("the workers' trigger to read the backlog",
+                             reads(prom.url, waiting["query"], JOBS), timeout_s=30)
+                assert math.ceil(value / float(waiting["threshold"])) == 2
+                assert value > float(waiting["activationThreshold"])  # wakes a worker from 0
+                for selector in selectors(waiting["query"]):
+                    assert {s["metric"]["pod"] for s in query(prom.url, selector)} == {
+                        "batchserve-api-a"}
+                # no worker pod yet: the busy trigger reads 0, and KEDA accepts the empty answer
+                assert keda_value(prom.url, busy["query"]) == 0.0
+
+                # A worker whose batches take a minute: it pulls what it can hold and sits on it.
+                sim = ("--model", "sim", "--sim-base-ms", "60000", "--max-batch-size", "4",
+                       "--max-wait-ms", "0")
+                with running_server("--role", "worker", *shared, *sim, tmp_path=tmp_path,
+                                    name="worker") as worker:
+                    prom.retarget([api_target, pod_target(worker, "batchserve-worker-a", "worker")])
+                    poll("the trigger to see the worker pull its share",
+                         fewer(prom.url, waiting["query"], JOBS), timeout_s=30)
+                    for selector in selectors(busy["query"]):
+                        poll(f"{selector} to find the worker pod",
+                             finds(prom.url, selector, "batchserve-worker-a"), timeout_s=30)
+                    worker.proc.kill()  # its jobs stay pending in Redis; nothing to drain here
+
+
+def fewer(url: str, expr: str, than: float) -> Callable[[], float | None]:
+    def check() -> float | None:
+        value = keda_value(url, expr)
+        return value if 0 <= value < than else None
+
+    return check
+
+
+def finds(url: str, selector: str, pod: str) -> Callable[[], bool | None]:
+    return lambda: {s["metric"]["pod"] for s in query(url, selector)} == {pod} or None
