@@ -307,3 +307,11 @@ def test_scrape_config_passes_promtool(tmp_path: Path) -> None:
     result = subprocess.run([promtool, "check", "config", "--syntax-only", str(checked)],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_job_is_not_handed_to_another_worker_while_its_worker_drains() -> None:
+    objs = objects(K8S / "jobs")
+    worker = find(objs, "Deployment", "batchserve-worker")
+    env = settings_env(objs, worker)
+    held_s = float(env["BATCHSERVE_DRAIN_TIMEOUT_S"]) + ONE_BATCH_S
+    assert float(env["BATCHSERVE_JOB_VISIBILITY_TIMEOUT_S"]) > held_s
