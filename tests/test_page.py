@@ -104,7 +104,9 @@ def test_prompt_submit_and_images_of_the_chosen_size_appear(
         assert f"seed {seed}" in captions
     assert "batch" in captions and "inference" in captions and "queue" in captions
     assert all(i["href"].startswith("blob:") for i in images)  # download links
-    assert re.search(r'"door": ?"jobs"', page_server.logs())  # submitted as jobs, then polled
+    # memory-backed jobs live in one process: the page uses /t2i (see test_page_uses_shared_jobs)
+    assert re.search(r'"door": ?"t2i"', page_server.logs())
+    assert not re.search(r'"door": ?"jobs"', page_server.logs())
     until(browser, lambda d: re.fullmatch(r"\d+\.\d\d", d.find_element(By.ID, "rate").text))
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("BATCHSERVE_UPDATE_SCREENSHOT"):
@@ -211,3 +213,27 @@ def test_each_image_appears_when_its_own_batch_ends(browser: Any, tmp_path: Path
             "return [...document.querySelectorAll('#gallery .pending')].map(e => e.textContent)")
         assert len(pending) == 1 and pending[0] != ""  # queued or running, not yet an image
         until(browser, lambda d: len(finished_images(d)) == 2)
+
+
+def test_page_submits_jobs_and_polls_when_the_jobs_are_shared(
+    browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from services import redis_server
+
+    with redis_server(tmp_path) as redis, running_server(
+        "--model", "sim", "--max-wait-ms", "0", "--sim-per-image-ms", "300",
+        "--queue", redis.url, "--results", f"file://{tmp_path / 'results'}", tmp_path=tmp_path,
+    ) as server:
+        open_page(browser, server.url)
+        set_value(browser, "prompt", "x")
+        set_value(browser, "width", "64")
+        set_value(browser, "height", "64")
+        set_value(browser, "seed", "12")
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: len(finished_images(d)) == 1)
+        (image,) = finished_images(browser)
+        assert (image["w"], image["h"]) == (64, 64) and "seed 12" in image["caption"]
+        logs = server.logs()
+        assert re.search(r'"door": ?"jobs"', logs) and not re.search(r'"door": ?"t2i"', logs)

@@ -1,7 +1,7 @@
 // batchserve page: a client of the public API, nothing more. It reads /v1/info for the live
-// state and for what the server offers, submits through the jobs API when the server runs one
-// (and polls it, as web-queue-worker products do), else through /t2i; every image of a submit
-// is sent at once so they can share a batch.
+// state and for what the server offers, submits through the jobs API when the server's jobs are
+// shared (and polls it, as web-queue-worker products do), else through /t2i (see useJobs);
+// every image of a submit is sent at once so they can share a batch.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -151,6 +151,17 @@ async function viaJobs(text, onStatus) {
            queueMs: String(r.queue_ms), inferenceMs: String(r.inference_ms) };
 }
 
+// Jobs when every process behind this address shares them (a Redis queue and a result store
+// that is not in memory, or a --role api process in front of workers): a poll or the image
+// fetch may then reach any replica. Memory-backed jobs live in one process, and behind a
+// balancer a poll could land on a replica that never saw the job; /t2i carries its image in
+// the one request, so the page uses it there.
+function useJobs(data) {
+  const jobs = data && data.jobs;
+  if (!jobs) return false;
+  return data.role === "api" || (jobs.queue !== "memory" && jobs.results !== "memory");
+}
+
 // -- the gallery -----------------------------------------------------------------------------
 
 function placeholder(label) {
@@ -222,7 +233,7 @@ async function submit(event) {
     }
     first = BigInt(seed);
   }
-  const send = info && info.jobs ? viaJobs : viaT2I;
+  const send = useJobs(info) ? viaJobs : viaT2I;
   const button = $("submit");
   button.disabled = true;
   const bodies = [];
