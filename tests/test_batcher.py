@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from batchserve.batcher import Batcher, Outcome, run_split
+from batchserve.batcher import Batcher, Outcome
 from batchserve.errors import (
     Draining,
-    EngineOutOfMemory,
     GenerationFailed,
     QueueFull,
     QueueTimeout,
@@ -314,19 +313,3 @@ def test_drain_timeout_fails_leftovers_with_draining(clock: FakeClock) -> None:
         await asyncio.wait_for(h.task, 1)
 
     asyncio.run(scenario())
-
-
-def test_run_split_halves_on_oom_down_to_single_items() -> None:
-    calls: list[int] = []
-
-    async def runner(items: list[int]) -> list[int]:
-        calls.append(len(items))
-        if len(items) > 2 or 7 in items:
-            raise EngineOutOfMemory("oom")
-        return [i * 10 for i in items]
-
-    results = asyncio.run(run_split(runner, list(range(8))))
-    assert calls == [8, 4, 2, 2, 4, 2, 2, 1, 1]
-    assert [r for r, _ in results[:6]] == [0, 10, 20, 30, 40, 50]
-    assert results[6] == (60, 1)
-    assert isinstance(results[7][0], EngineOutOfMemory)

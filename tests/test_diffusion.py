@@ -134,3 +134,47 @@ def test_saved_tiny_model_loads_by_path_and_matches(tiny_engine: DiffusionEngine
 def test_missing_single_file_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="no such checkpoint file"):
         DiffusionEngine.load(Settings(model=str(tmp_path / "missing.safetensors"), warmup=""))
+
+
+def test_gpu_memory_is_the_peak_of_each_batch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA each batch starts by resetting the peak, and memory_bytes() reports that peak
+    (max_memory_allocated), which is what sizes batches near out-of-memory."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda *a: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 7_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1_000)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 9_000)
+
+    class Out:
+        images = ("image",)
+
+    def pipe(**_: object) -> Out:
+        calls.append("batch")
+        return Out()
+
+    class Generator:
+        def __init__(self, device: str) -> None:
+            pass
+
+        def manual_seed(self, seed: int) -> Generator:
+            return self
+
+    monkeypatch.setattr(torch, "Generator", Generator)
+    settings = Settings(warmup="")
+    engine = DiffusionEngine(pipe, plan_tuning(settings, cuda=True, xformers=False), settings)
+    engine.generate([ITEM])
+    assert calls == ["reset", "batch"]
+    assert engine.memory_bytes() == (7_000, 9_000)
+
+
+def test_gpu_memory_calls_nothing_of_cuda_on_cpu(tiny_engine: DiffusionEngine,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cuda(*_: object) -> None:
+        raise AssertionError("torch.cuda called on a CPU engine")
+
+    for name in ("reset_peak_memory_stats", "max_memory_allocated", "memory_reserved",
+                 "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    (image,) = tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, 1, 7.5)])
+    assert image.size == (64, 64) and tiny_engine.memory_bytes() is None

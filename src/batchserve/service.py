@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +18,8 @@ from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import Engine, GenerationItem, load_engine
-from .errors import Draining, GenerationFailed, NotReady
+from .errors import BatchServeError, Draining, GenerationFailed, NotReady
+from .logs import KNOWN_PROMPTS
 from .metrics import Metrics
 from .schema import Limits
 from .settings import Settings
@@ -61,6 +62,7 @@ class Service:
             max_queue=settings.max_queue,
             aging_s=settings.priority_aging_s,
             hooks=self.metrics,
+            key_label=shape_label,
         )
         self.on_fatal: Callable[[str], None] = lambda reason: None
         self._engine_factory = engine_factory
@@ -158,32 +160,70 @@ class Service:
     ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
         """Queues one request; its outcome's result is a future of the encoded image."""
         self.check_admitting()
-        return self.batcher.submit(
-            Job(request.item(), fmt), key=request.key, priority=request.priority,
-            timeout_s=request.timeout_s,
+        job = Job(request.item(), fmt)
+        future = self.batcher.submit(
+            job, key=request.key, priority=request.priority, timeout_s=request.timeout_s,
         )
+        job.outcome = future
+        self.metrics.admitted()
+        if not self.settings.log_prompts:
+            # Known to the log's prompt filter until answered (and while generating, below).
+            KNOWN_PROMPTS.add(*job.texts)
+            future.add_done_callback(lambda _: KNOWN_PROMPTS.remove(*job.texts))
+        return future
 
     async def _run_batch(self, jobs: list[Job]) -> list[asyncio.Future[bytes]]:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
-        images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        texts = [t for j in jobs for t in j.texts]
+        KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
+        try:
+            images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        finally:
+            KNOWN_PROMPTS.remove(*texts)
         self.metrics.gpu_memory(engine.memory_bytes())
-        return self._encode_all(images, [j.fmt for j in jobs])
+        return self._encode_all(images, jobs)
 
-    def _encode_all(self, images: list[Image], fmts: list[str]) -> list[asyncio.Future[bytes]]:
+    def _encode_all(self, images: list[Image], jobs: list[Job]) -> list[asyncio.Future[bytes]]:
         """Encodes a batch in at most `encode_workers` pool jobs, one thread hop each rather
-        than one per image, while the engine already runs the next batch."""
+        than one per image, while the engine already runs the next batch. Images of clients
+        who left during the batch are not encoded (their futures are cancelled)."""
         loop = asyncio.get_running_loop()
         out: list[asyncio.Future[bytes]] = [loop.create_future() for _ in images]
-        chunks = min(self.settings.encode_workers, len(images))
+        wanted = [i for i, job in enumerate(jobs) if job.wanted]
+        for i in set(range(len(images))) - set(wanted):
+            out[i].cancel()
+        chunks = min(self.settings.encode_workers, len(wanted))
         level = self.settings.png_compress_level
         for c in range(chunks):
-            picked = range(c, len(images), chunks)
-            job = partial(_encode_many, [(images[i], fmts[i]) for i in picked], level)
-            done = loop.run_in_executor(self.encoder, job)
-            done.add_done_callback(partial(_fan_out, [out[i] for i in picked]))
+            picked = wanted[c::chunks]
+            work = partial(_encode_many, [(images[i], jobs[i].fmt) for i in picked], level)
+            done = loop.run_in_executor(self.encoder, work)
+            done.add_done_callback(partial(self._fan_out, [out[i] for i in picked]))
         return out
+
+    def _fan_out(
+        self,
+        futures: list[asyncio.Future[bytes]],
+        chunk: asyncio.Future[list[bytes | Exception]],
+    ) -> None:
+        """Hands each encoded image to its request. An image counts when encoded; a failed
+        encode is that request's one outcome (`failed`), answered as a clean 500."""
+        for i, future in enumerate(futures):
+            if future.done():
+                continue
+            if chunk.cancelled():
+                future.cancel()
+                continue
+            encoded = chunk.result()[i]
+            if isinstance(encoded, bytes):
+                future.set_result(encoded)
+                self.metrics.image()
+            else:
+                log.error("encoding an image failed", exc_info=encoded)
+                future.set_exception(BatchServeError("encoding the image failed; see the log"))
+                self.metrics.rejected("failed")
 
     def info(self) -> dict[str, Any]:
         s = self.settings
@@ -199,6 +239,9 @@ class Service:
                 "priority_aging_s": s.priority_aging_s,
                 "max_queue": s.max_queue,
                 "queue_depth": self.batcher.depth,
+                "size_limits": {
+                    shape_label(k): n for k, n in self.batcher.sizes.learned().items()
+                },
             },
             "limits": {
                 "max_pixels": s.max_pixels,
@@ -214,25 +257,40 @@ class Service:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Job:
     """What the batcher queues: the engine's item and the image format its client wants."""
 
     item: GenerationItem
     fmt: str
+    outcome: asyncio.Future[Any] | None = None  # the batcher's future, once queued
+
+    @property
+    def wanted(self) -> bool:
+        """False once its client left (the outcome was cancelled)."""
+        return self.outcome is None or not self.outcome.cancelled()
+
+    @property
+    def texts(self) -> tuple[str, str]:
+        return self.item.prompt, self.item.negative_prompt
 
 
-def _encode_many(pairs: list[tuple[Image, str]], png_compress_level: int) -> list[bytes]:
-    return [encode(im, fmt, png_compress_level=png_compress_level) for im, fmt in pairs]
+def shape_label(key: Hashable) -> str:
+    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5`: numbers (and
+    names from closed sets) only, never user text."""
+    if not isinstance(key, tuple):
+        return "other"
+    return "x".join(f"{part:g}" if isinstance(part, float) else str(part) for part in key)
 
 
-def _fan_out(futures: list[asyncio.Future[bytes]], chunk: asyncio.Future[list[bytes]]) -> None:
-    for i, future in enumerate(futures):
-        if future.done():
-            continue
-        if chunk.cancelled():
-            future.cancel()
-        elif (exc := chunk.exception()) is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(chunk.result()[i])
+def _encode_many(
+    pairs: list[tuple[Image, str]], png_compress_level: int
+) -> list[bytes | Exception]:
+    """One result per image: an image that cannot be encoded fails alone, not its chunk."""
+    out: list[bytes | Exception] = []
+    for image, fmt in pairs:
+        try:
+            out.append(encode(image, fmt, png_compress_level=png_compress_level))
+        except Exception as exc:
+            out.append(exc)
+    return out

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
+from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
 from .protocol import EngineInfo, GenerationItem, Switch
 
@@ -105,6 +107,19 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+def route_library_logs() -> None:
+    """diffusers and transformers put a plain-text stderr handler on their loggers when first
+    used, and torch stops propagation: send all of them through the one JSON log instead (its
+    prompt filter included). Idempotent; the libraries never add their handler twice."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    adopt_library_loggers()
+
+
 def make_scheduler(name: str, base_config: Any) -> Any:
     import diffusers
 
@@ -142,6 +157,7 @@ class DiffusionEngine:
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
+        route_library_logs()
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype])
@@ -175,6 +191,9 @@ class DiffusionEngine:
     def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
+        on_gpu = self.plan.device == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
         try:
             with torch.inference_mode():
                 out = self.pipe(
@@ -188,14 +207,21 @@ class DiffusionEngine:
                     output_type="pil",
                 )
         except torch.OutOfMemoryError as exc:
-            self._free_cache()
-            raise EngineOutOfMemory(str(exc)) from None
-        return list(out.images)
+            message = str(exc)
+            # The traceback's frames hold the failed attempt's activations: drop them, and
+            # free the cache only after leaving the `except` (which keeps `exc` alive).
+            traceback.clear_frames(exc.__traceback__)
+        else:
+            return list(out.images)
+        del generators
+        self._free_cache()
+        raise EngineOutOfMemory(message)
 
     def memory_bytes(self) -> tuple[int, int] | None:
+        """(peak allocated during the last batch, reserved now); None off CUDA."""
         if self.plan.device != "cuda":
             return None
-        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        return torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()
 
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
