@@ -268,15 +268,27 @@ def test_cancelled_item_is_dropped_before_its_batch(clock: FakeClock) -> None:
     asyncio.run(scenario())
 
 
-def test_queue_bound_rejects_with_retry_after(clock: FakeClock) -> None:
+def test_queue_bound_rejects_with_retry_after_from_measured_batch_times(
+    clock: FakeClock,
+) -> None:
     async def scenario() -> None:
         runner = HeldRunner()
-        h = Harness(make(runner, clock, max_queue=3), runner, clock)
+        h = Harness(make(runner, clock, max_queue=3, max_batch_size=2, max_wait_s=0),
+                    runner, clock)
+        first = h.submit("a", 0)
+        await _until(lambda: len(runner.batches) == 1)
+        clock.now += 3.0  # that batch takes 3 s
+        runner.release.set()
+        await first
+        runner.release.clear()
+        h.submit("a", 1)  # occupies the engine
+        await _until(lambda: len(runner.batches) == 2)
         for i in range(3):
-            h.submit("a", i)
+            h.submit("b", i)
         with pytest.raises(QueueFull) as caught:
-            h.submit("a", 3)
-        assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 1
+            h.submit("b", 3)
+        # 3 queued at 2 per batch = 2 batches ahead, at the measured 3 s each
+        assert caught.value.retry_after_s == 6
         await h.close()
 
     asyncio.run(scenario())
