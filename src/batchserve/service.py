@@ -18,11 +18,12 @@ from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import Engine, GenerationItem, load_engine
-from .errors import BatchServeError, Draining, GenerationFailed, NotReady
+from .errors import BatchServeError, Draining, EngineHung, GenerationFailed, NotReady
 from .logs import KNOWN_PROMPTS
 from .metrics import Metrics
 from .schema import Limits
 from .settings import Settings
+from .watchdog import Watchdog
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -50,9 +51,13 @@ class Service:
         self.settings = settings
         self.state = self.STARTING
         self.engine: Engine | None = None
-        self.limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
+        self.limits = Limits(
+            settings.max_pixels, settings.max_steps, settings.request_timeout_s,
+            max_priority=settings.max_priority, max_cost=settings.max_cost,
+        )
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
+        self.watchdog = Watchdog(factor=settings.watchdog_factor, min_s=settings.watchdog_min_s)
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
         self.batcher: Batcher[Job, asyncio.Future[bytes]] = Batcher(
@@ -89,7 +94,12 @@ class Service:
                          switch.detail)
             if info.demo and settings.model == "tiny":
                 log.warning(DEMO_WARNING)
+            warmup_started = time.monotonic()
             await self.worker.run(engine.warmup)
+            # The first prediction the watchdog bounds batches by (lenient: it includes the
+            # one-time costs of first calls).
+            self.watchdog.measured(self._warmup_work(info.device),
+                                   time.monotonic() - warmup_started)
         except Exception as exc:
             log.exception("model %r failed to load", settings.model)
             self._fail(f"model failed to load: {type(exc).__name__}: {exc}")
@@ -115,6 +125,19 @@ class Service:
         log.critical("batch loop died", exc_info=task.exception())
         self.batcher.fail_all(GenerationFailed("the batch loop stopped; the server is restarting"))
         self._fail("batch loop died")
+
+    def _engine_hung(self, error: EngineHung) -> None:
+        """The engine thread is stuck in a call that cannot be interrupted: answer everything
+        queued and in flight now, and end the process like a dead batch loop does."""
+        log.critical("engine hung: %s", error.message)
+        self.batcher.close()
+        self.batcher.fail_all(error)
+        self._fail("the engine hung")
+
+    def _warmup_work(self, device: str) -> int:
+        sizes = self.settings.warmup_batch_sizes_on(device)
+        return sum(w * h * steps * n for w, h, steps in self.settings.warmup_shapes()
+                   for n in sizes)
 
     def _fail(self, reason: str) -> None:
         self.state = self.FAILED
@@ -178,8 +201,12 @@ class Service:
             raise RuntimeError("engine not loaded")
         texts = [t for j in jobs for t in j.texts]
         KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
+        call = self.worker.run(partial(engine.generate, [j.item for j in jobs]))
         try:
-            images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+            images = await self.watchdog.guard(call, sum(_work(j.item) for j in jobs))
+        except EngineHung as exc:
+            self._engine_hung(exc)
+            raise
         finally:
             KNOWN_PROMPTS.remove(*texts)
         self.metrics.gpu_memory(engine.memory_bytes())
@@ -246,9 +273,18 @@ class Service:
             "limits": {
                 "max_pixels": s.max_pixels,
                 "max_steps": s.max_steps,
+                "max_cost": s.max_cost,
+                "max_priority": s.max_priority,
                 "max_body_bytes": s.max_body_bytes,
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
+            },
+            "watchdog": {
+                "factor": s.watchdog_factor,
+                "min_s": s.watchdog_min_s,
+                "seconds_per_megapixel_step": (
+                    None if self.watchdog.rate_s is None else self.watchdog.rate_s * 1e6
+                ),
             },
             "auth": {
                 "t2i": s.api_key is not None,
@@ -273,6 +309,11 @@ class Job:
     @property
     def texts(self) -> tuple[str, str]:
         return self.item.prompt, self.item.negative_prompt
+
+
+def _work(item: GenerationItem) -> int:
+    """What the watchdog predicts an item's engine time from: pixels x steps."""
+    return item.width * item.height * item.inference_steps
 
 
 def shape_label(key: Hashable) -> str:
