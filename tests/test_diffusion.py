@@ -25,11 +25,12 @@ def switches(plan: object) -> dict[str, tuple[bool, str]]:
 
 
 def test_cpu_plan_switches_gpu_tuning_off_with_reasons() -> None:
-    plan = plan_tuning(Settings(compile=True), cuda=False, xformers=False)
+    plan = plan_tuning(Settings(), cuda=False, xformers=False)
     assert (plan.device, plan.dtype, plan.attention) == ("cpu", "fp32", "sdpa")
     s = switches(plan)
-    for name in ("channels_last", "cudnn_benchmark", "torch_compile"):
+    for name in ("channels_last", "cudnn_benchmark"):
         assert s[name] == (False, "needs CUDA; off on this machine")
+    assert s["torch_compile"] == (False, "disabled by setting")  # opt-in; honoured on CPU too
     assert s["fp16"] == (False, "fp32 on CPU")
     assert s["inference_mode"][0] and s["memory_efficient_attention"][0]
 
@@ -178,3 +179,20 @@ def test_gpu_memory_calls_nothing_of_cuda_on_cpu(tiny_engine: DiffusionEngine,
         monkeypatch.setattr(torch.cuda, name, no_cuda)
     (image,) = tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, 1, 7.5)])
     assert image.size == (64, 64) and tiny_engine.memory_bytes() is None
+
+
+def test_warmup_runs_every_shape_at_every_warmup_batch_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(warmup="64x64x1,128x64x2", warmup_batch_sizes="1,3", max_batch_size=4)
+    engine = DiffusionEngine(None, plan_tuning(settings, cuda=False, xformers=False), settings)
+    calls: list[tuple[int, int, int, int]] = []
+
+    def generate(items: list[GenerationItem]) -> list[object]:
+        calls.append((items[0].width, items[0].inference_steps, len(items),
+                      len({i.seed for i in items})))
+        return []
+
+    monkeypatch.setattr(engine, "generate", generate)
+    engine.warmup()
+    assert calls == [(64, 1, 1, 1), (64, 1, 3, 3), (128, 2, 1, 1), (128, 2, 3, 3)]

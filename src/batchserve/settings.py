@@ -38,12 +38,18 @@ class Settings:
         "auto", "attention backend", choices=("auto", "sdpa", "xformers", "default")
     )
     channels_last: bool = _opt(True, "channels-last UNet/VAE memory format (CUDA only)")
+    channels_last_cpu: bool = _opt(
+        False, "channels-last on CPU too (off by default: rarely faster on CPUs; tests use it)"
+    )
     cudnn_benchmark: bool = _opt(True, "cudnn.benchmark autotuning (CUDA only)")
-    compile: bool = _opt(False, "torch.compile the UNet (CUDA only; slow start)")
+    compile: bool = _opt(
+        False, "torch.compile the UNet (inductor; on CPU too when asked; slow start)"
+    )
     warmup: str = _opt("512x512x2", "warm-up shapes WxH[xSTEPS], comma separated; '' for none")
     warmup_batch_sizes: str = _opt(
         "auto", "batch sizes warmed up per warm-up shape, comma separated; auto: 1 and "
-        "--max-batch-size on CUDA (what cudnn.benchmark and torch.compile tune for), 1 on CPU"
+        "--max-batch-size on CUDA or with --compile (each size cudnn.benchmark and "
+        "torch.compile tune for), 1 on CPU (keeps CPU start quick)"
     )
     max_batch_size: int = _opt(8, "flush a group when it holds this many requests")
     max_wait_ms: float = _opt(500.0, "flush a group when its oldest request waited this long")
@@ -101,7 +107,10 @@ class Settings:
     def warmup_batch_sizes_on(self, device: str) -> list[int]:
         """The batch sizes to warm up on `device` ("cuda" or "cpu"), ascending, no repeats."""
         if self.warmup_batch_sizes == "auto":
-            return sorted({1, self.max_batch_size}) if device == "cuda" else [1]
+            # Compiled graphs go dynamic in the batch dimension after two sizes (dynamo's
+            # automatic dynamic shapes), so compiling warms two sizes on CPU too.
+            tuned = device == "cuda" or self.compile
+            return sorted({1, self.max_batch_size}) if tuned else [1]
         return sorted({int(n) for n in self.warmup_batch_sizes.split(",") if n.strip()})
 
     def public(self) -> dict[str, Any]:

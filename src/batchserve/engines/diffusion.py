@@ -43,6 +43,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _GPU_ONLY = "needs CUDA; off on this machine"
+COMPILE_MODE = "max-autotune-no-cudagraphs"  # the same on CPU (inductor's C++ backend) and CUDA
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,19 +67,28 @@ def plan_tuning(settings: Settings, *, cuda: bool, xformers: bool) -> Plan:
     attention, attention_note = _plan_attention(settings.attention, on_gpu, xformers)
     shapes = settings.warmup_shapes()
 
-    def gpu(name: str, wanted: bool, what: str) -> Switch:
+    def gpu(name: str, wanted: bool, what: str, *, on_cpu_too: bool = False) -> Switch:
         if not wanted:
             return Switch(name, False, "disabled by setting")
+        if on_cpu_too and not on_gpu:
+            return Switch(name, True, f"{what} (on CPU, as asked)")
         return Switch(name, on_gpu, what if on_gpu else _GPU_ONLY)
 
+    sizes = settings.warmup_batch_sizes_on(device)
+    warmup = ", ".join(f"{w}x{h}x{n}" for w, h, n in shapes)
     switches = (
         Switch("fp16", dtype == "fp16", dtype_note),
         Switch("memory_efficient_attention", attention in ("sdpa", "xformers"), attention_note),
-        gpu("channels_last", settings.channels_last, "UNet and VAE in channels-last layout"),
+        gpu("channels_last", settings.channels_last, "UNet and VAE in channels-last layout",
+            on_cpu_too=settings.channels_last_cpu),
         gpu("cudnn_benchmark", settings.cudnn_benchmark, "cuDNN autotuner on"),
-        gpu("torch_compile", settings.compile, "UNet compiled (mode=max-autotune-no-cudagraphs)"),
+        # Off by default, so asking for it is explicit: honoured on CPU too (inductor's C++
+        # backend compiles the same graph with the same mode and fullgraph as on CUDA).
+        gpu("torch_compile", settings.compile, f"UNet compiled (mode={COMPILE_MODE}, fullgraph)",
+            on_cpu_too=True),
         Switch("inference_mode", True, "torch.inference_mode around every batch"),
-        Switch("warmup", bool(shapes), ", ".join(f"{w}x{h}x{n}" for w, h, n in shapes) or "none"),
+        Switch("warmup", bool(shapes),
+               f"{warmup} at batch sizes {', '.join(map(str, sizes))}" if shapes else "none"),
     )
     return Plan(device, dtype, attention, switches)
 
@@ -183,10 +193,17 @@ class DiffusionEngine:
         )
 
     def warmup(self) -> None:
+        """Runs each warm-up shape at each warm-up batch size, so cudnn.benchmark has tuned and
+        torch.compile has compiled (dynamic in the batch dimension after two sizes) what the
+        server will run before /readyz turns 200."""
+        sizes = self.settings.warmup_batch_sizes_on(self.plan.device)
         for w, h, steps in self.settings.warmup_shapes():
-            started = time.perf_counter()
-            self.generate([GenerationItem("warm-up", "", 0, w, h, steps, 7.5)])
-            log.info("warm-up %dx%dx%d took %.2f s", w, h, steps, time.perf_counter() - started)
+            for n in sizes:
+                started = time.perf_counter()
+                self.generate([GenerationItem("warm-up", "", seed, w, h, steps, 7.5)
+                               for seed in range(n)])
+                log.info("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n,
+                         time.perf_counter() - started)
 
     def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
         first = items[0]
@@ -242,4 +259,4 @@ def _apply(pipe: Any, plan: Plan) -> None:
     if plan.enabled("cudnn_benchmark"):
         torch.backends.cudnn.benchmark = True
     if plan.enabled("torch_compile"):
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
+        pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE, fullgraph=True)
