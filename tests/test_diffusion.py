@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchserve.engines import GenerationItem
+from batchserve.engines import GenerationItem, tiny
 from batchserve.engines.diffusion import (
     SCHEDULERS,
     DiffusionEngine,
@@ -150,9 +150,15 @@ def test_gpu_memory_is_the_peak_of_each_batch_on_cuda(monkeypatch: pytest.Monkey
     class Out:
         images = ("image",)
 
-    def pipe(**_: object) -> Out:
-        calls.append("batch")
-        return Out()
+    class Pipe:  # the tiny model's text side (the engine encodes prompts); denoising recorded
+        def __init__(self) -> None:
+            real = tiny.build_pipeline()
+            self.tokenizer, self.text_encoder, self.unet = (
+                real.tokenizer, real.text_encoder, real.unet)
+
+        def __call__(self, **_: object) -> Out:
+            calls.append("batch")
+            return Out()
 
     class Generator:
         def __init__(self, device: str) -> None:
@@ -163,7 +169,7 @@ def test_gpu_memory_is_the_peak_of_each_batch_on_cuda(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(torch, "Generator", Generator)
     settings = Settings(warmup="")
-    engine = DiffusionEngine(pipe, plan_tuning(settings, cuda=True, xformers=False), settings)
+    engine = DiffusionEngine(Pipe(), plan_tuning(settings, cuda=True, xformers=False), settings)
     engine.generate([ITEM])
     assert calls == ["reset", "batch"]
     assert engine.memory_bytes() == (7_000, 9_000)
@@ -185,7 +191,8 @@ def test_warmup_runs_every_shape_at_every_warmup_batch_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = Settings(warmup="64x64x1,128x64x2", warmup_batch_sizes="1,3", max_batch_size=4)
-    engine = DiffusionEngine(None, plan_tuning(settings, cuda=False, xformers=False), settings)
+    engine = DiffusionEngine(tiny.build_pipeline(), plan_tuning(settings, cuda=False,
+                                                                xformers=False), settings)
     calls: list[tuple[int, int, int, int]] = []
 
     def generate(items: list[GenerationItem]) -> list[object]:

@@ -3,7 +3,6 @@ the line: a real tiny-model server in a subprocess, and the filter on its own.""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import subprocess
 import sys
@@ -20,20 +19,12 @@ from batchserve.logs import (
     PromptFilter,
     adopt_library_loggers,
 )
-from batchserve.settings import Settings
 
 from conftest import running_server
 
 SECRET = "zebrapassword42"
 # The tiny model's tokenizer has one token per character: far past CLIP's 77 tokens.
 LONG_PROMPT = "a watercolour of a lighthouse on a cliff at dawn, " * 4 + SECRET
-
-
-def truncating_flags() -> list[str]:
-    """Long prompts must reach the library's truncation warning: where the server chunks long
-    prompts by default, ask for truncation explicitly so this test keeps testing that path."""
-    names = {f.name for f in dataclasses.fields(Settings)}
-    return ["--long-prompts", "truncate"] if "long_prompts" in names else []
 
 
 def log_lines(text: str) -> list[dict[str, object]]:
@@ -48,20 +39,21 @@ def log_lines(text: str) -> list[dict[str, object]]:
 
 
 def test_long_prompt_secret_never_reaches_the_log_and_every_line_is_json(tmp_path: Path) -> None:
-    flags = ["--model", "tiny", "--max-wait-ms", "0", *truncating_flags()]
-    with running_server(*flags, tmp_path=tmp_path) as server:
+    """The engine tokenizes prompts itself (no library truncation warning any more, in either
+    `--long-prompts` mode); what this guards is the whole process: library import and load
+    warnings, uvicorn, our own lines — all JSON, none carrying the prompt."""
+    with running_server("--model", "tiny", "--max-wait-ms", "0", tmp_path=tmp_path) as server:
         response = httpx.post(server.url + "/t2i", timeout=60, json={
             "prompt": LONG_PROMPT, "negative_prompt": "blurry " * 20 + SECRET,
             "width": 64, "height": 64, "inference_steps": 1, "seed": 3})
         assert response.status_code == 200
         text = server.logs()
     lines = log_lines(text)
-    truncated = [line for line in lines if "truncated because" in str(line["msg"])]
-    assert truncated, "the library's truncation warning never fired: the test lost its point"
-    assert {line["logger"] for line in truncated} == {
-        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"}
     assert SECRET not in text
-    assert all(str(line["msg"]).endswith(REDACTED) for line in truncated)
+    loggers = {str(line["logger"]) for line in lines}
+    assert "batchserve.access" in loggers and "uvicorn.error" in loggers
+    # Libraries' import-time warnings (transformers, without torchvision) came through as JSON.
+    assert any(name.split(".")[0] in ("transformers", "diffusers", "py") for name in loggers)
 
 
 # -- the filter alone ----------------------------------------------------------------------

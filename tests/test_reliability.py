@@ -158,15 +158,22 @@ def test_out_of_memory_empties_the_cuda_cache_after_the_attempt_is_gone(
     only once the failed attempt's tensors (held by the traceback's frames) are released:
     `empty_cache` cannot return memory that a live tensor still holds."""
     torch = pytest.importorskip("torch")
+    from batchserve.engines import tiny
     from batchserve.engines.diffusion import DiffusionEngine, plan_tuning
 
     emptied: list[bool] = []  # per call: was the attempt's activation still alive?
     attempt: list[weakref.ref[object]] = []
 
-    def oom(**_: object) -> None:
-        activation = torch.zeros(256)  # lives in this frame, like a UNet's activations
-        attempt.append(weakref.ref(activation))
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    class OomPipe:  # the tiny model's text side (the engine encodes prompts); denoising OOMs
+        def __init__(self) -> None:
+            real = tiny.build_pipeline()
+            self.tokenizer, self.text_encoder, self.unet = (
+                real.tokenizer, real.text_encoder, real.unet)
+
+        def __call__(self, **_: object) -> None:
+            activation = torch.zeros(256)  # lives in this frame, like a UNet's activations
+            attempt.append(weakref.ref(activation))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     class CpuGenerator:  # the plan says cuda; this machine has none
         def __init__(self, device: str) -> None:
@@ -176,7 +183,8 @@ def test_out_of_memory_empties_the_cuda_cache_after_the_attempt_is_gone(
             return self
 
     settings = Settings(warmup="")
-    engine = DiffusionEngine(oom, plan_tuning(settings, cuda=True, xformers=False), settings)
+    engine = DiffusionEngine(OomPipe(), plan_tuning(settings, cuda=True, xformers=False),
+                             settings)
     monkeypatch.setattr(torch, "Generator", CpuGenerator)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(attempt[0]() is None))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)

@@ -14,7 +14,6 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,8 @@ from PIL.Image import Image
 from ..errors import EngineOutOfMemory
 from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
+from . import checkpoints
+from .prompts import PromptEncoder
 from .protocol import EngineInfo, GenerationItem, Switch
 
 log = logging.getLogger("batchserve.engine")
@@ -148,36 +149,41 @@ def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
         preset = importlib.import_module(f".{model}", __package__)
         pipe = preset.build_pipeline()
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
-    if model.endswith((".safetensors", ".ckpt")):
-        if not Path(model).is_file():
-            raise SettingsError(f"--model={model!r}: no such checkpoint file")
-        return StableDiffusionPipeline.from_single_file(
-            model, torch_dtype=torch_dtype, config=settings.model_config
-        )
+    if model.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
+        return checkpoints.load_single_file(settings, torch_dtype)
     return StableDiffusionPipeline.from_pretrained(
         model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
     )
 
 
 class DiffusionEngine:
-    def __init__(self, pipe: Any, plan: Plan, settings: Settings) -> None:
+    def __init__(self, pipe: Any, plan: Plan, settings: Settings,
+                 addons: checkpoints.Addons | None = None) -> None:
         self.pipe = pipe
         self.plan = plan
         self.settings = settings
+        self.addons = addons or checkpoints.Addons()
+        self.prompts = PromptEncoder.for_pipeline(
+            pipe, long_prompts=settings.long_prompts, clip_skip=settings.clip_skip,
+            expansions=self.addons.expansions(),
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
         route_library_logs()
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
+        checkpoints.check_paths(settings)
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype])
         pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(plan.device)
+        addons = checkpoints.apply_addons(pipe, settings)  # before compiling: LoRA edits weights
         _apply(pipe, plan)
         log.info("model %s loaded on %s/%s in %.1f s", settings.model, plan.device, plan.dtype,
                  time.perf_counter() - started)
-        return cls(pipe, plan, settings)
+        checkpoints.log_addons(addons, settings)
+        return cls(pipe, plan, settings, addons)
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -189,7 +195,8 @@ class DiffusionEngine:
             demo=self.settings.model in ("tiny", "sd15"),
             tuning=self.plan.switches,
             extra={"vae_scale_factor": int(self.pipe.vae_scale_factor),
-                   "schedulers": sorted(SCHEDULERS)},
+                   "schedulers": sorted(SCHEDULERS),
+                   **checkpoints.describe(self.addons, self.settings)},
         )
 
     def warmup(self) -> None:
@@ -212,10 +219,10 @@ class DiffusionEngine:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.prompts.conditioning(items) as text:
                 out = self.pipe(
-                    prompt=[i.prompt for i in items],
-                    negative_prompt=[i.negative_prompt for i in items],
+                    prompt_embeds=text.prompt_embeds,
+                    negative_prompt_embeds=text.negative_embeds,
                     width=first.width,
                     height=first.height,
                     num_inference_steps=first.inference_steps,
