@@ -9,6 +9,7 @@ service while the request is alive), and our own request log (which adds prompts
 
 from __future__ import annotations
 
+import functools
 import logging
 import logging.config
 import re
@@ -39,18 +40,11 @@ class KnownPrompts:
 
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()
-        self._patterns: dict[str, re.Pattern[str]] = {}
         self._lock = threading.Lock()
 
     def add(self, *texts: str) -> None:
         with self._lock:
-            for text in map(_norm, texts):
-                if len(text) >= self.MIN_LEN:
-                    self._counts[text] += 1
-                    if text not in self._patterns:
-                        # Case and spacing may differ from the original in a library's copy.
-                        words = map(re.escape, text.split())
-                        self._patterns[text] = re.compile(r"\s+".join(words), re.IGNORECASE)
+            self._counts.update(t for t in map(_norm, texts) if len(t) >= self.MIN_LEN)
 
     def remove(self, *texts: str) -> None:
         with self._lock:
@@ -59,21 +53,26 @@ class KnownPrompts:
                     self._counts[text] -= 1
                 else:
                     self._counts.pop(text, None)
-                    self._patterns.pop(text, None)
 
     def __len__(self) -> int:
         return len(self._counts)
 
     def redact(self, text: str) -> str:
         with self._lock:
-            patterns = list(self._patterns.items())
-        if not patterns:
+            known = list(self._counts)
+        if not known:
             return text
         flat = _norm(text)
-        for prompt, pattern in patterns:
-            if prompt in flat:  # cheap test first; most lines contain no prompt
-                text = pattern.sub(REDACTED, text)
+        for prompt in known:
+            if prompt in flat:  # cheap test first; a pattern only for a line that has one
+                text = _pattern(prompt).sub(REDACTED, text)
         return text
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern(prompt: str) -> re.Pattern[str]:
+    """The prompt as a library may have copied it: any case, any whitespace between words."""
+    return re.compile(r"\s+".join(map(re.escape, prompt.split())), re.IGNORECASE)
 
 
 def _norm(text: str) -> str:
@@ -91,7 +90,13 @@ class PromptFilter(logging.Filter):
         super().__init__()
         self.known = known
 
+    # Our request log line: its fields are ours and carry prompts only with --log-prompts, when
+    # this filter is not installed. Skipping it keeps the per-request cost off the serving path.
+    TRUSTED = frozenset({"batchserve.access"})
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name in self.TRUSTED and not record.exc_info:
+            return True
         message = redact_quotes(record.getMessage())
         record.msg, record.args = self.known.redact(message), None
         if record.exc_info and not record.exc_text:
