@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from .batchsize import BatchSizes
 from .errors import (
     BatchServeError,
     Draining,
@@ -23,6 +24,7 @@ from .errors import (
     QueueFull,
     QueueTimeout,
 )
+from .retry import Part, run_split
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,6 +79,10 @@ class Hooks(Protocol):
 
     def rejected(self, reason: str) -> None: ...
 
+    def size_limit(self, key: str, limit: int) -> None:
+        """The learned batch size limit of a key changed (`key` is its label, no user text)."""
+        ...
+
 
 class NullHooks:
     def queue_depth(self, depth: int) -> None:
@@ -91,29 +97,8 @@ class NullHooks:
     def rejected(self, reason: str) -> None:
         pass
 
-
-async def run_split(runner: Runner[T, R], payloads: list[T]) -> list[tuple[R | Exception, int]]:
-    """Runs `payloads` as one batch; on out-of-memory retries each half, down to single items.
-
-    Returns one (result or exception, size of the batch that produced it) per payload.
-    """
-    try:
-        results = await runner(payloads)
-    except EngineOutOfMemory as exc:
-        if len(payloads) == 1:
-            return [(exc, 1)]
-        mid = len(payloads) // 2
-        log.warning("out of memory at batch size %d; retrying as %d + %d",
-                    len(payloads), mid, len(payloads) - mid)
-        return await run_split(runner, payloads[:mid]) + await run_split(runner, payloads[mid:])
-    except Exception as exc:
-        return [(exc, len(payloads))] * len(payloads)
-    if len(results) != len(payloads):
-        mismatch = RuntimeError(
-            f"engine returned {len(results)} results for {len(payloads)} items"
-        )
-        return [(mismatch, len(payloads))] * len(payloads)
-    return [(r, len(payloads)) for r in results]
+    def size_limit(self, key: str, limit: int) -> None:
+        pass
 
 
 def _as_failure(exc: BaseException) -> BatchServeError:
@@ -144,6 +129,7 @@ class Batcher(Generic[T, R]):
         aging_s: float = 5.0,
         clock: Clock = time.monotonic,
         hooks: Hooks | None = None,
+        key_label: Callable[[Hashable], str] = str,
     ) -> None:
         self._runner = runner
         self.max_batch_size = max_batch_size
@@ -152,6 +138,10 @@ class Batcher(Generic[T, R]):
         self._aging_s = aging_s
         self._clock = clock
         self._hooks: Hooks = hooks or NullHooks()
+        self.key_label = key_label
+        self.sizes = BatchSizes(
+            max_batch_size, on_change=lambda key, n: self._hooks.size_limit(key_label(key), n)
+        )
         self._groups: dict[Hashable, _Group[T, R]] = {}
         self._inflight: list[Pending[T, R]] = []
         self._wake = asyncio.Event()
@@ -284,19 +274,24 @@ class Batcher(Generic[T, R]):
         if removed:
             self._set_depth(self._depth - removed)
 
-    def _is_due(self, group: _Group[T, R], now: float) -> bool:
+    def _limit(self, key: Hashable) -> int:
+        """The most items of `key` one batch takes: the setting, or less where a larger batch
+        of this key ran out of memory (`BatchSizes`)."""
+        return min(self.max_batch_size, self.sizes.limit(key))
+
+    def _is_due(self, key: Hashable, group: _Group[T, R], now: float) -> bool:
         return (
             self._closed
-            or len(group.items) >= self.max_batch_size
+            or len(group.items) >= self._limit(key)
             or now - group.oldest >= self.max_wait_s
         )
 
     def _pick(self, now: float) -> tuple[Hashable, str] | None:
-        due = [(k, g) for k, g in self._groups.items() if self._is_due(g, now)]
+        due = [(k, g) for k, g in self._groups.items() if self._is_due(k, g, now)]
         if not due:
             return None
         key, group = min(due, key=lambda kg: (-kg[1].priority(now, self._aging_s), kg[1].oldest))
-        if len(group.items) >= self.max_batch_size:
+        if len(group.items) >= self._limit(key):
             return key, "full"
         return key, "drain" if self._closed else "timeout"
 
@@ -308,10 +303,8 @@ class Batcher(Generic[T, R]):
     def _take(self, key: Hashable, now: float) -> list[Pending[T, R]]:
         group = self._groups[key]
         group.items.sort(key=lambda p: (-p.effective_priority(now, self._aging_s), p.seq))
-        batch, group.items = (
-            group.items[: self.max_batch_size],
-            group.items[self.max_batch_size :],
-        )
+        limit = self._limit(key)
+        batch, group.items = group.items[:limit], group.items[limit:]
         if not group.items:
             del self._groups[key]
         self._set_depth(self._depth - len(batch))
@@ -321,27 +314,51 @@ class Batcher(Generic[T, R]):
         start = self._clock()
         self._inflight = batch
         self._hooks.batch_started(len(batch), trigger, [start - p.enqueued for p in batch])
+        key = batch[0].key
+        delivered = [False] * len(batch)
+
+        def deliver(part: Part[R]) -> None:
+            for n in part.indices:
+                delivered[n] = True
+            self._deliver(batch, part)
+
         try:
-            outcomes = await run_split(self._runner, [p.payload for p in batch])
+            await run_split(
+                self._runner, [p.payload for p in batch], deliver, clock=self._clock,
+                wanted=lambda n: not batch[n].future.done(), sizes=_KeySizes(self.sizes, key),
+            )
+        except BaseException:  # the loop dies or is stopped: answer here, fail_all can't see it
+            self.fail_all(GenerationFailed("the batch loop stopped; the server is restarting"))
+            raise
         finally:
             self._inflight = []
+        for n, done in enumerate(delivered):
+            if not done and batch[n].future.cancelled():  # its client left before its part ran
+                self._hooks.rejected("cancelled")
         duration = self._clock() - start
         self._note_batch_time(duration)
-        images = 0
-        for item, (result, size) in zip(batch, outcomes, strict=True):
+        self._hooks.batch_finished(len(batch), duration, sum(delivered))
+
+    def _deliver(self, batch: list[Pending[T, R]], part: Part[R]) -> None:
+        """Answers one part's items the moment it ends: X-Batch-Size is the size that made the
+        image, X-Queue-Ms runs until that part started."""
+        error = part.error
+        if error is not None and not isinstance(error, BatchServeError | EngineOutOfMemory):
+            log.error("batch of %d failed", part.size, exc_info=error)
+        for n, index in enumerate(part.indices):
+            item = batch[index]
             if item.future.cancelled():
                 self._hooks.rejected("cancelled")
             elif item.future.done():
-                pass  # already failed by a drain timeout
-            elif isinstance(result, BaseException):
-                if not isinstance(result, BatchServeError):
-                    log.error("batch of %d failed", len(batch), exc_info=result)
-                item.future.set_exception(_as_failure(result))
-                self._hooks.rejected("failed")
+                pass  # already answered by a drain cut-off or fail_all (and counted there)
+            elif error is not None or part.results is None:
+                failure = _as_failure(error or RuntimeError("no result"))
+                item.future.set_exception(failure)
+                self._hooks.rejected(failure.reject_reason or "failed")
             else:
-                images += 1
-                item.future.set_result(Outcome(result, size, start - item.enqueued, duration))
-        self._hooks.batch_finished(len(batch), duration, images)
+                item.future.set_result(Outcome(
+                    part.results[n], part.size, part.started - item.enqueued, part.seconds
+                ))
 
     def _note_batch_time(self, seconds: float) -> None:
         prev = self._batch_s_ema
@@ -373,6 +390,26 @@ class Batcher(Generic[T, R]):
         for item in pending:
             if not item.future.done():
                 item.future.set_exception(error)
-                self._hooks.rejected("failed" if isinstance(error, GenerationFailed) else
-                                     "cancelled")
+                self._hooks.rejected(_reject_reason(error))
         self._idle.set()
+
+
+def _reject_reason(error: BatchServeError) -> str:
+    """A drain cut-off is its own outcome (`drained`): the client did not leave (`cancelled`)
+    and nothing failed; the server stopped before the request's turn."""
+    if isinstance(error, Draining):
+        return "drained"
+    return error.reject_reason or "failed"
+
+
+class _KeySizes:
+    """`BatchSizes` seen by one batch: which key its sizes are reported under."""
+
+    def __init__(self, sizes: BatchSizes, key: Hashable) -> None:
+        self._sizes, self._key = sizes, key
+
+    def fitted(self, size: int) -> None:
+        self._sizes.fitted(self._key, size)
+
+    def out_of_memory(self, size: int) -> None:
+        self._sizes.out_of_memory(self._key, size)

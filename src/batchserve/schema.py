@@ -28,9 +28,13 @@ MAX_PROMPT = 2000
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What the operator allows one request (settings of the same names)."""
+
     max_pixels: int = 1024 * 1024
     max_steps: int = 150
-    default_timeout_s: float = 300.0
+    default_timeout_s: float = 300.0  # also the most a request may ask for
+    max_priority: int = 10  # above it: 422, not clamped (see docs/decisions.md)
+    max_cost: int = 0  # width * height * inference_steps; 0: no limit beyond the two above
     default_sampler: str = DEFAULT_SAMPLER
 
 
@@ -172,11 +176,13 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           hi=30.0),
     Field("seed", "integer", "random seed; random when absent (echoed in X-Seed)", lo=0,
           hi=MAX_SEED),
-    Field("priority", "integer", "higher runs first", default=0, lo=-10, hi=10),
+    Field("priority", "integer", "higher runs first (<= --max-priority)", default=0, lo=-10,
+          hi=lambda lim: lim.max_priority),
     Field("sampler", "string", "sampler; part of the batching key (default --scheduler)",
           choices=SAMPLERS),
-    Field("timeout_s", "number", "max wait in the queue before 504 (default "
-          "--request-timeout-s)", lo=0.001, hi=86400.0),
+    Field("timeout_s", "number", "the request's budget, queue plus generation, before 504 "
+          "(default and most: --request-timeout-s)", lo=0.001,
+          hi=lambda lim: lim.default_timeout_s),
     Field("format", "string", "image format; default from Accept, else png", choices=FORMATS),
 )}
 ALLOWED = tuple(FIELDS)
@@ -218,11 +224,19 @@ def validate(
     if "prompt" not in data:
         raise ValidationError(f"{label('prompt')} is required", field=label("prompt"))
     v = {name: FIELDS[name].check(value, limits, label(name)) for name, value in data.items()}
+    steps = _steps(v, label)
     width, height = v.get("width", 512), v.get("height", 512)
     if width * height > limits.max_pixels:
         raise ValidationError(
             f"width*height = {width * height} exceeds the limit of {limits.max_pixels} pixels",
             field=label("width"),
+        )
+    cost = width * height * steps
+    if limits.max_cost and cost > limits.max_cost:
+        raise ValidationError(
+            f"width*height*inference_steps = {cost} exceeds this server's cost limit of "
+            f"{limits.max_cost}; ask for fewer steps or fewer pixels",
+            field=label("inference_steps"),
         )
     seed = v["seed"] if "seed" in v else secrets.randbelow(MAX_SEED + 2 - count)
     if seed + count - 1 > MAX_SEED:
@@ -233,7 +247,7 @@ def validate(
         negative_prompt=v.get("negative_prompt", ""),
         width=width,
         height=height,
-        inference_steps=_steps(v, label),
+        inference_steps=steps,
         guidance_scale=v.get("guidance_scale", 7.5),
         seed=seed,
         priority=v.get("priority", 0),

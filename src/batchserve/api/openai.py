@@ -61,7 +61,8 @@ def translate(data: dict[str, Any], limits: Limits) -> tuple[list[T2IRequest], s
     if data.get("size") is not None:
         ours["width"], ours["height"] = _size(data["size"])
     # Width and height errors name `size`, the field this client sent.
-    req = validate(ours, limits, {"width": "size", "height": "size"}, count=n)
+    req = validate(ours, limits, {"width": "size", "height": "size",
+                                  "inference_steps": "num_inference_steps"}, count=n)
     return repeat(req, n), fmt
 
 
