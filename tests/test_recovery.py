@@ -138,9 +138,9 @@ async def test_learned_limit_stops_later_batches_of_the_shape_from_splitting() -
         again = await asyncio.gather(*(post(app, body(n)) for n in range(4)))
         assert [r.status_code for r in again] == [200] * 4
         assert [len(b) for b in engine.batches] == [4, 2, 2, 2, 2]  # no attempt at 4 again
-        assert app.metric("batchserve_batch_size_limit", shape="64x64x1x7.5") == 2
+        assert app.metric("batchserve_batch_size_limit", shape="64x64x1x7.5/dpm++2m-karras") == 2
         info = (await app.client.get("/v1/info")).json()
-        assert info["batching"]["size_limits"] == {"64x64x1x7.5": 2}
+        assert info["batching"]["size_limits"] == {"64x64x1x7.5/dpm++2m-karras": 2}
 
 
 def test_batcher_reports_the_learned_limit_under_the_key_label() -> None:

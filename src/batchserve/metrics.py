@@ -69,7 +69,7 @@ class Metrics:
             "batchserve_images", "Images generated and encoded for their client", registry=r
         )
         self._size_limit = Gauge(
-            "batchserve_batch_size_limit", "Largest batch run per shape (WxHxSTEPSxCFG), "
+            "batchserve_batch_size_limit", "Largest batch run per shape (WxHxSTEPSxCFG/sampler), "
             "learned from out-of-memory errors; only shapes that ran out of memory",
             ["shape"], registry=r,
         )

@@ -431,11 +431,13 @@ def _work(item: GenerationItem) -> int:
 
 
 def shape_label(key: Hashable) -> str:
-    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5`: numbers (and
-    names from closed sets) only, never user text."""
+    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` (as
+    the request log writes it): numbers and names from closed sets only, never user text."""
     if not isinstance(key, tuple):
         return "other"
-    return "x".join(f"{part:g}" if isinstance(part, float) else str(part) for part in key)
+    numbers = "x".join(f"{p:g}" if isinstance(p, float) else str(p) for p in key
+                       if not isinstance(p, str))
+    return "/".join([numbers, *(p for p in key if isinstance(p, str))])
 
 
 def _encode_many(
