@@ -10,16 +10,22 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
+from .adaptive import Adaptive
 from .errors import (
     BatchServeError,
+    CannotFinish,
     Draining,
     EngineOutOfMemory,
     GenerationFailed,
+    Interrupted,
+    Overloaded,
     QueueFull,
     QueueTimeout,
 )
@@ -49,6 +55,9 @@ class Pending(Generic[T, R]):
     deadline: float
     seq: int
     future: asyncio.Future[Outcome[R]]
+    budget_end: float = math.inf
+    """When its client is predicted to stop waiting: `deadline`, or sooner by learned patience
+    when the client named no timeout of its own."""
 
     def effective_priority(self, now: float, aging_s: float) -> int:
         return self.priority + int((now - self.enqueued) // aging_s)
@@ -77,6 +86,14 @@ class Hooks(Protocol):
 
     def rejected(self, reason: str) -> None: ...
 
+    def wasted(self, reason: str) -> None: ...
+
+    def batch_interrupted(self) -> None: ...
+
+    def key_state(self, label: str, cap: int, patience_s: float | None) -> None: ...
+
+    def key_forgotten(self, label: str) -> None: ...
+
 
 class NullHooks:
     def queue_depth(self, depth: int) -> None:
@@ -90,6 +107,29 @@ class NullHooks:
 
     def rejected(self, reason: str) -> None:
         pass
+
+    def wasted(self, reason: str) -> None:
+        pass
+
+    def batch_interrupted(self) -> None:
+        pass
+
+    def key_state(self, label: str, cap: int, patience_s: float | None) -> None:
+        pass
+
+    def key_forgotten(self, label: str) -> None:
+        pass
+
+
+@dataclass(eq=False, slots=True)
+class _Running(Generic[T, R]):
+    """The batch in the engine. `stop` is set (and read by the engine thread between steps)
+    once no member has anyone waiting for it."""
+
+    items: list[Pending[T, R]]
+    started: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    left: int = 0  # members whose clients left or timed out while it ran
 
 
 async def run_split(runner: Runner[T, R], payloads: list[T]) -> list[tuple[R | Exception, int]]:
@@ -116,6 +156,10 @@ async def run_split(runner: Runner[T, R], payloads: list[T]) -> list[tuple[R | E
     return [(r, len(payloads)) for r in results]
 
 
+def _wasted_reason(exc: BaseException | None) -> str:
+    return "timeout" if isinstance(exc, QueueTimeout) else "drain"
+
+
 def _as_failure(exc: BaseException) -> BatchServeError:
     if isinstance(exc, BatchServeError):
         return exc
@@ -129,9 +173,14 @@ class Batcher(Generic[T, R]):
 
     Guarantees: a batch never mixes keys and always holds at least one item; every submitted
     future is resolved exactly once (result, domain error, or cancelled by its owner); a group
-    is due when full or when its oldest item waited `max_wait_s`; among due groups the highest
-    priority goes first, then the oldest. Priority ages by +1 per `aging_s` waited, so no key
-    starves behind a stream of higher-priority work.
+    is due when full (its key's cap) or when its oldest item waited `max_wait_s`; among due
+    groups the highest priority goes first, then the oldest. Priority ages by +1 per `aging_s`
+    waited, so no key starves behind a stream of higher-priority work. `timeout_s` bounds queue
+    plus generation. Once every member of the running batch is cancelled or answered,
+    `should_stop()` of that batch turns true, and a drain no longer waits for it.
+
+    With `adaptive` enabled (see `adaptive.Adaptive`), a request predicted to finish past its
+    budget is refused at submit, and batches are capped to what their members' budgets allow.
     """
 
     def __init__(
@@ -144,6 +193,7 @@ class Batcher(Generic[T, R]):
         aging_s: float = 5.0,
         clock: Clock = time.monotonic,
         hooks: Hooks | None = None,
+        adaptive: Adaptive | None = None,
     ) -> None:
         self._runner = runner
         self.max_batch_size = max_batch_size
@@ -154,6 +204,8 @@ class Batcher(Generic[T, R]):
         self._hooks: Hooks = hooks or NullHooks()
         self._groups: dict[Hashable, _Group[T, R]] = {}
         self._inflight: list[Pending[T, R]] = []
+        self._running: _Running[T, R] | None = None
+        self.adaptive = adaptive or Adaptive(max_batch_size=max_batch_size, enabled=False)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -174,8 +226,14 @@ class Batcher(Generic[T, R]):
         return self._closed
 
     def submit(
-        self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0
+        self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0,
+        explicit_timeout: bool = True,
     ) -> asyncio.Future[Outcome[R]]:
+        """Queues one item. `explicit_timeout=False` says its client named no timeout, so a
+        learned patience may stand in for it as the budget (never beyond `timeout_s`).
+
+        Raises `Draining`, `QueueFull`, or (adaptive only) `CannotFinish` / `Overloaded` when it
+        is predicted to finish past its budget; nothing refused is queued."""
         if self._closed:
             raise Draining("server is shutting down", retry_after_s=5)
         if self._depth >= self.max_queue:
@@ -184,11 +242,22 @@ class Batcher(Generic[T, R]):
                 retry_after_s=self.retry_after_s(),
             )
         now = self._clock()
+        budget_s = timeout_s
+        if not explicit_timeout:
+            patience = self.adaptive.patience(key, now)
+            one = self.adaptive.predict(key, 1)
+            # a patience below one image's time cannot be met anyway: ignore it rather than
+            # refuse everyone
+            if patience is not None and one is not None and one < patience < budget_s:
+                budget_s = patience
+        if self.adaptive.enabled:
+            self._admit(key, priority, now, timeout_s, budget_s, explicit_timeout)
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
         self._seq += 1
-        item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future)
+        item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future,
+                       now + budget_s)
         self._groups.setdefault(key, _Group()).items.append(item)
-        future.add_done_callback(self._on_done)
+        future.add_done_callback(partial(self._on_done, item))
         self._set_depth(self._depth + 1)
         self._idle.clear()
         self._wake.set()
@@ -200,13 +269,91 @@ class Batcher(Generic[T, R]):
         batches_ahead = math.ceil(max(self._depth, 1) / self.max_batch_size)
         return max(1, math.ceil(batches_ahead * batch_s))
 
+    def _admit(self, key: Hashable, priority: int, now: float, timeout_s: float,
+               budget_s: float, explicit: bool) -> None:
+        one = self.adaptive.predict(key, 1)
+        if explicit and one is not None and one > timeout_s:
+            raise CannotFinish(
+                f"timeout_s={timeout_s:g} is shorter than one image of this shape takes "
+                f"(about {one:.1f} s)", field="timeout_s")
+        finish = self.predict_finish(key, priority, now)
+        if finish is not None and finish - now > budget_s:
+            late = finish - now - budget_s
+            raise Overloaded(
+                f"the work ahead would finish this request in about {finish - now:.1f} s, "
+                f"past its budget of {budget_s:.1f} s; retry later",
+                retry_after_s=max(1.0, math.ceil(late)))
+
+    def predict_finish(self, key: Hashable, priority: int, now: float) -> float | None:
+        """When a request submitted now would finish, from the batch-time models of the work
+        ahead of it (the running batch, groups of no lower priority, its own group). None while
+        its own key's batch time is unknown; other unknown keys count as free."""
+        if self.adaptive.predict(key, 1) is None:
+            return None
+        ahead = 0.0
+        running = self._running
+        if running is not None:
+            took = self.adaptive.predict(running.items[0].key, len(running.items))
+            if took is not None:
+                ahead += max(0.0, running.started + took - now)
+        for k, g in self._groups.items():
+            if k != key and g.priority(now, self._aging_s) >= priority:
+                ahead += self._group_time(k, len(g.items))
+        group = self._groups.get(key)
+        members = group.items if group else []
+        before = sum(1 for p in members if p.effective_priority(now, self._aging_s) >= priority)
+        cap = self.adaptive.cap(key)
+        batches_before = before // cap
+        mine = min(cap, len(members) + 1 - batches_before * cap)
+        wait = 0.0
+        if len(members) + 1 < cap:  # it waits for company unless the engine is busy anyway
+            oldest = min((p.enqueued for p in members), default=now)
+            wait = max(0.0, oldest + self.max_wait_s - now)
+        own = self._group_time(key, batches_before * cap) + (self.adaptive.predict(key, mine)
+                                                             or 0.0)
+        return now + max(ahead, wait) + own
+
+    def _group_time(self, key: Hashable, n: int) -> float:
+        if n <= 0:
+            return 0.0
+        cap = self.adaptive.cap(key)
+        full, rest = divmod(n, cap)
+        total = full * (self.adaptive.predict(key, cap) or 0.0)
+        if rest:
+            total += self.adaptive.predict(key, rest) or 0.0
+        return total
+
     def poke(self) -> None:
         """Re-evaluate the queue now (tests call it after advancing an injected clock)."""
         self._wake.set()
 
-    def _on_done(self, future: asyncio.Future[Outcome[R]]) -> None:
+    def should_stop(self) -> Callable[[], bool]:
+        """For the runner of the batch now starting: true once nobody waits for any of its
+        items (cancelled, timed out, or failed by a drain). Safe to call from any thread."""
+        running = self._running
+        if running is None:
+            return lambda: False
+        return running.stop.is_set
+
+    def _on_done(self, item: Pending[T, R], future: asyncio.Future[Outcome[R]]) -> None:
+        now = self._clock()
         if future.cancelled():
             self._wake.set()
+            self.adaptive.gave_up(item.key, now - item.enqueued, now)
+        running = self._running
+        if running is None or not any(p is item for p in running.items):
+            return
+        if future.cancelled() or isinstance(future.exception(), QueueTimeout):
+            running.left += 1
+        if all(p.future.done() for p in running.items):
+            running.stop.set()
+            self._settle_if_abandoned()
+
+    def _settle_if_abandoned(self) -> None:
+        """A drain does not wait for a running batch nobody waits for."""
+        running = self._running
+        if self._closed and not self._groups and running is not None and running.stop.is_set():
+            self._idle.set()
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -229,7 +376,10 @@ class Batcher(Generic[T, R]):
                 await self._sleep_until(self._next_event(now), now)
                 continue
             key, trigger = picked
-            batch = asyncio.ensure_future(self._run_batch(self._take(key, now), trigger))
+            items = self._take(key, now)
+            if not items:  # every item was refused as unreachable
+                continue
+            batch = asyncio.ensure_future(self._run_batch(items, trigger))
             await self._expire_while_busy(batch)
 
     async def _expire_while_busy(self, batch: asyncio.Future[None]) -> None:
@@ -241,7 +391,9 @@ class Batcher(Generic[T, R]):
                 self._wake.clear()
                 now = self._clock()
                 self._purge(now)
+                self._expire_running(now)
                 deadlines = [p.deadline for g in self._groups.values() for p in g.items]
+                deadlines += [p.deadline for p in self._inflight if not p.future.done()]
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
                 try:
@@ -253,6 +405,14 @@ class Batcher(Generic[T, R]):
             batch.cancel()
             raise
         batch.result()
+
+    def _expire_running(self, now: float) -> None:
+        for item in self._inflight:
+            if not item.future.done() and item.deadline <= now:
+                item.future.set_exception(QueueTimeout(
+                    f"not finished {now - item.enqueued:.1f} s after admission, past its "
+                    "timeout_s"))
+                self._hooks.rejected("timeout")
 
     async def _sleep_until(self, when: float | None, now: float) -> None:
         timeout = None if when is None else max(0.0, when - now)
@@ -284,19 +444,19 @@ class Batcher(Generic[T, R]):
         if removed:
             self._set_depth(self._depth - removed)
 
-    def _is_due(self, group: _Group[T, R], now: float) -> bool:
+    def _is_due(self, key: Hashable, group: _Group[T, R], now: float) -> bool:
         return (
             self._closed
-            or len(group.items) >= self.max_batch_size
+            or len(group.items) >= self.adaptive.cap(key)
             or now - group.oldest >= self.max_wait_s
         )
 
     def _pick(self, now: float) -> tuple[Hashable, str] | None:
-        due = [(k, g) for k, g in self._groups.items() if self._is_due(g, now)]
+        due = [(k, g) for k, g in self._groups.items() if self._is_due(k, g, now)]
         if not due:
             return None
         key, group = min(due, key=lambda kg: (-kg[1].priority(now, self._aging_s), kg[1].oldest))
-        if len(group.items) >= self.max_batch_size:
+        if len(group.items) >= self.adaptive.cap(key):
             return key, "full"
         return key, "drain" if self._closed else "timeout"
 
@@ -308,40 +468,92 @@ class Batcher(Generic[T, R]):
     def _take(self, key: Hashable, now: float) -> list[Pending[T, R]]:
         group = self._groups[key]
         group.items.sort(key=lambda p: (-p.effective_priority(now, self._aging_s), p.seq))
-        batch, group.items = (
-            group.items[: self.max_batch_size],
-            group.items[self.max_batch_size :],
-        )
+        if self.adaptive.enabled:
+            self._refuse_unreachable(group, now)
+            batch = self._fit(key, group.items, now)
+            chosen = {id(p) for p in batch}
+            group.items = [p for p in group.items if id(p) not in chosen]
+        else:
+            batch, group.items = (
+                group.items[: self.max_batch_size],
+                group.items[self.max_batch_size :],
+            )
         if not group.items:
             del self._groups[key]
         self._set_depth(self._depth - len(batch))
         return batch
 
+    def _refuse_unreachable(self, group: _Group[T, R], now: float) -> None:
+        """Answers at once the items that would miss their timeout_s even in a batch of one."""
+        one = self.adaptive.predict(group.items[0].key, 1)
+        if one is None:
+            return
+        keep = []
+        for item in group.items:
+            if now + one > item.deadline:
+                item.future.set_exception(CannotFinish(
+                    f"would finish past its timeout_s (one image takes about {one:.1f} s)"))
+                self._hooks.rejected("deadline")
+                self._set_depth(self._depth - 1)
+            else:
+                keep.append(item)
+        group.items = keep
+
+    def _fit(self, key: Hashable, items: list[Pending[T, R]], now: float
+             ) -> list[Pending[T, R]]:
+        """The largest batch whose members are all predicted to finish within their budgets
+        (in priority order, then oldest first). When no item can make it, the freshest ones
+        run: their clients have the most time left."""
+        cap = self.adaptive.cap(key)
+        for n in range(min(cap, len(items)), 0, -1):
+            took = self.adaptive.predict(key, n)
+            if took is None:
+                return items[:n]
+            fits = [p for p in items if now + took <= p.budget_end]
+            if len(fits) >= n:
+                return fits[:n]
+        return sorted(items, key=lambda p: -p.enqueued)[:cap]
+
     async def _run_batch(self, batch: list[Pending[T, R]], trigger: str) -> None:
         start = self._clock()
-        self._inflight = batch
+        key = batch[0].key
+        running = _Running(batch, start)
+        self._inflight, self._running = batch, running
         self._hooks.batch_started(len(batch), trigger, [start - p.enqueued for p in batch])
         try:
             outcomes = await run_split(self._runner, [p.payload for p in batch])
         finally:
-            self._inflight = []
-        duration = self._clock() - start
-        self._note_batch_time(duration)
+            self._inflight, self._running = [], None
+        now = self._clock()
+        duration = now - start
+        interrupted = any(isinstance(r, Interrupted) for r, _ in outcomes)
+        if interrupted:
+            self._hooks.batch_interrupted()
+        else:
+            self._note_batch_time(duration)
+            if all(size == len(batch) and not isinstance(r, BaseException)
+                   for r, size in outcomes):  # a whole batch, neither split nor failed
+                self.adaptive.batch_ran(key, len(batch), duration)
         images = 0
         for item, (result, size) in zip(batch, outcomes, strict=True):
+            generated = not isinstance(result, BaseException)
+            images += generated
             if item.future.cancelled():
                 self._hooks.rejected("cancelled")
-            elif item.future.done():
-                pass  # already failed by a drain timeout
+                if generated:
+                    self._hooks.wasted("cancelled")
+            elif item.future.done():  # timed out mid-batch, or failed by a drain
+                if generated:
+                    self._hooks.wasted(_wasted_reason(item.future.exception()))
             elif isinstance(result, BaseException):
                 if not isinstance(result, BatchServeError):
                     log.error("batch of %d failed", len(batch), exc_info=result)
                 item.future.set_exception(_as_failure(result))
                 self._hooks.rejected("failed")
             else:
-                images += 1
                 item.future.set_result(Outcome(result, size, start - item.enqueued, duration))
         self._hooks.batch_finished(len(batch), duration, images)
+        self.adaptive.batch_ended(key, len(batch), running.left, now)
 
     def _note_batch_time(self, seconds: float) -> None:
         prev = self._batch_s_ema
@@ -353,6 +565,7 @@ class Batcher(Generic[T, R]):
         """Stops admitting; everything queued becomes due at once (trigger `drain`)."""
         self._closed = True
         self._wake.set()
+        self._settle_if_abandoned()
 
     async def drain(self, timeout_s: float) -> bool:
         """Closes, then waits for queued and in-flight work; what is left after `timeout_s`

@@ -6,6 +6,7 @@ takes a user-controlled value.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -20,7 +21,9 @@ log = logging.getLogger("batchserve.metrics")
 P = ParamSpec("P")
 
 TRIGGERS = ("full", "timeout", "drain")
-REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed")
+REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed", "overloaded",
+                  "deadline")
+WASTE_REASONS = ("cancelled", "timeout", "drain")
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 HTTP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -60,6 +63,24 @@ class Metrics:
             "batchserve_batches", "Batches started, by flush trigger", ["trigger"], registry=r
         )
         self._images = Counter("batchserve_images", "Images generated", registry=r)
+        self._wasted = Counter(
+            "batchserve_wasted_images",
+            "Images generated with nobody left to take them (client gone, timed out, drain)",
+            ["reason"], registry=r,
+        )
+        self._interrupted = Counter(
+            "batchserve_batches_interrupted",
+            "Batches stopped between denoising steps because nobody waited for them", registry=r,
+        )
+        self._cap = Gauge(
+            "batchserve_batch_cap", "Current batch size limit per batching key (AIMD)",
+            ["key"], registry=r,
+        )
+        self._patience = Gauge(
+            "batchserve_client_patience_seconds",
+            "Learned client patience per batching key (low percentile of give-up ages)",
+            ["key"], registry=r,
+        )
         self._rejected = Counter(
             "batchserve_requests_rejected", "Requests not answered with an image, by reason",
             ["reason"], registry=r,
@@ -75,6 +96,8 @@ class Metrics:
             self._batches.labels(trigger)
         for reason in REJECT_REASONS:
             self._rejected.labels(reason)
+        for reason in WASTE_REASONS:
+            self._wasted.labels(reason)
 
     @_never_raise
     def queue_depth(self, depth: int) -> None:
@@ -96,6 +119,30 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         if reason in REJECT_REASONS:
             self._rejected.labels(reason).inc()
+
+    @_never_raise
+    def wasted(self, reason: str) -> None:
+        if reason in WASTE_REASONS:
+            self._wasted.labels(reason).inc()
+
+    @_never_raise
+    def batch_interrupted(self) -> None:
+        self._interrupted.inc()
+
+    @_never_raise
+    def key_state(self, label: str, cap: int, patience_s: float | None) -> None:
+        self._cap.labels(label).set(cap)
+        if patience_s is None:
+            with contextlib.suppress(KeyError):
+                self._patience.remove(label)
+        else:
+            self._patience.labels(label).set(patience_s)
+
+    @_never_raise
+    def key_forgotten(self, label: str) -> None:
+        for gauge in (self._cap, self._patience):
+            with contextlib.suppress(KeyError):
+                gauge.remove(label)
 
     @_never_raise
     def ready(self, ready: bool) -> None:

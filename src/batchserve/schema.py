@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from .engines import BatchKey, GenerationItem
+from .engines import BatchKey, GenerationItem, key_label
 from .errors import MalformedJSON, ValidationError
 
 FORMATS = ("png", "jpeg", "webp")
@@ -37,6 +37,8 @@ class T2IRequest:
     priority: int
     timeout_s: float
     format: str | None
+    timeout_given: bool = False
+    """The client named its own timeout_s (else learned patience may stand in for it)."""
 
     @property
     def key(self) -> BatchKey:
@@ -45,7 +47,7 @@ class T2IRequest:
     @property
     def key_label(self) -> str:
         """The batching key as the request log shows it (no user text)."""
-        return f"{self.width}x{self.height}x{self.inference_steps}x{self.guidance_scale:g}"
+        return key_label(self.key)
 
     def item(self) -> GenerationItem:
         return GenerationItem(
@@ -151,6 +153,7 @@ def parse(body: bytes, limits: Limits) -> T2IRequest:
         priority=v.get("priority", 0),
         timeout_s=v.get("timeout_s", limits.default_timeout_s),
         format=v.get("format"),
+        timeout_given="timeout_s" in v,
     )
 
 

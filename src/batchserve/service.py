@@ -12,12 +12,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__
+from .adaptive import Adaptive
 from .batcher import Batcher, Outcome
 from .encode import encode
-from .engines import Engine, GenerationItem, load_engine
+from .engines import BatchKey, Engine, GenerationItem, key_label, load_engine
 from .errors import Draining, GenerationFailed, NotReady
 from .metrics import Metrics
 from .schema import Limits
@@ -54,6 +55,10 @@ class Service:
         self.worker = Worker("batchserve-engine")
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
+        self.adaptive = Adaptive(
+            max_batch_size=settings.max_batch_size, enabled=settings.adaptive_batch == "on",
+            label=_label, hooks=self.metrics,
+        )
         self.batcher: Batcher[Job, asyncio.Future[bytes]] = Batcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
@@ -61,6 +66,7 @@ class Service:
             max_queue=settings.max_queue,
             aging_s=settings.priority_aging_s,
             hooks=self.metrics,
+            adaptive=self.adaptive,
         )
         self.on_fatal: Callable[[str], None] = lambda reason: None
         self._engine_factory = engine_factory
@@ -87,7 +93,9 @@ class Service:
                          switch.detail)
             if info.demo and settings.model == "tiny":
                 log.warning(DEMO_WARNING)
-            await self.worker.run(engine.warmup)
+            timings = await self.worker.run(engine.warmup)
+            for key, seconds in (timings or {}).items():
+                self.adaptive.seed(key, 1, seconds)
         except Exception as exc:
             log.exception("model %r failed to load", settings.model)
             self._fail(f"model failed to load: {type(exc).__name__}: {exc}")
@@ -160,14 +168,17 @@ class Service:
         self.check_admitting()
         return self.batcher.submit(
             Job(request.item(), fmt), key=request.key, priority=request.priority,
-            timeout_s=request.timeout_s,
+            timeout_s=request.timeout_s, explicit_timeout=request.timeout_given,
         )
 
     async def _run_batch(self, jobs: list[Job]) -> list[asyncio.Future[bytes]]:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
-        images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        should_stop = self.batcher.should_stop()
+        images = await self.worker.run(
+            partial(engine.generate, [j.item for j in jobs], should_stop=should_stop)
+        )
         self.metrics.gpu_memory(engine.memory_bytes())
         return self._encode_all(images, [j.fmt for j in jobs])
 
@@ -199,6 +210,8 @@ class Service:
                 "priority_aging_s": s.priority_aging_s,
                 "max_queue": s.max_queue,
                 "queue_depth": self.batcher.depth,
+                "adaptive_batch": s.adaptive_batch,
+                "keys": self.adaptive.snapshot(time.monotonic()),
             },
             "limits": {
                 "max_pixels": s.max_pixels,
@@ -212,6 +225,10 @@ class Service:
                 "metrics": bool(s.api_key and s.protect_metrics),
             },
         }
+
+
+def _label(key: object) -> str:
+    return key_label(cast(BatchKey, key))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from PIL.Image import Image
 
-from ..errors import EngineOutOfMemory
+from ..errors import EngineOutOfMemory, Interrupted
 from ..settings import Settings, SettingsError
-from .protocol import EngineInfo, GenerationItem, Switch
+from .protocol import BatchKey, EngineInfo, GenerationItem, StopCheck, Switch
 
 log = logging.getLogger("batchserve.engine")
 
@@ -166,15 +166,22 @@ class DiffusionEngine:
                    "schedulers": sorted(SCHEDULERS)},
         )
 
-    def warmup(self) -> None:
+    def warmup(self) -> dict[BatchKey, float]:
+        timings: dict[BatchKey, float] = {}
         for w, h, steps in self.settings.warmup_shapes():
+            item = GenerationItem("warm-up", "", 0, w, h, steps, 7.5)
             started = time.perf_counter()
-            self.generate([GenerationItem("warm-up", "", 0, w, h, steps, 7.5)])
-            log.info("warm-up %dx%dx%d took %.2f s", w, h, steps, time.perf_counter() - started)
+            self.generate([item])
+            timings[item.key] = time.perf_counter() - started
+            log.info("warm-up %dx%dx%d took %.2f s", w, h, steps, timings[item.key])
+        return timings
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
+    def generate(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+    ) -> list[Image]:
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
+        step_end = None if should_stop is None else _stop_between_steps(should_stop)
         try:
             with torch.inference_mode():
                 out = self.pipe(
@@ -186,6 +193,7 @@ class DiffusionEngine:
                     guidance_scale=first.guidance_scale,
                     generator=generators,
                     output_type="pil",
+                    callback_on_step_end=step_end,
                 )
         except torch.OutOfMemoryError as exc:
             self._free_cache()
@@ -200,6 +208,18 @@ class DiffusionEngine:
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _stop_between_steps(should_stop: StopCheck) -> Any:
+    """A diffusers step-end callback raising `Interrupted` (rather than setting
+    `pipe._interrupt`, which skips the remaining steps but still runs the VAE decode)."""
+
+    def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if should_stop():
+            raise Interrupted(f"stopped after step {step + 1}")
+        return kwargs
+
+    return step_end
 
 
 def _apply(pipe: Any, plan: Plan) -> None:
