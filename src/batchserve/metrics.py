@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import ParamSpec
 
@@ -132,11 +133,8 @@ class Metrics:
     @_never_raise
     def key_state(self, label: str, cap: int, patience_s: float | None) -> None:
         self._cap.labels(label).set(cap)
-        if patience_s is None:
-            with contextlib.suppress(KeyError):
-                self._patience.remove(label)
-        else:
-            self._patience.labels(label).set(patience_s)
+        # NaN while unknown: the key's series exists from its first batch on
+        self._patience.labels(label).set(math.nan if patience_s is None else patience_s)
 
     @_never_raise
     def key_forgotten(self, label: str) -> None:
