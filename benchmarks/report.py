@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks import goodput
+
 ARM_LABELS = {
     "unbatched": "unbatched (max batch 1)",
     "batched": "batched (deadline)",
@@ -19,7 +21,9 @@ OVERHEAD_LABELS = {
     "null": "batchserve, null engine (default 8 / 500 ms)",
 }
 CSV_FIELDS = ("part", "arm", "users", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
-              "mean_batch_size", "mean_queue_ms", "measured", "requests", "failures")
+              "mean_batch_size", "mean_queue_ms", "measured", "requests", "failures",
+              "goodput", "delivered", "gave_up", "refused_503", "refused_504", "generated",
+              "wasted", "interrupted_batches")
 
 
 def _point(results: dict[str, Any], part: str, arm: str, users: int) -> dict[str, Any] | None:
@@ -80,6 +84,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         one = _point(results, "served", "eager", 1)
         if one:
             add("1 user p50, eager policy", one["p50_ms"], raw_ms + 30, False, "ms")
+    for name, value, bound, higher in goodput.targets(results):
+        add(name, value, bound, higher, "ratio")
     bare = _point(results, "overhead", "bare", cfg["overhead_users"])
     null = _point(results, "overhead", "null", cfg["overhead_users"])
     if bare and null and bare["images_per_s"]:
@@ -115,6 +121,7 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{p['images_per_s']:.3f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | "
                          f"{p['p99_ms']:.0f} | {p['mean_batch_size']:.2f} | {p['failures']} |")
         lines.append("")
+    lines += goodput.markdown(results)
     rows = [p for p in results["points"] if p["part"] == "overhead"]
     if rows:
         lines += ["| serving overhead (64x64, null engine) | users | requests/s | p50 ms "

@@ -43,14 +43,17 @@ class T2IUser(FastHttpUser):
     connection_timeout = 10.0
 
     def t2i(self, width: int = WIDTH, height: int = HEIGHT, steps: int = STEPS,
-            name: str = "/t2i") -> None:
-        payload = {
+            name: str = "/t2i", extra: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """Sends one request and records it; returns its status (0: no answer, e.g. the
+        client's own timeout) and headers."""
+        payload: dict[str, Any] = {
             "prompt": random.choice(PROMPTS),
             "seed": next(_seeds),
             "width": width,
             "height": height,
             "inference_steps": steps,
             "guidance_scale": GUIDANCE,
+            **(extra or {}),
         }
         headers = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else None
         started = time.time()
@@ -74,6 +77,7 @@ class T2IUser(FastHttpUser):
                 "queue_ms": float(got.get("X-Queue-Ms", "0") or 0),
                 "inference_ms": float(got.get("X-Inference-Ms", "0") or 0),
             })
+        return status, got
 
 
 class SameRequestUser(T2IUser):
