@@ -37,13 +37,13 @@ BODY = {"prompt": "a slow lighthouse", "width": 64, "height": 64, "inference_ste
 
 def adaptive_batcher(runner: HeldRunner, clock: FakeClock, *, max_batch_size: int = 8,
                      fixed_s: float | None = 1.0, per_image_s: float = 1.0,
-                     ) -> Batcher[tuple[str, int], str]:
+                     max_wait_s: float = 0.0) -> Batcher[tuple[str, int], str]:
     """A batcher learning per key; key "a" already timed at `fixed_s + per_image_s * n`."""
     adaptive = Adaptive(max_batch_size=max_batch_size)
     if fixed_s is not None:
         for n in (1, 4):
             adaptive.batch_ran("a", n, fixed_s + per_image_s * n)
-    return Batcher(runner, max_batch_size=max_batch_size, max_wait_s=0.0, max_queue=64,
+    return Batcher(runner, max_batch_size=max_batch_size, max_wait_s=max_wait_s, max_queue=64,
                    clock=clock, adaptive=adaptive)
 
 
@@ -116,6 +116,22 @@ def test_batch_is_capped_so_its_members_finish_in_budget(clock: FakeClock) -> No
         await run.finish_batch()
         await blocker
         assert [(await f).batch_size for f in tight] == [3] * 6
+        await run.close()
+
+    asyncio.run(scenario())
+
+
+def test_group_whose_budget_cannot_afford_the_max_wait_starts_at_once(clock: FakeClock) -> None:
+    async def scenario() -> None:
+        runner = HeldRunner()
+        run = Run(adaptive_batcher(runner, clock, max_wait_s=10.0), runner, clock)
+        patient = run.submit(0)  # 10 s wait + a full batch (9 s) fits a huge budget: it waits
+        assert await _pending(patient) and runner.batches == []
+        hurried = run.submit(1, timeout_s=12.0)  # 10 s + 9 s would miss 12 s: start now
+        await _until(lambda: len(runner.batches) == 1)
+        assert runner.batches[0] == [("a", 0), ("a", 1)]
+        await run.finish_batch()
+        assert (await hurried).batch_size == 2
         await run.close()
 
     asyncio.run(scenario())

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from .adaptive import Adaptive
+from .deadlines import Deadlines, InEngine
 from .errors import (
     BatchServeError,
     CannotFinish,
@@ -25,7 +26,6 @@ from .errors import (
     EngineOutOfMemory,
     GenerationFailed,
     Interrupted,
-    Overloaded,
     QueueFull,
     QueueTimeout,
 )
@@ -206,6 +206,7 @@ class Batcher(Generic[T, R]):
         self._inflight: list[Pending[T, R]] = []
         self._running: _Running[T, R] | None = None
         self.adaptive = adaptive or Adaptive(max_batch_size=max_batch_size, enabled=False)
+        self._deadlines = Deadlines(self.adaptive, max_wait_s, aging_s)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -242,16 +243,10 @@ class Batcher(Generic[T, R]):
                 retry_after_s=self.retry_after_s(),
             )
         now = self._clock()
-        budget_s = timeout_s
-        if not explicit_timeout:
-            patience = self.adaptive.patience(key, now)
-            one = self.adaptive.predict(key, 1)
-            # a patience below one image's time cannot be met anyway: ignore it rather than
-            # refuse everyone
-            if patience is not None and one is not None and one < patience < budget_s:
-                budget_s = patience
+        budget_s = self._deadlines.budget_s(key, now, timeout_s, explicit_timeout)
         if self.adaptive.enabled:
-            self._admit(key, priority, now, timeout_s, budget_s, explicit_timeout)
+            self._deadlines.admit(key, priority, now, timeout_s, budget_s, explicit_timeout,
+                                  self._in_engine(), self._queued())
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
         self._seq += 1
         item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future,
@@ -269,59 +264,14 @@ class Batcher(Generic[T, R]):
         batches_ahead = math.ceil(max(self._depth, 1) / self.max_batch_size)
         return max(1, math.ceil(batches_ahead * batch_s))
 
-    def _admit(self, key: Hashable, priority: int, now: float, timeout_s: float,
-               budget_s: float, explicit: bool) -> None:
-        one = self.adaptive.predict(key, 1)
-        if explicit and one is not None and one > timeout_s:
-            raise CannotFinish(
-                f"timeout_s={timeout_s:g} is shorter than one image of this shape takes "
-                f"(about {one:.1f} s)", field="timeout_s")
-        finish = self.predict_finish(key, priority, now)
-        if finish is not None and finish - now > budget_s:
-            late = finish - now - budget_s
-            raise Overloaded(
-                f"the work ahead would finish this request in about {finish - now:.1f} s, "
-                f"past its budget of {budget_s:.1f} s; retry later",
-                retry_after_s=max(1.0, math.ceil(late)))
-
-    def predict_finish(self, key: Hashable, priority: int, now: float) -> float | None:
-        """When a request submitted now would finish, from the batch-time models of the work
-        ahead of it (the running batch, groups of no lower priority, its own group). None while
-        its own key's batch time is unknown; other unknown keys count as free."""
-        if self.adaptive.predict(key, 1) is None:
-            return None
-        ahead = 0.0
+    def _in_engine(self) -> InEngine | None:
         running = self._running
-        if running is not None:
-            took = self.adaptive.predict(running.items[0].key, len(running.items))
-            if took is not None:
-                ahead += max(0.0, running.started + took - now)
-        for k, g in self._groups.items():
-            if k != key and g.priority(now, self._aging_s) >= priority:
-                ahead += self._group_time(k, len(g.items))
-        group = self._groups.get(key)
-        members = group.items if group else []
-        before = sum(1 for p in members if p.effective_priority(now, self._aging_s) >= priority)
-        cap = self.adaptive.cap(key)
-        batches_before = before // cap
-        mine = min(cap, len(members) + 1 - batches_before * cap)
-        wait = 0.0
-        if len(members) + 1 < cap:  # it waits for company unless the engine is busy anyway
-            oldest = min((p.enqueued for p in members), default=now)
-            wait = max(0.0, oldest + self.max_wait_s - now)
-        own = self._group_time(key, batches_before * cap) + (self.adaptive.predict(key, mine)
-                                                             or 0.0)
-        return now + max(ahead, wait) + own
+        if running is None:
+            return None
+        return InEngine(running.items[0].key, len(running.items), running.started)
 
-    def _group_time(self, key: Hashable, n: int) -> float:
-        if n <= 0:
-            return 0.0
-        cap = self.adaptive.cap(key)
-        full, rest = divmod(n, cap)
-        total = full * (self.adaptive.predict(key, cap) or 0.0)
-        if rest:
-            total += self.adaptive.predict(key, rest) or 0.0
-        return total
+    def _queued(self) -> dict[Hashable, list[Pending[T, R]]]:
+        return {k: g.items for k, g in self._groups.items()}
 
     def poke(self) -> None:
         """Re-evaluate the queue now (tests call it after advancing an injected clock)."""
@@ -449,6 +399,8 @@ class Batcher(Generic[T, R]):
             self._closed
             or len(group.items) >= self.adaptive.cap(key)
             or now - group.oldest >= self.max_wait_s
+            or (self.adaptive.enabled
+                and self._deadlines.cannot_wait(key, group.items, group.oldest + self.max_wait_s))
         )
 
     def _pick(self, now: float) -> tuple[Hashable, str] | None:
@@ -469,8 +421,8 @@ class Batcher(Generic[T, R]):
         group = self._groups[key]
         group.items.sort(key=lambda p: (-p.effective_priority(now, self._aging_s), p.seq))
         if self.adaptive.enabled:
-            self._refuse_unreachable(group, now)
-            batch = self._fit(key, group.items, now)
+            self._refuse_unreachable(key, group, now)
+            batch = self._deadlines.fit(key, group.items, now)
             chosen = {id(p) for p in batch}
             group.items = [p for p in group.items if id(p) not in chosen]
         else:
@@ -483,36 +435,17 @@ class Batcher(Generic[T, R]):
         self._set_depth(self._depth - len(batch))
         return batch
 
-    def _refuse_unreachable(self, group: _Group[T, R], now: float) -> None:
+    def _refuse_unreachable(self, key: Hashable, group: _Group[T, R], now: float) -> None:
         """Answers at once the items that would miss their timeout_s even in a batch of one."""
-        one = self.adaptive.predict(group.items[0].key, 1)
-        if one is None:
-            return
-        keep = []
-        for item in group.items:
-            if now + one > item.deadline:
-                item.future.set_exception(CannotFinish(
-                    f"would finish past its timeout_s (one image takes about {one:.1f} s)"))
-                self._hooks.rejected("deadline")
-                self._set_depth(self._depth - 1)
-            else:
-                keep.append(item)
-        group.items = keep
-
-    def _fit(self, key: Hashable, items: list[Pending[T, R]], now: float
-             ) -> list[Pending[T, R]]:
-        """The largest batch whose members are all predicted to finish within their budgets
-        (in priority order, then oldest first). When no item can make it, the freshest ones
-        run: their clients have the most time left."""
-        cap = self.adaptive.cap(key)
-        for n in range(min(cap, len(items)), 0, -1):
-            took = self.adaptive.predict(key, n)
-            if took is None:
-                return items[:n]
-            fits = [p for p in items if now + took <= p.budget_end]
-            if len(fits) >= n:
-                return fits[:n]
-        return sorted(items, key=lambda p: -p.enqueued)[:cap]
+        late = self._deadlines.unreachable(key, group.items, now)
+        for item in late:
+            item.future.set_exception(CannotFinish(
+                "would finish past its timeout_s even alone; not started"))
+            self._hooks.rejected("deadline")
+        if late:
+            gone = {id(p) for p in late}
+            group.items = [p for p in group.items if id(p) not in gone]
+            self._set_depth(self._depth - len(late))
 
     async def _run_batch(self, batch: list[Pending[T, R]], trigger: str) -> None:
         start = self._clock()
