@@ -96,9 +96,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    lines = [f"Model `{cfg['model']}`, {cfg['size']} (WxHxsteps), max batch "
-             f"{cfg['max_batch_size']}, max wait {cfg['max_wait_ms']:g} ms; "
-             f"{results['machine']['cpus']} CPUs; {results['elapsed_s']:g} s in all.", ""]
+    parts = {p["part"] for p in results["points"]} | ({"raw"} if "raw" in results else set())
+    what = (f"Model `{cfg['model']}`, {cfg['size']} (WxHxsteps), max batch "
+            f"{cfg['max_batch_size']}, max wait {cfg['max_wait_ms']:g} ms; "
+            if parts - {"goodput", "patient"} else
+            f"max batch {cfg['max_batch_size']}, max wait {cfg['max_wait_ms']:g} ms; ")
+    lines = [f"{what}{results['machine']['cpus']} CPUs; {results['elapsed_s']:g} s in all.", ""]
     for key, when in (("raw", "before"), ("raw_after", "after")):
         raw = results.get(key)
         if not raw:
