@@ -205,7 +205,7 @@ def test_runner_goodput_smoke(tmp_path: Path) -> None:
     for point in results["points"]:
         if point["part"] == "goodput" and point["arm"] != "batch1":
             assert point["requests"] > 0 and point["generated"] >= point["wasted"] >= 0
-        else:
-            assert point["failures"] == 0 and point["images_per_s"] > 0
+        else:  # a second or two of load on a busy CI machine: answers, not rates
+            assert point["failures"] == 0 and point["requests"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "Impatient clients" in table and "adaptive wasted / generated" in table
