@@ -319,6 +319,23 @@ async def test_partly_cancelled_batch_runs_on() -> None:
         assert app.metric("batchserve_batches_interrupted_total") == 0
 
 
+async def test_job_canceled_mid_batch_stops_it_and_teaches_no_patience() -> None:
+    steps = Steps()
+    engine = FakeEngine(on_step=steps)
+    async with in_process(engine, max_wait_ms=0) as app:
+        job = (await app.client.post("/v1/jobs", json=BODY)).json()["id"]
+        steps.allow(1)
+        await reached(steps, 2)
+        deleted = await app.client.delete(f"/v1/jobs/{job}")
+        assert deleted.json()["status"] == "canceled"
+        steps.allow(100)
+        await eventually(lambda: app.metric("batchserve_batches_interrupted_total") == 1)
+        assert engine.steps_run == 2
+        # a job has no connection to lose patience on: nothing learned from its cancellation
+        assert app.service.adaptive.state(KEY).patience.estimate(0.0) is None
+        assert not app.service.adaptive.state(KEY).patience._ages
+
+
 async def test_warm_up_timing_lets_the_server_refuse_an_impossible_timeout_at_once() -> None:
     engine = FakeEngine(warmup_timings={KEY: 4.0})
     async with in_process(engine, max_batch_size=4, max_wait_ms=0) as app:

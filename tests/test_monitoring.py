@@ -46,6 +46,9 @@ APP_METRICS = {
     "batchserve_gpu_memory_allocated_bytes",
     "batchserve_gpu_memory_reserved_bytes",
     "batchserve_ready",
+    "batchserve_jobs_total",
+    "batchserve_jobs_waiting",
+    "batchserve_job_duration_seconds",
     # prometheus-fastapi-instrumentator: the two series `metrics.instrument` adds
     "http_requests_total",
     "http_request_duration_seconds",
@@ -303,6 +306,9 @@ def test_api_dashboard_answers_is_batching_working() -> None:
         "Wasted images/s and interrupted batches/s": ["batchserve_wasted_images_total",
                                                       "batchserve_batches_interrupted_total"],
         "Rejections/s by reason": ["batchserve_requests_rejected_total", "by (reason)"],
+        "Jobs waiting": ["max(batchserve_jobs_waiting"],
+        "Jobs/s by status": ["batchserve_jobs_total", "by (status)"],
+        "Job duration p50 / p95": ["batchserve_job_duration_seconds_bucket"],
     }
     for title, needles in expected.items():
         assert title in by_title, f"missing panel {title!r}"

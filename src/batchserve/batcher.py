@@ -58,6 +58,8 @@ class Pending(Generic[T, R]):
     budget_end: float = math.inf
     """When its client is predicted to stop waiting: `deadline`, or sooner by learned patience
     when the client named no timeout of its own."""
+    teaches_patience: bool = False
+    """Its client named no timeout: the age at which it gives up is what patience learns."""
 
     def effective_priority(self, now: float, aging_s: float) -> int:
         return self.priority + int((now - self.enqueued) // aging_s)
@@ -230,8 +232,9 @@ class Batcher(Generic[T, R]):
         self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0,
         explicit_timeout: bool = True,
     ) -> asyncio.Future[Outcome[R]]:
-        """Queues one item. `explicit_timeout=False` says its client named no timeout, so a
-        learned patience may stand in for it as the budget (never beyond `timeout_s`).
+        """Queues one item. `explicit_timeout=False` says its client named no timeout: a learned
+        patience may stand in for it as the budget (never beyond `timeout_s`), and the age at
+        which it is cancelled is what that patience learns from.
 
         Raises `Draining`, `QueueFull`, or (adaptive only) `CannotFinish` / `Overloaded` when it
         is predicted to finish past its budget; nothing refused is queued."""
@@ -250,7 +253,7 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
         self._seq += 1
         item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future,
-                       now + budget_s)
+                       now + budget_s, not explicit_timeout)
         self._groups.setdefault(key, _Group()).items.append(item)
         future.add_done_callback(partial(self._on_done, item))
         self._set_depth(self._depth + 1)
@@ -289,7 +292,8 @@ class Batcher(Generic[T, R]):
         now = self._clock()
         if future.cancelled():
             self._wake.set()
-            self.adaptive.gave_up(item.key, now - item.enqueued, now)
+            if item.teaches_patience:
+                self.adaptive.gave_up(item.key, now - item.enqueued, now)
         running = self._running
         if running is None or not any(p is item for p in running.items):
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable
@@ -48,6 +49,13 @@ class T2IRequest:
     def key_label(self) -> str:
         """The batching key as the request log shows it (no user text)."""
         return key_label(self.key)
+
+    def fields(self) -> dict[str, Any]:
+        """The request as its fields (what a job stores and shows): `T2IRequest(**fields)`
+        rebuilds it, without the door-side `timeout_given` (a job has no waiting client)."""
+        data = dataclasses.asdict(self)
+        del data["timeout_given"]
+        return data
 
     def item(self) -> GenerationItem:
         return GenerationItem(
@@ -126,7 +134,12 @@ def decode(body: bytes) -> dict[str, Any]:
 
 def parse(body: bytes, limits: Limits) -> T2IRequest:
     """Raises `MalformedJSON` (400) or `ValidationError` (422) naming the field."""
-    data = decode(body)
+    return validate(decode(body), limits)
+
+
+def validate(data: dict[str, Any], limits: Limits) -> T2IRequest:
+    """`parse` after decoding: for doors whose body carries fields of their own, which they
+    pop before handing over the rest (e.g. the jobs door's `webhook`)."""
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise ValidationError(
