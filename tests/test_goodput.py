@@ -289,6 +289,7 @@ async def test_all_cancelled_batch_stops_within_one_step() -> None:
         for call in calls:
             call.leave()
         await asyncio.wait_for(asyncio.gather(*(c.task for c in calls)), 5)
+        await eventually(app.service.batcher.should_stop())  # the loop saw both leave
         steps.allow(1)
         await eventually(lambda: app.metric("batchserve_batches_interrupted_total") == 1)
         assert engine.steps_run == 3 and engine.interrupted == 1  # 7 of 10 steps never ran
@@ -328,6 +329,7 @@ async def test_job_canceled_mid_batch_stops_it_and_teaches_no_patience() -> None
         await reached(steps, 2)
         deleted = await app.client.delete(f"/v1/jobs/{job}")
         assert deleted.json()["status"] == "canceled"
+        await eventually(app.service.batcher.should_stop())  # the loop saw it
         steps.allow(100)
         await eventually(lambda: app.metric("batchserve_batches_interrupted_total") == 1)
         assert engine.steps_run == 2
@@ -372,6 +374,7 @@ async def app_with_leavers() -> Any:
             await reached(steps, 10 * seed + 1)
             call.leave()
             await asyncio.wait_for(call.task, 5)
+            await eventually(app.service.batcher.should_stop())
             steps.allow(10)
             await eventually(lambda s=seed: engine.interrupted == s + 1)  # type: ignore[misc]
         yield app

@@ -19,13 +19,12 @@ def open_queue(settings: Settings) -> JobQueue:
         return MemoryQueue(
             ttl_s=settings.job_ttl_s, visibility_timeout_s=settings.job_visibility_timeout_s
         )
-    from .redis import RedisQueue  # type: ignore[import-not-found]  # until jobs-backends lands
+    from .redis import RedisQueue
 
     queue: JobQueue = RedisQueue(
         settings.queue,
         ttl_s=settings.job_ttl_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,
-        max_attempts=settings.job_max_attempts,
     )
     return queue
 
@@ -35,11 +34,11 @@ def open_store(settings: Settings) -> ResultStore:
         return MemoryResultStore(ttl_s=settings.job_ttl_s)
     scheme, _, rest = settings.results.partition("://")
     if scheme == "file":
-        from .stores import FileResultStore  # type: ignore[import-not-found]
+        from .stores import FileResultStore
 
         files: ResultStore = FileResultStore(Path(rest), ttl_s=settings.job_ttl_s)
         return files
-    from .stores import S3ResultStore  # type: ignore[import-not-found]
+    from .stores import S3ResultStore
 
     bucket, _, prefix = rest.partition("/")
     s3: ResultStore = S3ResultStore(

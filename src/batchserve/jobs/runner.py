@@ -207,8 +207,13 @@ class JobRunner:
         try:
             await _persist(lambda: self.jobs.transition(
                 d.job_id, Status.SUCCEEDED, result=result, completed_at=self.jobs.now()))
-        except (TransitionRefused, NotFound):  # canceled after all: nobody may read it
-            await _persist(lambda: self.jobs.store.delete(d.job_id))
+        except (TransitionRefused, NotFound):
+            # Canceled after all: nobody may read it. Unless another worker, which claimed the
+            # job while this one was silent past the visibility timeout, finished it first:
+            # its image (same request, same seed) is the job's one result; keep it.
+            after = await self.queue.get(d.job_id)
+            if after is None or after.status is not Status.SUCCEEDED:
+                await _persist(lambda: self.jobs.store.delete(d.job_id))
         await _persist(lambda: self.queue.ack(d))
 
     async def _end(self, d: Delivery, status: Status, **changes: Any) -> None:
