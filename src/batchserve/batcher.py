@@ -490,7 +490,8 @@ class Batcher(Generic[T, R]):
             else:
                 item.future.set_result(Outcome(result, size, start - item.enqueued, duration))
         self._hooks.batch_finished(len(batch), duration, images)
-        self.adaptive.batch_ended(key, len(batch), running.left, now)
+        if images or running.left:  # a failed batch says nothing about its clients' patience
+            self.adaptive.batch_ended(key, len(batch), running.left, now)
 
     def _note_batch_time(self, seconds: float) -> None:
         prev = self._batch_s_ema
