@@ -50,6 +50,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="goodput: sim (the default: timing without CPU) or a real model such "
                         "as tiny, served at --goodput-size")
     p.add_argument("--goodput-size", default="64x64x20", help="goodput: WxHxSTEPS")
+    p.add_argument("--goodput-patient-s", type=float, default=None,
+                   help="goodput: seconds per patient-clients arm (default half the "
+                        "impatient duration; 0 skips them)")
 
 
 def quick(opts: argparse.Namespace) -> None:
@@ -105,14 +108,15 @@ def run(opts: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
             counters = scrape(url)
         points.append({"part": "goodput", "arm": arm, "users": load.users,
                        **impatient_figures(records, load, timeout), **counters})
-    points += run_patient(opts, workdir, sim, size)
+    if opts.goodput_patient_s != 0:
+        points += run_patient(opts, workdir, sim, size)
     return points
 
 
 def run_patient(opts: argparse.Namespace, workdir: Path, sim: list[str],
                 size: tuple[int, int, int]) -> list[dict[str, Any]]:
     points = []
-    duration = opts.goodput_duration_s / 2
+    duration = opts.goodput_patient_s or opts.goodput_duration_s / 2
     for arm in ("batched", "adaptive"):
         load = Load("saturate", opts.goodput_users, duration, opts.goodput_warm_s / 2, size)
         name = f"patient-{arm}"
