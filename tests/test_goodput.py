@@ -11,7 +11,7 @@ import asyncio
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ import httpx
 import orjson
 import pytest
 from inprocess import InProcess, call_asgi, in_process
+from PIL import Image
 from test_batcher import FakeClock, HeldRunner, _pending, _until
 
 from batchserve.adaptive import Adaptive
 from batchserve.batcher import Batcher, Outcome
-from batchserve.errors import CannotFinish, Overloaded, QueueTimeout
+from batchserve.engines import GenerationItem, StopCheck
+from batchserve.errors import CannotFinish, EngineOutOfMemory, Overloaded, QueueTimeout
 
 from conftest import running_server
 from fakes import FakeEngine, Steps
@@ -277,6 +279,68 @@ async def eventually(predicate: Callable[[], bool], rounds: int = 2500) -> None:
 
 async def reached(steps: Steps, n: int) -> None:
     assert await asyncio.to_thread(steps.reached, n), f"engine never reached step {n}"
+
+
+def test_batch_size_is_the_least_of_setting_memory_limit_and_aimd_cap() -> None:
+    """One size per key for every decision: min(--max-batch-size, the out-of-memory limit
+    learned by `BatchSizes`, the AIMD cap), enabled or not (the memory limit always holds)."""
+    adaptive = Adaptive(max_batch_size=8)
+    limit = {"a": 8}
+    adaptive.size_limit = lambda key: limit["a"]
+    assert adaptive.cap("a") == 8
+    adaptive.state("a").aimd.clients_left()  # AIMD: 8 -> 4
+    assert adaptive.cap("a") == 4
+    limit["a"] = 3  # ran out of memory above 3
+    assert adaptive.cap("a") == 3
+    limit["a"] = 6
+    assert adaptive.cap("a") == 4
+    adaptive.enabled = False
+    assert adaptive.cap("a") == 6
+    batcher: Batcher[int, int] = Batcher(HeldRunner(), max_batch_size=8, adaptive=adaptive)
+    batcher.sizes.out_of_memory("a", 4)  # the batcher wires its learned limit into the cap
+    assert batcher.adaptive.cap("a") == batcher._limit("a") == 2
+
+
+class SplitEngine(FakeEngine):
+    """Runs out of memory above two items, before any step; smaller parts run step by step."""
+
+    def generate(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+    ) -> list[Image.Image]:
+        if len(items) > 2:
+            self.batches.append(list(items))
+            raise EngineOutOfMemory("CUDA out of memory")
+        return super().generate(items, should_stop)
+
+
+async def test_split_part_whose_clients_all_left_stops_and_the_next_part_runs() -> None:
+    """The stop flag belongs to the part in the engine: its clients gone, it stops at the next
+    step and is not retried smaller; the next part, whose clients wait, runs in full."""
+    steps = Steps()
+    engine = SplitEngine(on_step=steps)
+    async with in_process(engine, max_batch_size=4, max_wait_ms=60_000) as app:
+        leavers = [call_asgi(app.app, {**BODY, "seed": s}) for s in (0, 1)]
+        await eventually(lambda: app.service.batcher.depth == 2)
+        stayers = [asyncio.create_task(app.client.post("/t2i", json={**BODY, "seed": s}))
+                   for s in (2, 3)]
+        await reached(steps, 1)  # 4 ran out of memory; the part [0, 1] is at its first step
+        assert [len(b) for b in engine.batches] == [4, 2]
+        assert not app.service.batcher.should_stop()()
+        for call in leavers:
+            call.leave()
+        await asyncio.wait_for(asyncio.gather(*(c.task for c in leavers)), 5)
+        await eventually(app.service.batcher.should_stop())
+        steps.allow(100)
+        responses = await asyncio.wait_for(asyncio.gather(*stayers), 5)
+        assert [r.status_code for r in responses] == [200, 200]
+        assert {r.headers["x-batch-size"] for r in responses} == {"2"}
+        assert [[i.seed for i in b] for b in engine.batches] == [[0, 1, 2, 3], [0, 1], [2, 3]]
+        assert engine.interrupted == 1 and engine.steps_run == 1 + 10
+        assert app.metric("batchserve_batches_interrupted_total") == 1
+        assert app.metric("batchserve_wasted_images_total", reason="cancelled") == 0
+        assert app.metric("batchserve_requests_rejected_total", reason="cancelled") == 2
+        assert app.metric("batchserve_images_total") == 2
+        assert app.service.batcher._limit(KEY) == 2  # learned from the out-of-memory error
 
 
 async def test_all_cancelled_batch_stops_within_one_step() -> None:

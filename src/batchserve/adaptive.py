@@ -49,6 +49,9 @@ class Adaptive:
         self._hooks = hooks
         self._max_keys = max_keys
         self._keys: OrderedDict[Hashable, KeyState] = OrderedDict()
+        self.size_limit: Callable[[Hashable], int] = lambda key: max_batch_size
+        """The largest batch known to fit in memory per key (`batchsize.BatchSizes.limit`; the
+        batcher wires it): it bounds the cap, enabled or not."""
 
     def state(self, key: Hashable) -> KeyState:
         st = self._keys.get(key)
@@ -64,10 +67,13 @@ class Adaptive:
         return st
 
     def cap(self, key: Hashable) -> int:
+        """The effective batch size of `key`: the least of `max_batch_size`, the learned
+        out-of-memory limit and (enabled) the AIMD cap."""
+        limit = min(self.max_batch_size, self.size_limit(key))
         if not self.enabled:
-            return self.max_batch_size
+            return limit
         st = self._keys.get(key)
-        return st.aimd.cap if st is not None else self.max_batch_size
+        return min(limit, st.aimd.cap) if st is not None else limit
 
     def predict(self, key: Hashable, size: int) -> float | None:
         st = self._keys.get(key)

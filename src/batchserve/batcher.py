@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from .adaptive import Adaptive
+from .batchsize import BatchSizes
 from .deadlines import Deadlines, InEngine
 from .errors import (
     BatchServeError,
@@ -29,6 +30,7 @@ from .errors import (
     QueueFull,
     QueueTimeout,
 )
+from .retry import Part, run_split
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -96,6 +98,10 @@ class Hooks(Protocol):
 
     def key_forgotten(self, label: str) -> None: ...
 
+    def size_limit(self, key: str, limit: int) -> None:
+        """The learned batch size limit of a key changed (`key` is its label, no user text)."""
+        ...
+
 
 class NullHooks:
     def queue_depth(self, depth: int) -> None:
@@ -122,40 +128,27 @@ class NullHooks:
     def key_forgotten(self, label: str) -> None:
         pass
 
+    def size_limit(self, key: str, limit: int) -> None:
+        pass
+
 
 @dataclass(eq=False, slots=True)
 class _Running(Generic[T, R]):
-    """The batch in the engine. `stop` is set (and read by the engine thread between steps)
-    once no member has anyone waiting for it."""
+    """The batch in the engine. It runs as one or more parts (`retry.run_split`); `stop` belongs
+    to the part now running and is set (and read by the engine thread between steps) once no
+    member of that part has anyone waiting for it."""
 
     items: list[Pending[T, R]]
     started: float
+    part: tuple[int, ...] = ()
     stop: threading.Event = field(default_factory=threading.Event)
     left: int = 0  # members whose clients left or timed out while it ran
 
+    def starting(self, indices: tuple[int, ...]) -> None:
+        self.part, self.stop = indices, threading.Event()
 
-async def run_split(runner: Runner[T, R], payloads: list[T]) -> list[tuple[R | Exception, int]]:
-    """Runs `payloads` as one batch; on out-of-memory retries each half, down to single items.
-
-    Returns one (result or exception, size of the batch that produced it) per payload.
-    """
-    try:
-        results = await runner(payloads)
-    except EngineOutOfMemory as exc:
-        if len(payloads) == 1:
-            return [(exc, 1)]
-        mid = len(payloads) // 2
-        log.warning("out of memory at batch size %d; retrying as %d + %d",
-                    len(payloads), mid, len(payloads) - mid)
-        return await run_split(runner, payloads[:mid]) + await run_split(runner, payloads[mid:])
-    except Exception as exc:
-        return [(exc, len(payloads))] * len(payloads)
-    if len(results) != len(payloads):
-        mismatch = RuntimeError(
-            f"engine returned {len(results)} results for {len(payloads)} items"
-        )
-        return [(mismatch, len(payloads))] * len(payloads)
-    return [(r, len(payloads)) for r in results]
+    def abandoned(self) -> bool:
+        return all(p.future.done() for p in self.items)
 
 
 def _wasted_reason(exc: BaseException | None) -> str:
@@ -196,6 +189,7 @@ class Batcher(Generic[T, R]):
         clock: Clock = time.monotonic,
         hooks: Hooks | None = None,
         adaptive: Adaptive | None = None,
+        key_label: Callable[[Hashable], str] = str,
     ) -> None:
         self._runner = runner
         self.max_batch_size = max_batch_size
@@ -204,10 +198,17 @@ class Batcher(Generic[T, R]):
         self._aging_s = aging_s
         self._clock = clock
         self._hooks: Hooks = hooks or NullHooks()
+        self.key_label = key_label
+        self.sizes = BatchSizes(
+            max_batch_size, on_change=lambda key, n: self._hooks.size_limit(key_label(key), n)
+        )
         self._groups: dict[Hashable, _Group[T, R]] = {}
         self._inflight: list[Pending[T, R]] = []
         self._running: _Running[T, R] | None = None
         self.adaptive = adaptive or Adaptive(max_batch_size=max_batch_size, enabled=False)
+        # One batch size per key for every decision (due-ness, take, predictions): the least
+        # of --max-batch-size, the learned out-of-memory limit and (adaptive) the AIMD cap.
+        self.adaptive.size_limit = self.sizes.limit
         self._deadlines = Deadlines(self.adaptive, max_wait_s, aging_s)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -299,14 +300,15 @@ class Batcher(Generic[T, R]):
             return
         if future.cancelled() or isinstance(future.exception(), QueueTimeout):
             running.left += 1
-        if all(p.future.done() for p in running.items):
+        if running.part and all(running.items[i].future.done() for i in running.part):
             running.stop.set()
+        if running.abandoned():
             self._settle_if_abandoned()
 
     def _settle_if_abandoned(self) -> None:
         """A drain does not wait for a running batch nobody waits for."""
         running = self._running
-        if self._closed and not self._groups and running is not None and running.stop.is_set():
+        if self._closed and not self._groups and running is not None and running.abandoned():
             self._idle.set()
 
     def _set_depth(self, depth: int) -> None:
@@ -398,10 +400,16 @@ class Batcher(Generic[T, R]):
         if removed:
             self._set_depth(self._depth - removed)
 
+    def _limit(self, key: Hashable) -> int:
+        """The most items of `key` one batch takes: the setting, or less where a larger batch
+        of this key ran out of memory (`BatchSizes`) or, adaptive, where its clients left
+        (the AIMD cap); see `Adaptive.cap`."""
+        return self.adaptive.cap(key)
+
     def _is_due(self, key: Hashable, group: _Group[T, R], now: float) -> bool:
         return (
             self._closed
-            or len(group.items) >= self.adaptive.cap(key)
+            or len(group.items) >= self._limit(key)
             or now - group.oldest >= self.max_wait_s
             or (self.adaptive.enabled
                 and self._deadlines.cannot_wait(key, group.items, group.oldest + self.max_wait_s))
@@ -412,7 +420,7 @@ class Batcher(Generic[T, R]):
         if not due:
             return None
         key, group = min(due, key=lambda kg: (-kg[1].priority(now, self._aging_s), kg[1].oldest))
-        if len(group.items) >= self.adaptive.cap(key):
+        if len(group.items) >= self._limit(key):
             return key, "full"
         return key, "drain" if self._closed else "timeout"
 
@@ -430,10 +438,8 @@ class Batcher(Generic[T, R]):
             chosen = {id(p) for p in batch}
             group.items = [p for p in group.items if id(p) not in chosen]
         else:
-            batch, group.items = (
-                group.items[: self.max_batch_size],
-                group.items[self.max_batch_size :],
-            )
+            limit = self._limit(key)
+            batch, group.items = group.items[:limit], group.items[limit:]
         if not group.items:
             del self._groups[key]
         self._set_depth(self._depth - len(batch))
@@ -457,41 +463,71 @@ class Batcher(Generic[T, R]):
         running = _Running(batch, start)
         self._inflight, self._running = batch, running
         self._hooks.batch_started(len(batch), trigger, [start - p.enqueued for p in batch])
+        delivered = [False] * len(batch)
+        generated = interrupted = 0
+
+        def deliver(part: Part[R]) -> None:
+            nonlocal generated, interrupted
+            for n in part.indices:
+                delivered[n] = True
+            if isinstance(part.error, Interrupted):
+                interrupted += 1
+            elif part.error is None and part.results is not None:
+                generated += part.size
+                self.adaptive.batch_ran(key, part.size, part.seconds)
+            self._deliver(batch, part)
+
         try:
-            outcomes = await run_split(self._runner, [p.payload for p in batch])
+            await run_split(
+                self._runner, [p.payload for p in batch], deliver, clock=self._clock,
+                wanted=lambda n: not batch[n].future.done(), sizes=_KeySizes(self.sizes, key),
+                starting=running.starting,
+            )
+        except BaseException:  # the loop dies or is stopped: answer here, fail_all can't see it
+            self.fail_all(GenerationFailed("the batch loop stopped; the server is restarting"))
+            raise
         finally:
             self._inflight, self._running = [], None
+        for n, done in enumerate(delivered):
+            if not done and batch[n].future.cancelled():  # its client left before its part ran
+                self._hooks.rejected("cancelled")
         now = self._clock()
         duration = now - start
-        interrupted = any(isinstance(r, Interrupted) for r, _ in outcomes)
         if interrupted:
             self._hooks.batch_interrupted()
         else:
             self._note_batch_time(duration)
-            if all(size == len(batch) and not isinstance(r, BaseException)
-                   for r, size in outcomes):  # a whole batch, neither split nor failed
-                self.adaptive.batch_ran(key, len(batch), duration)
-        images = 0
-        for item, (result, size) in zip(batch, outcomes, strict=True):
-            generated = not isinstance(result, BaseException)
-            images += generated
+        self._hooks.batch_finished(len(batch), duration, generated)
+        if generated or running.left:  # a failed batch says nothing about its clients' patience
+            self.adaptive.batch_ended(key, len(batch), running.left, now)
+
+    def _deliver(self, batch: list[Pending[T, R]], part: Part[R]) -> None:
+        """Answers one part's items the moment it ends: X-Batch-Size is the size that made the
+        image, X-Queue-Ms runs until that part started. An image made for nobody (its client
+        left, timed out, or was cut off by a drain) is counted as wasted."""
+        error = part.error
+        if error is not None and not isinstance(
+            error, BatchServeError | EngineOutOfMemory | Interrupted
+        ):
+            log.error("batch of %d failed", part.size, exc_info=error)
+        made = error is None and part.results is not None
+        for n, index in enumerate(part.indices):
+            item = batch[index]
             if item.future.cancelled():
                 self._hooks.rejected("cancelled")
-                if generated:
+                if made:
                     self._hooks.wasted("cancelled")
-            elif item.future.done():  # timed out mid-batch, or failed by a drain
-                if generated:
+            elif item.future.done():  # timed out mid-batch, or cut off by a drain: counted there
+                if made:
                     self._hooks.wasted(_wasted_reason(item.future.exception()))
-            elif isinstance(result, BaseException):
-                if not isinstance(result, BatchServeError):
-                    log.error("batch of %d failed", len(batch), exc_info=result)
-                item.future.set_exception(_as_failure(result))
-                self._hooks.rejected("failed")
+            elif error is not None or part.results is None:
+                failure = _as_failure(error or RuntimeError("no result"))
+                item.future.set_exception(failure)
+                self._hooks.rejected(failure.reject_reason or "failed")
             else:
-                item.future.set_result(Outcome(result, size, start - item.enqueued, duration))
-        self._hooks.batch_finished(len(batch), duration, images)
-        if images or running.left:  # a failed batch says nothing about its clients' patience
-            self.adaptive.batch_ended(key, len(batch), running.left, now)
+                item.future.set_result(Outcome(
+                    part.results[n], part.size, part.started - item.enqueued, part.seconds
+                ))
 
     def _note_batch_time(self, seconds: float) -> None:
         prev = self._batch_s_ema
@@ -524,6 +560,26 @@ class Batcher(Generic[T, R]):
         for item in pending:
             if not item.future.done():
                 item.future.set_exception(error)
-                self._hooks.rejected("failed" if isinstance(error, GenerationFailed) else
-                                     "cancelled")
+                self._hooks.rejected(_reject_reason(error))
         self._idle.set()
+
+
+def _reject_reason(error: BatchServeError) -> str:
+    """A drain cut-off is its own outcome (`drained`): the client did not leave (`cancelled`)
+    and nothing failed; the server stopped before the request's turn."""
+    if isinstance(error, Draining):
+        return "drained"
+    return error.reject_reason or "failed"
+
+
+class _KeySizes:
+    """`BatchSizes` seen by one batch: which key its sizes are reported under."""
+
+    def __init__(self, sizes: BatchSizes, key: Hashable) -> None:
+        self._sizes, self._key = sizes, key
+
+    def fitted(self, size: int) -> None:
+        self._sizes.fitted(self._key, size)
+
+    def out_of_memory(self, size: int) -> None:
+        self._sizes.out_of_memory(self._key, size)

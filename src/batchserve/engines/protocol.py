@@ -91,5 +91,6 @@ class Engine(Protocol):
         ...
 
     def memory_bytes(self) -> tuple[int, int] | None:
-        """(allocated, reserved) device memory, or None where there is no GPU."""
+        """(peak allocated during the last batch, reserved) device memory, or None where there
+        is no GPU. The peak, not the memory held between batches, is what sizes a batch."""
         ...
