@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .engines import BatchKey, GenerationItem
+from .engines import BatchKey, GenerationItem, key_label
 from .errors import MalformedJSON, ValidationError
 from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
@@ -51,6 +51,8 @@ class T2IRequest:
     timeout_s: float
     format: str | None
     sampler: str = DEFAULT_SAMPLER
+    timeout_given: bool = False
+    """The client named its own timeout_s (else learned patience may stand in for it)."""
 
     @property
     def key(self) -> BatchKey:
@@ -59,8 +61,14 @@ class T2IRequest:
     @property
     def key_label(self) -> str:
         """The batching key as the request log shows it (no user text)."""
-        return (f"{self.width}x{self.height}x{self.inference_steps}x{self.guidance_scale:g}"
-                f"/{self.sampler}")
+        return key_label(self.key)
+
+    def fields(self) -> dict[str, Any]:
+        """The request as its fields (what a job stores and shows): `T2IRequest(**fields)`
+        rebuilds it, without the door-side `timeout_given` (a job has no waiting client)."""
+        data = dataclasses.asdict(self)
+        del data["timeout_given"]
+        return data
 
     def item(self) -> GenerationItem:
         return GenerationItem(
@@ -254,6 +262,7 @@ def validate(
         timeout_s=v.get("timeout_s", limits.default_timeout_s),
         format=v.get("format"),
         sampler=v.get("sampler", limits.default_sampler),
+        timeout_given="timeout_s" in v,
     )
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .protocol import BatchKey, Engine, EngineInfo, GenerationItem, Switch
+from .protocol import BatchKey, Engine, EngineInfo, GenerationItem, StopCheck, Switch, key_label
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "Switch", "load_engine"]
+__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StopCheck", "Switch",
+           "key_label", "load_engine"]
 
 
 def load_engine(settings: Settings) -> Engine:

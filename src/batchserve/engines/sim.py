@@ -12,7 +12,8 @@ from functools import lru_cache
 
 from PIL import Image
 
-from .protocol import EngineInfo, GenerationItem, Switch
+from ..errors import Interrupted
+from .protocol import EngineInfo, GenerationItem, StopCheck, Switch
 
 
 @lru_cache(maxsize=16)
@@ -39,12 +40,20 @@ class SimEngine:
         )
 
     def warmup(self) -> None:
-        return None
+        return None  # nothing to warm; the batch-time model learns from the first batches
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[Image.Image]:
-        delay_s = (self.base_ms + self.per_image_ms * len(items)) / 1000.0
-        if delay_s > 0:
-            time.sleep(delay_s)
+    def generate(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+    ) -> list[Image.Image]:
+        """Sleeps its batch time in one slice per denoising step, checking `should_stop`
+        after each, as the diffusers engine does."""
+        steps = max(1, items[0].inference_steps)
+        step_s = (self.base_ms + self.per_image_ms * len(items)) / 1000.0 / steps
+        for step in range(steps):
+            if step_s > 0:
+                time.sleep(step_s)
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped after step {step + 1} of {steps}")
         return [_fixed_image(i.width, i.height) for i in items]
 
     def memory_bytes(self) -> tuple[int, int] | None:
