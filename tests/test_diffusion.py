@@ -243,3 +243,18 @@ def test_warmup_runs_every_shape_at_every_warmup_batch_size(
     monkeypatch.setattr(engine, "generate", generate)
     engine.warmup()
     assert calls == [(64, 1, 1, 1), (64, 1, 3, 3), (128, 2, 1, 1), (128, 2, 3, 3)]
+
+
+def test_warmup_timings_are_keyed_as_the_requests_batches_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batchserve.schema import Limits, validate
+
+    settings = Settings(warmup="64x64x1", warmup_batch_sizes="1", scheduler="euler")
+    engine = DiffusionEngine(tiny.build_pipeline(), plan_tuning(settings, cuda=False,
+                                                                xformers=False), settings)
+    monkeypatch.setattr(engine, "generate", lambda items: [])
+    timings = engine.warmup()
+    request = validate({"prompt": "x", "width": 64, "height": 64, "inference_steps": 1,
+                        "guidance_scale": 7.5}, Limits(default_sampler=settings.scheduler))
+    assert list(timings) == [request.key]  # so the warm-up timing serves that key's deadlines

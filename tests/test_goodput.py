@@ -30,7 +30,8 @@ from batchserve.errors import CannotFinish, EngineOutOfMemory, Overloaded, Queue
 from conftest import running_server
 from fakes import FakeEngine, Steps
 
-KEY = (64, 64, 10, 7.5)
+KEY = (64, 64, 10, 7.5, "dpm++2m-karras")  # the default sampler joins the key
+LABEL = "64x64x10x7.5/dpm++2m-karras"
 BODY = {"prompt": "a slow lighthouse", "width": 64, "height": 64, "inference_steps": 10}
 
 
@@ -414,17 +415,17 @@ async def test_warm_up_timing_lets_the_server_refuse_an_impossible_timeout_at_on
         assert ok.status_code == 200
         info = (await app.client.get("/v1/info")).json()["batching"]
         assert info["adaptive_batch"] == "on"
-        assert info["keys"]["64x64x10x7.5"]["cap"] == 4
+        assert info["keys"][LABEL]["cap"] == 4
 
 
 async def test_info_and_metrics_show_cap_and_patience_per_key(app_with_leavers: InProcess
                                                               ) -> None:
     app = app_with_leavers
-    info = (await app.client.get("/v1/info")).json()["batching"]["keys"]["64x64x10x7.5"]
+    info = (await app.client.get("/v1/info")).json()["batching"]["keys"][LABEL]
     assert info["cap"] == 1 and info["patience_s"] is not None
     text = (await app.client.get("/metrics")).text
-    assert 'batchserve_batch_cap{key="64x64x10x7.5"} 1.0' in text
-    assert 'batchserve_client_patience_seconds{key="64x64x10x7.5"}' in text
+    assert f'batchserve_batch_cap{{key="{LABEL}"}} 1.0' in text
+    assert f'batchserve_client_patience_seconds{{key="{LABEL}"}}' in text
 
 
 @pytest.fixture

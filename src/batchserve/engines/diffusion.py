@@ -213,7 +213,9 @@ class DiffusionEngine:
         sizes = self.settings.warmup_batch_sizes_on(self.plan.device)
         for w, h, steps in self.settings.warmup_shapes():
             for n in sizes:
-                items = [GenerationItem("warm-up", "", seed, w, h, steps, 7.5) for seed in range(n)]
+                # the default sampler by name: the timings are keyed as requests' batches are
+                items = [GenerationItem("warm-up", "", seed, w, h, steps, 7.5,
+                                        self.settings.scheduler) for seed in range(n)]
                 started = time.perf_counter()
                 self.generate(items)
                 seconds = time.perf_counter() - started
