@@ -1,95 +1,28 @@
-"""The scheduler: a keyed priority queue of pending requests and the loop that flushes batches.
+"""The whole-batch loop (`deadline` and `eager` policies) over the shared `RequestQueue`.
 
-It knows nothing of HTTP or torch: items are opaque payloads with a key, a priority and a
-deadline; a batch is handed to an async `runner` that returns one result per payload.
+It knows nothing of HTTP or torch: a batch is handed to an async `runner` that returns one result
+per payload.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
 
-from .errors import (
-    BatchServeError,
-    Draining,
-    EngineOutOfMemory,
-    GenerationFailed,
-    QueueFull,
-    QueueTimeout,
-)
+from .errors import BatchServeError, EngineOutOfMemory, GenerationFailed
+from .request_queue import Clock, Group, Hooks, NullHooks, Outcome, Pending, QueueLoop
+
+__all__ = ["Batcher", "Clock", "Hooks", "NullHooks", "Outcome", "Pending", "as_failure",
+           "run_split"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("batchserve.batcher")
 
-Clock = Callable[[], float]
 Runner = Callable[[list[T]], Awaitable[list[R]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome(Generic[R]):
-    result: R
-    batch_size: int
-    queue_s: float
-    inference_s: float
-
-
-@dataclass(eq=False, slots=True)
-class Pending(Generic[T, R]):
-    payload: T
-    key: Hashable
-    priority: int
-    enqueued: float
-    deadline: float
-    seq: int
-    future: asyncio.Future[Outcome[R]]
-
-    def effective_priority(self, now: float, aging_s: float) -> int:
-        return self.priority + int((now - self.enqueued) // aging_s)
-
-
-@dataclass(eq=False, slots=True)
-class _Group(Generic[T, R]):
-    items: list[Pending[T, R]] = field(default_factory=list)
-
-    @property
-    def oldest(self) -> float:
-        return min(p.enqueued for p in self.items)
-
-    def priority(self, now: float, aging_s: float) -> int:
-        return max(p.effective_priority(now, aging_s) for p in self.items)
-
-
-class Hooks(Protocol):
-    """Observation points. Implementations must not raise (see `metrics.Metrics`)."""
-
-    def queue_depth(self, depth: int) -> None: ...
-
-    def batch_started(self, size: int, trigger: str, waits_s: Sequence[float]) -> None: ...
-
-    def batch_finished(self, size: int, duration_s: float, images: int) -> None: ...
-
-    def rejected(self, reason: str) -> None: ...
-
-
-class NullHooks:
-    def queue_depth(self, depth: int) -> None:
-        pass
-
-    def batch_started(self, size: int, trigger: str, waits_s: Sequence[float]) -> None:
-        pass
-
-    def batch_finished(self, size: int, duration_s: float, images: int) -> None:
-        pass
-
-    def rejected(self, reason: str) -> None:
-        pass
 
 
 async def run_split(runner: Runner[T, R], payloads: list[T]) -> list[tuple[R | Exception, int]]:
@@ -116,7 +49,7 @@ async def run_split(runner: Runner[T, R], payloads: list[T]) -> list[tuple[R | E
     return [(r, len(payloads)) for r in results]
 
 
-def _as_failure(exc: BaseException) -> BatchServeError:
+def as_failure(exc: BaseException) -> BatchServeError:
     if isinstance(exc, BatchServeError):
         return exc
     if isinstance(exc, EngineOutOfMemory):
@@ -124,14 +57,12 @@ def _as_failure(exc: BaseException) -> BatchServeError:
     return GenerationFailed(f"generation failed ({type(exc).__name__}); see server logs")
 
 
-class Batcher(Generic[T, R]):
-    """Groups submitted items by key and runs one batch at a time.
+class Batcher(QueueLoop[T, R]):
+    """Runs one whole batch at a time from the shared `RequestQueue`.
 
-    Guarantees: a batch never mixes keys and always holds at least one item; every submitted
-    future is resolved exactly once (result, domain error, or cancelled by its owner); a group
-    is due when full or when its oldest item waited `max_wait_s`; among due groups the highest
-    priority goes first, then the oldest. Priority ages by +1 per `aging_s` waited, so no key
-    starves behind a stream of higher-priority work.
+    Guarantees: a batch never mixes keys and always holds at least one item; a group is due
+    when full or when its oldest item waited `max_wait_s` (everything is due once closed);
+    among due groups the highest aged priority goes first, then the oldest.
     """
 
     def __init__(
@@ -145,105 +76,39 @@ class Batcher(Generic[T, R]):
         clock: Clock = time.monotonic,
         hooks: Hooks | None = None,
     ) -> None:
+        super().__init__(max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+                         max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks)
         self._runner = runner
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
-        self._aging_s = aging_s
-        self._clock = clock
-        self._hooks: Hooks = hooks or NullHooks()
-        self._groups: dict[Hashable, _Group[T, R]] = {}
-        self._inflight: list[Pending[T, R]] = []
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._seq = 0
-        self._depth = 0
-        self._closed = False
-        self._batch_s_ema: float | None = None
-
-    # -- admission -------------------------------------------------------------------------
-
-    @property
-    def depth(self) -> int:
-        """Queued items (not counting the batch in flight)."""
-        return self._depth
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def submit(
-        self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0
-    ) -> asyncio.Future[Outcome[R]]:
-        if self._closed:
-            raise Draining("server is shutting down", retry_after_s=5)
-        if self._depth >= self.max_queue:
-            raise QueueFull(
-                f"queue is full ({self.max_queue} requests waiting)",
-                retry_after_s=self.retry_after_s(),
-            )
-        now = self._clock()
-        future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
-        self._seq += 1
-        item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future)
-        self._groups.setdefault(key, _Group()).items.append(item)
-        future.add_done_callback(self._on_done)
-        self._set_depth(self._depth + 1)
-        self._idle.clear()
-        self._wake.set()
-        return future
-
-    def retry_after_s(self) -> int:
-        """Seconds until the queue ahead has likely cleared, from recent batch times."""
-        batch_s = self._batch_s_ema if self._batch_s_ema is not None else 1.0
-        batches_ahead = math.ceil(max(self._depth, 1) / self.max_batch_size)
-        return max(1, math.ceil(batches_ahead * batch_s))
-
-    def poke(self) -> None:
-        """Re-evaluate the queue now (tests call it after advancing an injected clock)."""
-        self._wake.set()
-
-    def _on_done(self, future: asyncio.Future[Outcome[R]]) -> None:
-        if future.cancelled():
-            self._wake.set()
-
-    def _set_depth(self, depth: int) -> None:
-        self._depth = depth
-        self._hooks.queue_depth(depth)
-
-    # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Flushes batches until closed and empty. Exceptions inside a batch never end it."""
+        queue = self.queue
         while True:
-            self._wake.clear()
+            queue.wake.clear()
             now = self._clock()
-            self._purge(now)
-            if not self._groups:
-                self._idle.set()
-                if self._closed:
-                    return
+            queue.purge(now)
+            if queue.empty() and queue.closed:
+                return
             picked = self._pick(now)
             if picked is None:
-                await self._sleep_until(self._next_event(now), now)
+                await queue.wait(self._next_event())
                 continue
             key, trigger = picked
-            batch = asyncio.ensure_future(self._run_batch(self._take(key, now), trigger))
-            await self._expire_while_busy(batch)
+            batch = queue.take(key, self.max_batch_size, now)
+            await self._expire_while_busy(asyncio.ensure_future(self._run_batch(batch, trigger)))
 
     async def _expire_while_busy(self, batch: asyncio.Future[None]) -> None:
         """Waits for `batch`, meanwhile answering queued items that time out or are cancelled
         when that happens rather than when the batch ends (a GPU batch can take many seconds).
         Re-raises the batch's own exception; cancelling the wait cancels the batch."""
+        queue = self.queue
         try:
             while not batch.done():
-                self._wake.clear()
-                now = self._clock()
-                self._purge(now)
-                deadlines = [p.deadline for g in self._groups.values() for p in g.items]
-                timeout = max(0.0, min(deadlines) - now) if deadlines else None
-                waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+                queue.wake.clear()
+                queue.purge(self._clock())
+                deadline = queue.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - self._clock())
+                waker: asyncio.Future[Any] = asyncio.ensure_future(queue.wake.wait())
                 try:
                     await asyncio.wait((batch, waker), timeout=timeout,
                                        return_when=asyncio.FIRST_COMPLETED)
@@ -254,79 +119,35 @@ class Batcher(Generic[T, R]):
             raise
         batch.result()
 
-    async def _sleep_until(self, when: float | None, now: float) -> None:
-        timeout = None if when is None else max(0.0, when - now)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-
-    def _purge(self, now: float) -> None:
-        removed = 0
-        for key in list(self._groups):
-            group = self._groups[key]
-            keep = []
-            for item in group.items:
-                if item.future.cancelled():
-                    self._hooks.rejected("cancelled")
-                elif item.deadline <= now:
-                    waited = now - item.enqueued
-                    item.future.set_exception(
-                        QueueTimeout(f"waited {waited:.1f} s in the queue, past its timeout")
-                    )
-                    self._hooks.rejected("timeout")
-                else:
-                    keep.append(item)
-                    continue
-                removed += 1
-            if keep:
-                group.items = keep
-            else:
-                del self._groups[key]
-        if removed:
-            self._set_depth(self._depth - removed)
-
-    def _is_due(self, group: _Group[T, R], now: float) -> bool:
+    def _is_due(self, group: Group[T, R], now: float) -> bool:
         return (
-            self._closed
+            self.queue.closed
             or len(group.items) >= self.max_batch_size
             or now - group.oldest >= self.max_wait_s
         )
 
     def _pick(self, now: float) -> tuple[Hashable, str] | None:
-        due = [(k, g) for k, g in self._groups.items() if self._is_due(g, now)]
-        if not due:
+        key = self.queue.best(now, lambda g: self._is_due(g, now))
+        if key is None:
             return None
-        key, group = min(due, key=lambda kg: (-kg[1].priority(now, self._aging_s), kg[1].oldest))
-        if len(group.items) >= self.max_batch_size:
+        if len(self.queue.groups[key].items) >= self.max_batch_size:
             return key, "full"
-        return key, "drain" if self._closed else "timeout"
+        return key, "drain" if self.queue.closed else "timeout"
 
-    def _next_event(self, now: float) -> float | None:
-        times = [g.oldest + self.max_wait_s for g in self._groups.values()]
-        times += [p.deadline for g in self._groups.values() for p in g.items]
-        return min(times, default=None)
-
-    def _take(self, key: Hashable, now: float) -> list[Pending[T, R]]:
-        group = self._groups[key]
-        group.items.sort(key=lambda p: (-p.effective_priority(now, self._aging_s), p.seq))
-        batch, group.items = (
-            group.items[: self.max_batch_size],
-            group.items[self.max_batch_size :],
-        )
-        if not group.items:
-            del self._groups[key]
-        self._set_depth(self._depth - len(batch))
-        return batch
+    def _next_event(self) -> float | None:
+        groups = self.queue.groups.values()
+        times = [g.oldest + self.max_wait_s for g in groups]
+        deadline = self.queue.next_deadline()
+        return min([*times, *([] if deadline is None else [deadline])], default=None)
 
     async def _run_batch(self, batch: list[Pending[T, R]], trigger: str) -> None:
         start = self._clock()
-        self._inflight = batch
         self._hooks.batch_started(len(batch), trigger, [start - p.enqueued for p in batch])
         try:
             outcomes = await run_split(self._runner, [p.payload for p in batch])
         finally:
-            self._inflight = []
-        duration = self._clock() - start
-        self._note_batch_time(duration)
+            duration = self._clock() - start
+            self.queue.note_service_time(duration, self.max_batch_size)
         images = 0
         for item, (result, size) in zip(batch, outcomes, strict=True):
             if item.future.cancelled():
@@ -336,43 +157,10 @@ class Batcher(Generic[T, R]):
             elif isinstance(result, BaseException):
                 if not isinstance(result, BatchServeError):
                     log.error("batch of %d failed", len(batch), exc_info=result)
-                item.future.set_exception(_as_failure(result))
+                item.future.set_exception(as_failure(result))
                 self._hooks.rejected("failed")
             else:
                 images += 1
                 item.future.set_result(Outcome(result, size, start - item.enqueued, duration))
+        self.queue.release(batch)
         self._hooks.batch_finished(len(batch), duration, images)
-
-    def _note_batch_time(self, seconds: float) -> None:
-        prev = self._batch_s_ema
-        self._batch_s_ema = seconds if prev is None else 0.8 * prev + 0.2 * seconds
-
-    # -- shutdown --------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Stops admitting; everything queued becomes due at once (trigger `drain`)."""
-        self._closed = True
-        self._wake.set()
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Closes, then waits for queued and in-flight work; what is left after `timeout_s`
-        fails with `Draining`. Returns True when everything finished in time."""
-        self.close()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
-        except TimeoutError:
-            self.fail_all(Draining("server shut down before this request could run"))
-            return False
-
-    def fail_all(self, error: BatchServeError) -> None:
-        """Fails every queued and in-flight future that is still open."""
-        pending = [p for g in self._groups.values() for p in g.items] + self._inflight
-        self._groups.clear()
-        self._set_depth(0)
-        for item in pending:
-            if not item.future.done():
-                item.future.set_exception(error)
-                self._hooks.rejected("failed" if isinstance(error, GenerationFailed) else
-                                     "cancelled")
-        self._idle.set()

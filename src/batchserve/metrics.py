@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 log = logging.getLogger("batchserve.metrics")
 P = ParamSpec("P")
 
-TRIGGERS = ("full", "timeout", "drain")
+TRIGGERS = ("full", "timeout", "drain", "join")
 REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed")
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
@@ -59,6 +59,14 @@ class Metrics:
         self._batches = Counter(
             "batchserve_batches", "Batches started, by flush trigger", ["trigger"], registry=r
         )
+        self._step_size = Histogram(
+            "batchserve_step_batch_size", "Items sharing one UNet step (continuous policy)",
+            buckets=_size_buckets(max_batch_size), registry=r,
+        )
+        self._active = Gauge(
+            "batchserve_active_items", "Items in the running step batch (continuous policy)",
+            registry=r,
+        )
         self._images = Counter("batchserve_images", "Images generated", registry=r)
         self._rejected = Counter(
             "batchserve_requests_rejected", "Requests not answered with an image, by reason",
@@ -91,6 +99,14 @@ class Metrics:
     def batch_finished(self, size: int, duration_s: float, images: int) -> None:
         self._duration.observe(duration_s)
         self._images.inc(images)
+
+    @_never_raise
+    def step(self, size: int) -> None:
+        self._step_size.observe(size)
+
+    @_never_raise
+    def active_items(self, count: int) -> None:
+        self._active.set(count)
 
     @_never_raise
     def rejected(self, reason: str) -> None:
