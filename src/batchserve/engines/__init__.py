@@ -6,12 +6,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .protocol import BatchKey, Engine, EngineInfo, GenerationItem, Switch
+from .protocol import (
+    BatchKey,
+    Engine,
+    EngineInfo,
+    GenerationItem,
+    StepEngine,
+    StepState,
+    Switch,
+    step_engine,
+)
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "Switch", "load_engine"]
+__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StepEngine", "StepState",
+           "Switch", "load_engine", "step_engine"]
 
 
 def load_engine(settings: Settings) -> Engine:

@@ -21,7 +21,8 @@ from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
 from ..settings import Settings, SettingsError
-from .protocol import EngineInfo, GenerationItem, Switch
+from .protocol import EngineInfo, GenerationItem, StepState, Switch
+from .stepwise import StepwiseDiffusion
 
 log = logging.getLogger("batchserve.engine")
 
@@ -139,6 +140,7 @@ class DiffusionEngine:
         self.pipe = pipe
         self.plan = plan
         self.settings = settings
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for)
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
@@ -191,6 +193,22 @@ class DiffusionEngine:
             self._free_cache()
             raise EngineOutOfMemory(str(exc)) from None
         return list(out.images)
+
+    # -- the step-wise interface (`--flush-policy continuous`) ----------------------------
+
+    def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
+        return self._steps.prepare(items)
+
+    def step(self, states: Sequence[StepState]) -> None:
+        self._steps.step(states)
+
+    def finish(self, states: Sequence[StepState]) -> list[Image]:
+        return self._steps.finish(states)
+
+    def _scheduler_for(self, item: GenerationItem) -> Any:
+        """A fresh scheduler per item, configured as the pipeline's own."""
+        scheduler = self.pipe.scheduler
+        return type(scheduler).from_config(scheduler.config)
 
     def memory_bytes(self) -> tuple[int, int] | None:
         if self.plan.device != "cuda":

@@ -1,0 +1,166 @@
+"""The step-wise diffusers engine: Stable Diffusion's denoising loop taken apart, one UNet step at
+a time for any set of items of one width x height.
+
+Each item carries what `StableDiffusionPipeline.__call__` keeps for the whole batch: its own
+scheduler instance (from the pipeline's scheduler config, so multistep DPM++ history and Heun's
+second-order state are per item), its own generator (initial latents, then the noise ancestral
+samplers draw in `scheduler.step`), its own timesteps and guidance. One forward pass takes a
+timestep per row; an item with guidance > 1 contributes two rows (unconditional, text), one with
+guidance <= 1 a single row. Every per-item operation mirrors the pipeline's, so an item's image
+equals what the pipeline makes for it alone (up to float rounding of batched kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL.Image import Image
+
+from ..errors import EngineOutOfMemory
+from .protocol import GenerationItem, StepState
+
+SchedulerFactory = Callable[[GenerationItem], Any]
+
+
+@dataclass(eq=False, slots=True)
+class DiffusionState:
+    item: GenerationItem
+    scheduler: Any
+    generator: torch.Generator
+    latents: torch.Tensor
+    text: torch.Tensor
+    uncond: torch.Tensor | None  # set only when guidance applies
+    timesteps: torch.Tensor
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+
+class StepwiseDiffusion:
+    """Prepare / step / finish over a loaded `StableDiffusionPipeline`."""
+
+    def __init__(self, pipe: Any, device: str, scheduler_for: SchedulerFactory) -> None:
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.scheduler_for = scheduler_for
+
+    def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
+        with torch.inference_mode(), _oom_guard(self):
+            texts, unconds = self._encode(items)
+            return [self._prepare_one(item, texts[i : i + 1],
+                                      None if unconds is None else unconds[i : i + 1])
+                    for i, item in enumerate(items)]
+
+    def _encode(self, items: Sequence[GenerationItem]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings for all items in one call (rows are independent), with the
+        unconditional ones when any item uses guidance."""
+        guided = any(self._guided(i) for i in items)
+        text, uncond = self.pipe.encode_prompt(
+            [i.prompt for i in items], self.device, 1, guided,
+            [i.negative_prompt for i in items],
+        )
+        return text, uncond if guided else None
+
+    def _guided(self, item: GenerationItem) -> bool:
+        # the pipeline's `do_classifier_free_guidance`
+        return item.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+    def _prepare_one(
+        self, item: GenerationItem, text: torch.Tensor, uncond: torch.Tensor | None
+    ) -> DiffusionState:
+        pipe = self.pipe
+        scheduler = self.scheduler_for(item)
+        scheduler.set_timesteps(item.inference_steps, device=self.device)
+        generator = torch.Generator(self.device.type).manual_seed(item.seed)
+        shape = (1, pipe.unet.config.in_channels, item.height // pipe.vae_scale_factor,
+                 item.width // pipe.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=text.dtype)
+        params = inspect.signature(scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = 0.0
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return DiffusionState(
+            item=item, scheduler=scheduler, generator=generator,
+            latents=latents * scheduler.init_noise_sigma, text=text,
+            uncond=uncond if self._guided(item) else None,
+            timesteps=scheduler.timesteps, step_kwargs=kwargs,
+        )
+
+    def step(self, states: Sequence[StepState]) -> None:
+        active = [_state(s) for s in states]
+        with torch.inference_mode(), _oom_guard(self):
+            noise = self._predict(active)
+        # Only after the forward pass succeeded: an OOM above leaves every state unchanged.
+        with torch.inference_mode():
+            for state, pred in zip(active, noise, strict=True):
+                t = state.timesteps[state.index]
+                state.latents = state.scheduler.step(
+                    pred, t, state.latents, **state.step_kwargs, return_dict=False
+                )[0]
+                state.index += 1
+
+    def _predict(self, states: list[DiffusionState]) -> list[torch.Tensor]:
+        samples, times, embeds = [], [], []
+        for state in states:
+            t = state.timesteps[state.index]
+            x = state.scheduler.scale_model_input(state.latents, t)
+            rows = [state.uncond, state.text] if state.uncond is not None else [state.text]
+            samples += [x] * len(rows)
+            times += [t.to(self.device, torch.float32)] * len(rows)
+            embeds += rows
+        out = self.pipe.unet(
+            torch.cat(samples), torch.stack(times), encoder_hidden_states=torch.cat(embeds),
+            return_dict=False,
+        )[0]
+        preds, row = [], 0
+        for state in states:
+            if state.uncond is None:
+                preds.append(out[row : row + 1])
+                row += 1
+            else:
+                uncond, text = out[row : row + 1], out[row + 1 : row + 2]
+                preds.append(uncond + state.item.guidance_scale * (text - uncond))
+                row += 2
+        return preds
+
+    def finish(self, states: Sequence[StepState]) -> list[Image]:
+        done = [_state(s) for s in states]
+        pipe = self.pipe
+        with torch.inference_mode(), _oom_guard(self):
+            latents = torch.cat([s.latents for s in done])
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            images: list[Image] = pipe.image_processor.postprocess(
+                image, output_type="pil", do_denormalize=[True] * len(done)
+            )
+        return images
+
+    def free_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _state(state: StepState) -> DiffusionState:
+    if not isinstance(state, DiffusionState):
+        raise TypeError(f"not a state of this engine: {type(state).__name__}")
+    return state
+
+
+@contextlib.contextmanager
+def _oom_guard(engine: StepwiseDiffusion) -> Iterator[None]:
+    """Turns torch's out-of-memory into the domain error, after freeing the cache."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        engine.free_cache()
+        raise EngineOutOfMemory(str(exc)) from None

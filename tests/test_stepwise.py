@@ -1,0 +1,74 @@
+"""The step-wise diffusers engine: an item's image does not depend on who shared its steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from batchserve.engines import GenerationItem, StepEngine, StepState, step_engine
+from batchserve.engines.diffusion import SCHEDULERS, DiffusionEngine, make_scheduler
+from batchserve.settings import Settings
+
+# Different steps, guidance (B: <= 1, one UNet row) and negative prompts, one 64x64 shape.
+LONG = GenerationItem("a red cube", "blurry", 7, 64, 64, 4, 7.5)
+SHORT = GenerationItem("a dog", "", 8, 64, 64, 2, 1.0)
+MID = GenerationItem("a cat", "dark", 9, 64, 64, 3, 5.0)
+
+
+def pixels(image: object) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def run_until_done(engine: StepEngine, states: list[StepState],
+                   joiners: Sequence[GenerationItem] = (), join_after: int = 0
+                   ) -> dict[GenerationItem, np.ndarray]:
+    """Steps `states`; `joiners` join after `join_after` steps; finished items leave at once."""
+    images: dict[GenerationItem, np.ndarray] = {}
+    steps = 0
+    while states or joiners:
+        if joiners and steps == join_after:
+            states += engine.prepare(joiners)
+            joiners = ()
+        engine.step(states)
+        steps += 1
+        done = [s for s in states if s.done]
+        if done:
+            for state, image in zip(done, engine.finish(done), strict=True):
+                images[state.item] = pixels(image)  # type: ignore[attr-defined]
+        states = [s for s in states if not s.done]
+    return images
+
+
+@pytest.fixture(scope="module")
+def engine() -> DiffusionEngine:
+    return DiffusionEngine.load(Settings(model="tiny", warmup=""))
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_joined_part_way_equals_alone_and_static_batch(engine: DiffusionEngine,
+                                                       scheduler: str) -> None:
+    engine.pipe.scheduler = make_scheduler(scheduler, engine.pipe.scheduler.config)
+    stepper = step_engine(engine)
+    assert stepper is not None
+    alone = {item: pixels(engine.generate([item])[0]) for item in (LONG, SHORT, MID)}
+    twin = GenerationItem("another prompt", "", 11, 64, 64, 3, 5.0)  # MID's key
+    static = engine.generate([MID, twin])
+    assert np.abs(pixels(static[0]) - alone[MID]).max() <= 1
+    # LONG runs one step alone, then SHORT and MID join with other steps and guidance.
+    joined = run_until_done(stepper, stepper.prepare([LONG]), [SHORT, MID], join_after=1)
+    for item in (LONG, SHORT, MID):
+        assert np.abs(joined[item] - alone[item]).max() <= 1, item
+    solo = run_until_done(stepper, stepper.prepare([SHORT]))
+    assert np.abs(solo[SHORT] - alone[SHORT]).max() <= 1
+    assert np.abs(alone[LONG] - alone[MID]).max() > 10  # images differ: the check can fail
+
+
+def test_finished_items_leave_while_others_continue(engine: DiffusionEngine) -> None:
+    states = engine.prepare([LONG, SHORT])
+    engine.step(states)
+    engine.step(states)
+    assert [s.done for s in states] == [False, True]
+    with pytest.raises(TypeError):
+        engine.step([object()])  # type: ignore[list-item]
