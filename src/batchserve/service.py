@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
-from .engines import Engine, GenerationItem, load_engine
+from .engines import Engine, GenerationItem, StepState, load_engine, step_engine
 from .errors import Draining, GenerationFailed, NotReady
 from .metrics import Metrics
+from .request_queue import QueueLoop
 from .schema import Limits
 from .settings import Settings
+from .stepper import StepBatcher
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -53,14 +55,16 @@ class Service:
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
+        self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
-        self.batcher: Batcher[Job, asyncio.Future[bytes]] = Batcher(
-            self._run_batch,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=wait_s,
-            max_queue=settings.max_queue,
-            aging_s=settings.priority_aging_s,
-            hooks=self.metrics,
+        options: dict[str, Any] = {
+            "max_batch_size": settings.max_batch_size, "max_wait_s": wait_s,
+            "max_queue": settings.max_queue, "aging_s": settings.priority_aging_s,
+            "hooks": self.metrics,
+        }
+        self.batcher: QueueLoop[Job, asyncio.Future[bytes]] = (
+            StepBatcher(EngineSteps(self), **options) if self.continuous
+            else Batcher(self._run_batch, **options)
         )
         self.on_fatal: Callable[[str], None] = lambda reason: None
         self._engine_factory = engine_factory
@@ -87,6 +91,12 @@ class Service:
                          switch.detail)
             if info.demo and settings.model == "tiny":
                 log.warning(DEMO_WARNING)
+            if self.continuous and step_engine(engine) is None:
+                raise RuntimeError(
+                    f"--flush-policy=continuous: the engine of --model={settings.model} has no "
+                    "step-wise interface (prepare/step/finish); use --flush-policy=deadline "
+                    "or eager"
+                )
             await self.worker.run(engine.warmup)
         except Exception as exc:
             log.exception("model %r failed to load", settings.model)
@@ -158,8 +168,10 @@ class Service:
     ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
         """Queues one request; its outcome's result is a future of the encoded image."""
         self.check_admitting()
+        # Under `continuous` items of any steps and guidance share steps: the key is the shape.
+        key = (request.width, request.height) if self.continuous else request.key
         return self.batcher.submit(
-            Job(request.item(), fmt), key=request.key, priority=request.priority,
+            Job(request.item(), fmt), key=key, priority=request.priority,
             timeout_s=request.timeout_s,
         )
 
@@ -192,7 +204,8 @@ class Service:
             "state": self.state,
             "engine": self.engine.info().to_dict() if self.engine else None,
             "batching": {
-                "key": ["width", "height", "inference_steps", "guidance_scale"],
+                "key": ["width", "height"] if self.continuous else
+                       ["width", "height", "inference_steps", "guidance_scale"],
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
                 "flush_policy": s.flush_policy,
@@ -212,6 +225,36 @@ class Service:
                 "metrics": bool(s.api_key and s.protect_metrics),
             },
         }
+
+
+class EngineSteps:
+    """The engine's step-wise interface for `StepBatcher`, run on the one engine thread."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def _engine(self) -> Any:
+        engine = step_engine(self.service.engine)
+        if engine is None:  # cannot happen: loading refuses such an engine under this policy
+            raise RuntimeError("engine has no step-wise interface")
+        return engine
+
+    async def prepare(self, jobs: list[Job]) -> list[StepState]:
+        states: list[StepState] = await self.service.worker.run(
+            partial(self._engine().prepare, [j.item for j in jobs]))
+        return states
+
+    async def step(self, states: list[StepState]) -> None:
+        await self.service.worker.run(partial(self._engine().step, states))
+
+    async def finish(self, pairs: list[tuple[Job, StepState]]) -> list[asyncio.Future[bytes]]:
+        engine = self._engine()
+        images = await self.service.worker.run(partial(engine.finish, [s for _, s in pairs]))
+        self.service.metrics.gpu_memory(engine.memory_bytes())
+        return self.service._encode_all(images, [j.fmt for j, _ in pairs])
+
+    def done(self, state: StepState) -> bool:
+        return state.done
 
 
 @dataclass(frozen=True, slots=True)

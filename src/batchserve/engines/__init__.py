@@ -29,7 +29,9 @@ def load_engine(settings: Settings) -> Engine:
     if settings.model == "sim":
         from .sim import SimEngine
 
-        return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms)
+        return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms,
+                         step_ms=settings.sim_step_ms,
+                         step_per_image_ms=settings.sim_step_per_image_ms)
     from .diffusion import DiffusionEngine
 
     return DiffusionEngine.load(settings)
