@@ -42,6 +42,8 @@ APP_METRICS = {
     "batchserve_gpu_memory_allocated_bytes",
     "batchserve_gpu_memory_reserved_bytes",
     "batchserve_ready",
+    "batchserve_step_batch_size",
+    "batchserve_active_items",
     # prometheus-fastapi-instrumentator: the two series `metrics.instrument` adds
     "http_requests_total",
     "http_request_duration_seconds",
