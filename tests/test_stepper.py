@@ -300,3 +300,21 @@ async def test_oom_alone_fails_only_that_item(clock: FakeClock) -> None:
     h.runner.allow(1)
     assert (await asyncio.wait_for(again, 5)).result == "img-b"
     await h.close()
+
+
+def test_sim_step_model_sleeps_per_step_and_per_static_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batchserve.engines import GenerationItem, sim
+
+    slept: list[float] = []
+    monkeypatch.setattr(sim, "_sleep_ms", slept.append)
+    engine = sim.SimEngine(base_ms=100, per_image_ms=10, step_ms=25, step_per_image_ms=15)
+    items = [GenerationItem("p", "", s, 64, 64, 20, 7.5) for s in range(3)]
+    engine.generate(items)
+    assert slept == [100 + 3 * 10 + 20 * (25 + 3 * 15)]  # a static batch of 20 steps
+    states = engine.prepare(items[:2])
+    for _ in range(20):
+        engine.step(states)
+    assert slept[1:] == [25 + 2 * 15] * 20 and all(s.done for s in states)
+    assert len(engine.finish(states)) == 2

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from inprocess import in_process
+from PIL import Image
 
 from batchserve.engines import GenerationItem, StepEngine, StepState, step_engine
 from batchserve.engines.diffusion import SCHEDULERS, DiffusionEngine, make_scheduler
@@ -72,3 +76,18 @@ def test_finished_items_leave_while_others_continue(engine: DiffusionEngine) -> 
     assert [s.done for s in states] == [False, True]
     with pytest.raises(TypeError):
         engine.step([object()])  # type: ignore[list-item]
+
+
+async def test_served_continuously_images_equal_generate(engine: DiffusionEngine) -> None:
+    """Through the service and HTTP: two requests of other steps and guidance sharing steps."""
+    engine.pipe.scheduler = make_scheduler("dpm++2m-karras", engine.pipe.scheduler.config)
+    items = (LONG, SHORT)
+    async with in_process(engine, flush_policy="continuous") as app:  # type: ignore[arg-type]
+        responses = await asyncio.gather(*(app.client.post("/t2i", json={
+            "prompt": i.prompt, "negative_prompt": i.negative_prompt, "seed": i.seed,
+            "width": i.width, "height": i.height, "inference_steps": i.inference_steps,
+            "guidance_scale": i.guidance_scale}) for i in items))
+    for item, response in zip(items, responses, strict=True):
+        assert response.status_code == 200
+        served = pixels(Image.open(io.BytesIO(response.content)).convert("RGB"))
+        assert np.abs(served - pixels(engine.generate([item])[0])).max() <= 1
