@@ -167,7 +167,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
-    opts.out.mkdir(parents=True, exist_ok=True)
+    logs = opts.out / "runs"  # server logs, not committed
+    logs.mkdir(parents=True, exist_ok=True)
     step_ms, per_image_ms = ((opts.step_ms, opts.step_per_image_ms) if opts.model == "sim"
                              else (opts.cpu_step_ms, opts.cpu_step_per_image_ms))
     points = [Point(mix, load, load * capacity(mix, step_ms, per_image_ms))
@@ -175,7 +176,7 @@ async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         urls = {policy: stack.enter_context(server(
-            batchserve_cmd(server_args(opts, policy)), opts.out / f"{policy}.log"))
+            batchserve_cmd(server_args(opts, policy)), logs / f"{policy}.log"))
             for policy in POLICIES}
         for point in points:
             started = time.perf_counter()
