@@ -6,7 +6,9 @@
    Locust load at several user counts;
 3. overhead: the null engine (`--model sim`, 0 ms) against a bare Starlette endpoint;
 4. sim-gpu: `--model sim` replaying published GPU timings (a + b*n ms per batch of n), to show
-   how the scheduler behaves on a GPU this machine lacks.
+   how the scheduler behaves on a GPU this machine lacks;
+5. jobs: the same sim engine behind `/t2i` and behind async jobs (memory queue, Redis queue):
+   images/s at saturation and the latency one user sees, polling included.
 
 Results go to --out (JSON, CSV, a markdown table, PNG charts); the table is also printed.
 """
@@ -30,6 +32,7 @@ from benchmarks.serve import (
     Load,
     bare_cmd,
     batchserve_cmd,
+    redis_server,
     run_locust,
     server,
     summarize,
@@ -77,8 +80,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sim-duration-s", type=float, default=25.0)
     p.add_argument("--overhead-users", type=int, default=32)
     p.add_argument("--overhead-duration-s", type=float, default=15.0)
+    p.add_argument("--jobs-users", type=int, default=32,
+                   help="jobs: users at saturation (each submits, polls, fetches, repeats)")
+    p.add_argument("--jobs-duration-s", type=float, default=20.0)
+    p.add_argument("--jobs-sim-base-ms", type=float, default=100.0,
+                   help="jobs: sim engine fixed ms per batch")
+    p.add_argument("--jobs-sim-per-image-ms", type=float, default=20.0)
     p.add_argument("--only", default="raw,served,overhead,sim-gpu",
-                   help="comma-separated parts to run")
+                   help="comma-separated parts to run (also: jobs)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run of every part in about a minute (tiny 64x64x2, short loads)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -88,6 +97,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         opts.repeats, opts.max_batch_size, opts.max_wait_ms = 1, 2, 100.0
         opts.sim_users, opts.sim_duration_s, opts.sim_base_ms = "4", 3.0, 50.0
         opts.sim_per_image_ms, opts.overhead_users, opts.overhead_duration_s = 20.0, 8, 3.0
+        opts.jobs_users, opts.jobs_duration_s = 8, 4.0
     return opts
 
 
@@ -138,6 +148,31 @@ def run_overhead(opts: argparse.Namespace, workdir: Path) -> list[dict[str, Any]
     return points
 
 
+JOB_ARMS = (("t2i", ()), ("jobs-memory", ()), ("jobs-redis", ("--queue", "{redis}")))
+
+
+def run_jobs(opts: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """One sim engine behind `/t2i`, then behind jobs on the memory queue, then on Redis
+    (`--role all`, results in memory): one user, then `--jobs-users` users."""
+    sim = ["--model", "sim", "--sim-base-ms", str(opts.jobs_sim_base_ms), "--sim-per-image-ms",
+           str(opts.jobs_sim_per_image_ms), "--max-batch-size", str(opts.max_batch_size),
+           "--max-wait-ms", str(opts.max_wait_ms), "--warmup", ""]
+    points = []
+    with redis_server(workdir) as redis_url:
+        for arm, extra in JOB_ARMS:
+            args = [a.format(redis=redis_url) for a in extra]
+            with server(batchserve_cmd([*sim, *args]), workdir / f"jobs-{arm}.server.log") as url:
+                for n in (1, opts.jobs_users):
+                    scenario = "jobs" if arm != "t2i" else "single_user" if n == 1 else "saturate"
+                    load = Load(scenario, n, opts.jobs_duration_s,
+                                min(2.0, opts.jobs_duration_s / 4), (64, 64, 1))
+                    name = f"jobs-{arm}-u{n}"
+                    print(f"  {name}: {scenario}, {n} users, {load.duration_s:g} s", flush=True)
+                    figures = summarize(run_locust(url, load, workdir, name), load)
+                    points.append({"part": "jobs", "arm": arm, "users": n, **figures})
+    return points
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     parts = set(opts.only.split(","))
@@ -174,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["points"] += run_curves(opts, workdir, "sim-gpu", sim, _ints(opts.sim_users),
                                         opts.sim_duration_s, min(opts.warm_s,
                                                                  opts.sim_duration_s / 4))
+    if "jobs" in parts:
+        print("jobs (sim engine: /t2i vs async jobs)", flush=True)
+        results["points"] += run_jobs(opts, workdir)
     results["elapsed_s"] = round(time.time() - started, 1)
     results["targets"] = report.targets(results)
     table = report.write(results, out)

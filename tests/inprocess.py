@@ -40,12 +40,14 @@ class InProcess:
 
 @contextlib.asynccontextmanager
 async def in_process(
-    engine: FakeEngine | None = None, **overrides: Any
+    engine: FakeEngine | None = None, *, backends: dict[str, Any] | None = None, **overrides: Any
 ) -> AsyncIterator[InProcess]:
-    """`overrides` are `Settings` fields; warm-up is off and the model is named `fake`."""
+    """`overrides` are `Settings` fields; warm-up is off and the model is named `fake`.
+    `backends` are `Service` keywords replacing the job backends (`queue`, `store`,
+    `webhooks`)."""
     engine = engine or FakeEngine()
     settings = Settings(**{"model": "fake", "warmup": "", **overrides})
-    service = Service(settings, engine_factory=lambda _: engine)
+    service = Service(settings, engine_factory=lambda _: engine, **(backends or {}))
     app = create_app(settings, service)
     await service.start()
     assert await service.wait_loaded() == Service.READY

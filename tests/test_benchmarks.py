@@ -173,6 +173,53 @@ def test_scenario_runs_headless(scenario: str, sim_server: str, tmp_path: Path) 
         assert {r["key"] for r in records} == {"64x64x1", "64x128x1"}
 
 
+def test_jobs_scenario_submits_polls_and_checks(sim_server: str, tmp_path: Path) -> None:
+    record = tmp_path / "records.json"
+    env = {**os.environ, "BENCH_RECORD": str(record), "BENCH_WIDTH": "64",
+           "BENCH_HEIGHT": "64", "BENCH_STEPS": "1"}
+    cmd = [sys.executable, "-m", "locust", "-f", "benchmarks/locustfiles/jobs.py",
+           "--headless", "--host", sim_server, "-u", "3", "-r", "3", "-t", "2s",
+           "--stop-timeout", "30", "--csv", str(tmp_path / "run"), "--only-summary"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads(record.read_text())
+    assert records and all(r["ok"] and r["status"] == 200 for r in records)
+    # the image was ready (completed_at) before the client's poll saw it and fetched it
+    assert all(r["start"] < r["done"] <= r["end"] + 0.01 and r["polls"] >= 1 for r in records)
+    stats = (tmp_path / "run_stats.csv").read_text()
+    assert "/v1/jobs/{id}/image" in stats and "/v1/jobs/{id}" in stats
+
+
+def test_poll_gap_follows_the_backoff() -> None:
+    # polls at 250, 750, 1750, 3750, 5750 ms after submitting
+    assert report.poll_gap_ms(100) == 250
+    assert report.poll_gap_ms(600) == 500
+    assert report.poll_gap_ms(1000) == 1000
+    assert report.poll_gap_ms(9000) == 2000
+
+
+def test_job_targets() -> None:
+    def point(arm: str, users: int, ips: float, p50: float, ready: float | None) -> dict[str, Any]:
+        p = {"part": "jobs", "arm": arm, "users": users, "images_per_s": ips, "p50_ms": p50}
+        return p if ready is None else {**p, "p50_ready_ms": ready}
+
+    results = {"config": {"max_batch_size": 8, "overhead_users": 32}, "points": [
+        point("t2i", 1, 4.0, 200.0, None), point("t2i", 32, 30.0, 900.0, None),
+        point("jobs-memory", 1, 3.9, 260.0, 205.0), point("jobs-memory", 32, 28.0, 1500.0, 950),
+        point("jobs-redis", 1, 3.8, 600.0, 290.0), point("jobs-redis", 32, 25.0, 1600.0, 990),
+    ]}
+    met = {t["target"]: (t["met"], t["bound"]) for t in report.targets(results)}
+    assert met == {
+        "jobs (memory) / t2i images/s at 32 users": (True, 0.9),
+        "jobs (memory) 1 user p50 overhead, polling included": (True, 300.0),
+        "jobs (memory) 1 user p50 overhead to image ready": (True, 50.0),
+        "jobs (redis) / t2i images/s at 32 users": (False, 0.9),
+        "jobs (redis) 1 user p50 overhead, polling included": (False, 300.0),
+        "jobs (redis) 1 user p50 overhead to image ready": (False, 50.0),
+    }
+
+
 def test_runner_quick_smoke(tmp_path: Path) -> None:
     """The runner end to end on the sim engine: every output file, no failed request."""
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "overhead,sim-gpu",

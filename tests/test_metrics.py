@@ -26,6 +26,9 @@ SPEC_METRICS = {
     "batchserve_gpu_memory_allocated_bytes": "gauge",
     "batchserve_gpu_memory_reserved_bytes": "gauge",
     "batchserve_ready": "gauge",
+    "batchserve_jobs": "counter",
+    "batchserve_jobs_waiting": "gauge",
+    "batchserve_job_duration_seconds": "histogram",
     "http_requests": "counter",
     "http_request_duration_seconds": "histogram",
 }

@@ -44,6 +44,9 @@ APP_METRICS = {
     "batchserve_ready",
     "batchserve_step_batch_size",
     "batchserve_active_items",
+    "batchserve_jobs_total",
+    "batchserve_jobs_waiting",
+    "batchserve_job_duration_seconds",
     # prometheus-fastapi-instrumentator: the two series `metrics.instrument` adds
     "http_requests_total",
     "http_request_duration_seconds",
@@ -133,7 +136,7 @@ def test_prometheus_scrapes_the_compose_services() -> None:
     config = load_yaml(MONITORING / "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = {name: job["static_configs"][0]["targets"] for name, job in jobs.items()}
-    assert targets["batchserve"] == ["app:8000"]
+    assert targets["batchserve"] == ["api:8000", "worker:8000"]
     assert targets["dcgm-exporter"] == ["dcgm-exporter:9400"]
     assert targets["cadvisor"] == ["cadvisor:8080"]
     assert jobs["dcgm-exporter"]["scrape_interval"] == "1s"
@@ -289,6 +292,9 @@ def test_api_dashboard_answers_is_batching_working() -> None:
         "Batches/s by flush trigger": ["batchserve_batches_total", "by (trigger)"],
         "Images/s": ["batchserve_images_total"],
         "Rejections/s by reason": ["batchserve_requests_rejected_total", "by (reason)"],
+        "Jobs waiting": ["max(batchserve_jobs_waiting"],
+        "Jobs/s by status": ["batchserve_jobs_total", "by (status)"],
+        "Job duration p50 / p95": ["batchserve_job_duration_seconds_bucket"],
     }
     for title, needles in expected.items():
         assert title in by_title, f"missing panel {title!r}"
@@ -330,20 +336,33 @@ def test_compose_file_lints() -> None:
 def test_compose_stack() -> None:
     compose = load_yaml(COMPOSE)
     services = compose["services"]
-    assert set(services) == {"app", "prometheus", "grafana", "dcgm-exporter", "cadvisor"}
+    assert set(services) == {"api", "worker", "redis", "s3", "prometheus", "grafana",
+                             "dcgm-exporter", "cadvisor"}
     published = {
         name: [int(p.rsplit(":", 2)[-1]) for p in service["ports"]]
-        for name, service in services.items()
+        for name, service in services.items() if "ports" in service
     }
+    # Redis, S3 and the worker are reached only inside the stack.
     assert published == {
-        "app": [8000], "prometheus": [9090], "grafana": [3000],
+        "api": [8000], "prometheus": [9090], "grafana": [3000],
         "dcgm-exporter": [9400], "cadvisor": [8080],
     }
-    for name in ("app", "dcgm-exporter"):
+    for name in ("worker", "dcgm-exporter"):
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
-    assert services["app"]["build"]["dockerfile"] == "Dockerfile"
-    assert "models:/models" in services["app"]["volumes"]
+    assert "deploy" not in services["api"]  # the api loads no model: no GPU
+    for name in ("api", "worker"):
+        assert services[name]["build"]["dockerfile"] == "Dockerfile"
+        env = services[name]["environment"]
+        assert env["BATCHSERVE_ROLE"] == name
+        assert env["BATCHSERVE_QUEUE"] == "redis://redis:6379/0"
+        assert env["BATCHSERVE_RESULTS"].startswith("s3://")
+        assert env["BATCHSERVE_S3_ENDPOINT_URL"] == "http://s3:8333"
+        assert set(services[name]["depends_on"]) == {"redis", "s3"}
+    assert "models:/models" in services["worker"]["volumes"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert "redis-data:/data" in services["redis"]["volumes"]
+    assert services["s3"]["command"][:3] == ["server", "-dir=/data", "-s3"]
 
     dcgm = services["dcgm-exporter"]
     assert dcgm["image"].startswith("nvcr.io/nvidia/k8s/dcgm-exporter:")

@@ -149,12 +149,19 @@ async def test_item_that_oomes_alone_fails_alone() -> None:
 def test_out_of_memory_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """The diffusers engine frees the CUDA cache before the batcher retries smaller halves."""
     torch = pytest.importorskip("torch")
+    from batchserve.engines import tiny
     from batchserve.engines.diffusion import DiffusionEngine, plan_tuning
 
     emptied: list[bool] = []
 
-    def oom(**_: object) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    class OomPipe:  # the tiny model's text side (the engine encodes prompts); denoising OOMs
+        def __init__(self) -> None:
+            real = tiny.build_pipeline()
+            self.tokenizer, self.text_encoder, self.unet = (
+                real.tokenizer, real.text_encoder, real.unet)
+
+        def __call__(self, **_: object) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     class CpuGenerator:  # the plan says cuda; this machine has none
         def __init__(self, device: str) -> None:
@@ -164,7 +171,8 @@ def test_out_of_memory_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -
             return self
 
     settings = Settings(warmup="")
-    engine = DiffusionEngine(oom, plan_tuning(settings, cuda=True, xformers=False), settings)
+    engine = DiffusionEngine(OomPipe(), plan_tuning(settings, cuda=True, xformers=False),
+                             settings)
     monkeypatch.setattr(torch, "Generator", CpuGenerator)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     with pytest.raises(EngineOutOfMemory):

@@ -36,11 +36,33 @@ def test_env_then_flags_override_defaults() -> None:
     ({"warmup": "512x"}, "--warmup"),
     ({"warmup": "500x512"}, "multiples of 8"),
     ({"api_key": "short"}, "--api-key"),
+    ({"role": "gpu"}, "--role='gpu': must be one of all, api, worker"),
+    ({"queue": "rabbitmq://h/"}, "--queue='rabbitmq://h/': must be `memory` or redis://"),
+    ({"queue": "redis:/h"}, "--queue"),
+    ({"results": "gcs://bucket"}, "--results='gcs://bucket': must be `memory`, file://DIR or s3://"),
+    ({"results": "s3://"}, "--results='s3://'"),
+    ({"results": "file://"}, "--results='file://'"),
+    ({"job_ttl_s": 0}, "--job-ttl-s=0: must be > 0"),
+    ({"job_max_attempts": 0}, "--job-max-attempts=0: must be 1..100"),
+    ({"role": "api", "queue": "memory"}, "--queue=memory with --role=api"),
 ])
 def test_invalid_settings_name_the_setting_and_rule(overrides: dict[str, object],
                                                     message: str) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Settings.from_sources(overrides, env={})
+
+
+def test_job_backend_settings() -> None:
+    s = Settings.from_sources(env={"BATCHSERVE_ROLE": "worker",
+                                   "BATCHSERVE_QUEUE": "redis://:pw@redis:6379/0",
+                                   "BATCHSERVE_RESULTS": "s3://images/jobs",
+                                   "BATCHSERVE_RESULT_REDIRECT": "true"})
+    assert (s.role, s.results, s.result_redirect) == ("worker", "s3://images/jobs", True)
+    assert s.public()["queue"] == "redis://***@redis:6379/0"
+    assert (s.job_ttl_s, s.job_visibility_timeout_s, s.job_max_attempts) == (86400, 120, 3)
+    with pytest.raises(SettingsError) as refused:
+        Settings(queue="amqp://user:pw@h/")
+    assert "pw" not in str(refused.value)
 
 
 def test_bad_env_value_names_the_variable() -> None:

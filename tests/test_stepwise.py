@@ -19,6 +19,9 @@ from batchserve.settings import Settings
 LONG = GenerationItem("a red cube", "blurry", 7, 64, 64, 4, 7.5)
 SHORT = GenerationItem("a dog", "", 8, 64, 64, 2, 1.0)
 MID = GenerationItem("a cat", "dark", 9, 64, 64, 3, 5.0)
+# Over 75 tokens (3 chunks with the tiny byte-level tokenizer): its rows are longer than the
+# others' and get padded and masked in the steps it shares.
+WORDY = GenerationItem("a lighthouse on a cliff at dusk, " * 6, "", 12, 64, 64, 2, 6.0)
 
 
 def pixels(image: object) -> np.ndarray:
@@ -67,6 +70,14 @@ def test_joined_part_way_equals_alone_and_static_batch(engine: DiffusionEngine,
     solo = run_until_done(stepper, stepper.prepare([SHORT]))
     assert np.abs(solo[SHORT] - alone[SHORT]).max() <= 1
     assert np.abs(alone[LONG] - alone[MID]).max() > 10  # images differ: the check can fail
+
+
+def test_long_prompt_shares_steps_with_short_ones(engine: DiffusionEngine) -> None:
+    engine.pipe.scheduler = make_scheduler("euler-a", engine.pipe.scheduler.config)
+    alone = {item: pixels(engine.generate([item])[0]) for item in (WORDY, SHORT, LONG)}
+    joined = run_until_done(engine, engine.prepare([SHORT, LONG]), [WORDY], join_after=1)
+    for item in (WORDY, SHORT, LONG):
+        assert np.abs(joined[item] - alone[item]).max() <= 1, item
 
 
 def test_finished_items_leave_while_others_continue(engine: DiffusionEngine) -> None:

@@ -34,6 +34,18 @@ RECORDS: list[dict[str, Any]] = []
 _seeds = itertools.count(random.randrange(2**32))
 
 
+def request_body(width: int = WIDTH, height: int = HEIGHT, steps: int = STEPS) -> dict[str, Any]:
+    """The `/t2i` body every scenario sends: a random prompt, a fresh seed."""
+    return {
+        "prompt": random.choice(PROMPTS),
+        "seed": next(_seeds),
+        "width": width,
+        "height": height,
+        "inference_steps": steps,
+        "guidance_scale": GUIDANCE,
+    }
+
+
 class T2IUser(FastHttpUser):
     """A closed-loop user: the next request goes out as soon as the last one is answered."""
 
@@ -44,14 +56,7 @@ class T2IUser(FastHttpUser):
 
     def t2i(self, width: int = WIDTH, height: int = HEIGHT, steps: int = STEPS,
             name: str = "/t2i") -> None:
-        payload = {
-            "prompt": random.choice(PROMPTS),
-            "seed": next(_seeds),
-            "width": width,
-            "height": height,
-            "inference_steps": steps,
-            "guidance_scale": GUIDANCE,
-        }
+        payload = request_body(width, height, steps)
         headers = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else None
         started = time.time()
         with self.client.post("/t2i", json=payload, headers=headers, name=name,

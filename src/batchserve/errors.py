@@ -36,6 +36,14 @@ class MethodNotAllowed(BatchServeError):
     status, code = 405, "method_not_allowed"
 
 
+class JobNotFinished(BatchServeError):
+    status, code = 409, "job_not_succeeded"
+
+
+class Gone(BatchServeError):
+    status, code = 410, "gone"
+
+
 class BodyTooLarge(BatchServeError):
     status, code, reject_reason = 413, "body_too_large", "invalid"
 
@@ -62,6 +70,18 @@ class NotReady(BatchServeError):
 
 class Draining(BatchServeError):
     status, code = 503, "draining"
+
+
+class BackendDown(BatchServeError):
+    """The job queue or result store cannot be reached; nothing was stored."""
+
+    status, code = 503, "backend_unavailable"
+
+
+class NotServedHere(BatchServeError):
+    """This process's `--role` does not serve the route (e.g. /t2i on `--role api`)."""
+
+    status, code = 503, "not_served_here"
 
 
 class QueueTimeout(BatchServeError):

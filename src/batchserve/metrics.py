@@ -23,6 +23,8 @@ TRIGGERS = ("full", "timeout", "drain", "join")
 REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed")
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+JOB_STATUSES = ("queued", "succeeded", "failed", "canceled")
+JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 HTTP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
@@ -79,6 +81,20 @@ class Metrics:
             "batchserve_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", registry=r
         )
         self._ready = Gauge("batchserve_ready", "1 when loaded, warmed and accepting", registry=r)
+        self._jobs = Counter(
+            "batchserve_jobs", "Async jobs accepted (queued) and ended here, by status",
+            ["status"], registry=r,
+        )
+        self._jobs_waiting = Gauge(
+            "batchserve_jobs_waiting", "Jobs accepted and not yet pulled by any worker "
+            "(read from the queue on each scrape)", registry=r,
+        )
+        self._job_duration = Histogram(
+            "batchserve_job_duration_seconds", "Async job accepted to finished (any end)",
+            buckets=JOB_BUCKETS, registry=r,
+        )
+        for status in JOB_STATUSES:
+            self._jobs.labels(status)
         for trigger in TRIGGERS:
             self._batches.labels(trigger)
         for reason in REJECT_REASONS:
@@ -112,6 +128,18 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         if reason in REJECT_REASONS:
             self._rejected.labels(reason).inc()
+
+    @_never_raise
+    def job_status(self, status: str, duration_s: float | None = None) -> None:
+        """A job accepted (`queued`) or ended here, with its duration when it ended."""
+        if status in JOB_STATUSES:
+            self._jobs.labels(status).inc()
+        if duration_s is not None:
+            self._job_duration.observe(duration_s)
+
+    @_never_raise
+    def jobs_waiting(self, count: int) -> None:
+        self._jobs_waiting.set(count)
 
     @_never_raise
     def ready(self, ready: bool) -> None:

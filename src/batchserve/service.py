@@ -18,17 +18,22 @@ from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import Engine, GenerationItem, StepState, load_engine, step_engine
-from .errors import Draining, GenerationFailed, NotReady
+from .errors import Draining, GenerationFailed, NotReady, NotServedHere
+from .jobs.backends import open_queue, open_store
+from .jobs.runner import JobRunner
+from .jobs.service import JobService
+from .jobs.webhooks import WebhookSender
 from .metrics import Metrics
 from .request_queue import QueueLoop
 from .schema import Limits
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .stepper import StepBatcher
 from .worker import Worker
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from .jobs.protocol import JobQueue, ResultStore
     from .schema import T2IRequest
 
 log = logging.getLogger("batchserve")
@@ -43,12 +48,24 @@ DEMO_WARNING = (
 
 
 class Service:
+    """One process's work in its `--role`: `all` (HTTP and generation), `api` (HTTP and jobs,
+    no model: nothing here imports torch) or `worker` (model and job runner).
+
+    `queue` and `store` replace the backends the settings name (tests inject them)."""
+
     STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
 
     def __init__(
-        self, settings: Settings, *, engine_factory: EngineFactory = load_engine
+        self,
+        settings: Settings,
+        *,
+        engine_factory: EngineFactory = load_engine,
+        queue: JobQueue | None = None,
+        store: ResultStore | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         self.settings = settings
+        self.role = settings.role
         self.state = self.STARTING
         self.engine: Engine | None = None
         self.limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
@@ -66,6 +83,13 @@ class Service:
             StepBatcher(EngineSteps(self), **options) if self.continuous
             else Batcher(self._run_batch, **options)
         )
+        if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
+            webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts())
+        self.jobs = JobService(
+            self, queue or open_queue(settings), store or open_store(settings), webhooks=webhooks
+        )
+        self.runner = JobRunner(self, self.jobs) if self.role != "api" else None
+        self.jobs.runner = self.runner
         self.on_fatal: Callable[[str], None] = lambda reason: None
         self._engine_factory = engine_factory
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,9 +101,16 @@ class Service:
     async def start(self) -> None:
         """Starts loading in the background so /healthz and /readyz answer while it loads."""
         self.metrics.ready(False)
+        if self.role == "api":  # no model: ready once started (readiness also pings backends)
+            self.state = self.READY
+            self.metrics.ready(True)
+            self._settled.set()
+            return
         loop_task = asyncio.create_task(self.batcher.run(), name="batch-loop")
         loop_task.add_done_callback(self._loop_ended)
         self._tasks = [loop_task, asyncio.create_task(self._load(), name="load-model")]
+        if self.runner is not None:
+            self.runner.start()
 
     async def _load(self) -> None:
         settings = self.settings
@@ -92,14 +123,17 @@ class Service:
             if info.demo and settings.model == "tiny":
                 log.warning(DEMO_WARNING)
             if self.continuous and step_engine(engine) is None:
-                raise RuntimeError(
+                raise SettingsError(
                     f"--flush-policy=continuous: the engine of --model={settings.model} has no "
                     "step-wise interface (prepare/step/finish); use --flush-policy=deadline "
                     "or eager"
                 )
             await self.worker.run(engine.warmup)
         except Exception as exc:
-            log.exception("model %r failed to load", settings.model)
+            # A bad setting or model file is the operator's to fix and its message says how; a
+            # traceback would only bury it. Anything else keeps its traceback.
+            log.error("model %r failed to load: %s", settings.model, exc,
+                      exc_info=not isinstance(exc, SettingsError))
             self._fail(f"model failed to load: {type(exc).__name__}: {exc}")
             self._settled.set()
             return
@@ -136,9 +170,17 @@ class Service:
         self.metrics.ready(False)
         log.info("draining: %d queued, grace period %g s", self.batcher.depth,
                  self.settings.drain_timeout_s)
+        started = time.monotonic()
+        if self.runner is not None:
+            self.runner.stop_pulling()
         finished = await self.batcher.drain(self.settings.drain_timeout_s)
         if not finished:
             log.warning("drain grace period ended; unfinished requests answered 503")
+        if self.runner is not None:
+            # Storing finished images is quick; what is left after that goes back to the queue.
+            left = self.settings.drain_timeout_s - (time.monotonic() - started)
+            await self.runner.finish(max(left, 5.0))
+        self.jobs.stop_waiting()
         return finished
 
     def end_drain(self) -> None:
@@ -149,15 +191,45 @@ class Service:
         if not self.batcher.closed:
             self.batcher.close()
         self.batcher.fail_all(Draining("server stopped before this request could run"))
+        if self.runner is not None:
+            await self.runner.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.jobs.close()
         self.worker.stop()
         self.encoder.shutdown(wait=False, cancel_futures=True)
+
+    async def readiness(self) -> str | None:
+        """None when this role can do its work now, else why not (`/readyz`). api: the queue
+        and the store answer; worker: model warm and the queue answers; all: both."""
+        if self.state != self.READY:
+            return f"server is {self.state}"
+        if self.runner is not None and self.runner.problem is not None:
+            return self.runner.problem
+        return await self.jobs.check_backends(store=self.role != "worker")
 
     # -- requests --------------------------------------------------------------------------
 
     def check_admitting(self) -> None:
+        """For the doors that generate while the client waits (`/t2i` and its translations):
+        only `--role all` serves them."""
+        if self.role == "api":
+            raise NotServedHere(
+                "this --role api process loads no model and does not generate while you wait; "
+                "submit an async job with POST /v1/jobs, or call a --role all server"
+            )
+        if self.role == "worker":
+            raise NotServedHere("this is a --role worker process; send requests to the api")
+        self._check_state()
+
+    def check_accepting_jobs(self) -> None:
+        """For the jobs door: `--role all` and `--role api`."""
+        if self.role == "worker":
+            raise NotServedHere("this is a --role worker process; send jobs to the api")
+        self._check_state()
+
+    def _check_state(self) -> None:
         if self.state == self.DRAINING:
             raise Draining("server is shutting down; retry on another instance", retry_after_s=5)
         if self.state != self.READY:
@@ -166,8 +238,13 @@ class Service:
     def submit(
         self, request: T2IRequest, fmt: str = "png"
     ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
-        """Queues one request; its outcome's result is a future of the encoded image."""
-        self.check_admitting()
+        """Queues one request; its outcome's result is a future of the encoded image. A worker's
+        job runner submits too (roles all and worker)."""
+        if self.role == "worker":
+            if self.state != self.READY:
+                raise Draining("worker is not accepting jobs", retry_after_s=5)
+        else:
+            self.check_admitting()
         # Under `continuous` items of any steps and guidance share steps: the key is the shape.
         key = (request.width, request.height) if self.continuous else request.key
         return self.batcher.submit(
@@ -202,6 +279,14 @@ class Service:
         return {
             "version": __version__,
             "state": self.state,
+            "role": self.role,
+            "jobs": {
+                "queue": s.queue.partition("://")[0],
+                "results": s.results.partition("://")[0],
+                "result_redirect": s.result_redirect,
+                "job_ttl_s": s.job_ttl_s,
+                "webhooks": self.jobs.webhooks is not None,
+            },
             "engine": self.engine.info().to_dict() if self.engine else None,
             "batching": {
                 "key": ["width", "height"] if self.continuous else

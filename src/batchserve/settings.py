@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -26,6 +27,24 @@ class Settings:
     model: str = _opt("tiny", "`tiny`, `sim`, a diffusers folder, a hub id or a .safetensors file")
     model_config: str | None = _opt(
         None, "diffusers folder or hub id giving the config of a single-file checkpoint"
+    )
+    allow_pickle: bool = _opt(
+        False, "load pickle files (.ckpt/.pt/.pth/.bin): they can run code; trusted sources only"
+    )
+    vae: str | None = _opt(None, "VAE replacing the model's: a diffusers folder or a single file")
+    lora: str | None = _opt(
+        None, "LoRA files fused into the weights at load: PATH[:SCALE], comma separated"
+    )
+    embeddings: str | None = _opt(
+        None, "textual-inversion embeddings: a file or a folder of them; token = file name"
+    )
+    long_prompts: str = _opt(
+        "chunk",
+        "prompts over 77 tokens: chunk (75-token chunks, like the web UIs) or truncate (cut)",
+        choices=("chunk", "truncate"),
+    )
+    clip_skip: int = _opt(
+        1, "CLIP layers to skip, web-UI numbering: 1 = last layer, 2 = penultimate"
     )
     host: str = _opt("127.0.0.1", "bind address")
     port: int = _opt(8000, "bind port")
@@ -72,6 +91,35 @@ class Settings:
         0.0, "--model sim only: one denoising step of n images sleeps step + n*step_per_image ms"
     )
     sim_step_per_image_ms: float = _opt(0.0, "--model sim only: per-image time of one step in ms")
+    role: str = _opt(
+        "all",
+        "all: accept HTTP and generate; api: accept and serve jobs, no model; "
+        "worker: load the model and run jobs, serve only health, readiness, metrics and info",
+        choices=("all", "api", "worker"),
+    )
+    queue: str = _opt(
+        "memory", "job queue: `memory` (this process only; lost on restart) or "
+        "redis://HOST:PORT/DB (shared by api and worker processes)"
+    )
+    results: str = _opt(
+        "memory", "job result store: `memory`, file://DIR or s3://BUCKET/PREFIX"
+    )
+    s3_endpoint_url: str | None = _opt(
+        None, "S3 endpoint for s3:// results (MinIO, SeaweedFS, Ceph); AWS when unset"
+    )
+    result_redirect: bool = _opt(
+        False, "GET /v1/jobs/{id}/image answers 302 to a presigned URL when the store gives one"
+    )
+    job_ttl_s: float = _opt(86400.0, "jobs and their results expire this long after their "
+                            "last change, then read as 404")
+    job_visibility_timeout_s: float = _opt(
+        120.0, "a job held this long by a worker that stopped answering goes to another worker"
+    )
+    job_max_attempts: int = _opt(3, "deliveries of one job before it fails with worker_lost")
+    webhook_secret: str | None = _opt(None, "HMAC-SHA256 key signing webhook bodies")
+    webhook_allow_hosts: str = _opt(
+        "", "hosts webhooks may be sent to, comma separated; empty: webhooks refused"
+    )
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -84,11 +132,21 @@ class Settings:
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         return parse_shapes(self.warmup)
 
+    def lora_specs(self) -> list[tuple[str, float]]:
+        return parse_loras(self.lora or "")
+
     def public(self) -> dict[str, Any]:
         """Settings safe to show (no secrets)."""
         data = dataclasses.asdict(self)
         data["api_key"] = "set" if self.api_key else None
+        data["webhook_secret"] = "set" if self.webhook_secret else None
+        data["queue"] = _without_password(self.queue)
         return data
+
+    def webhook_hosts(self) -> frozenset[str]:
+        return frozenset(
+            h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()
+        )
 
     @classmethod
     def from_sources(
@@ -153,6 +211,21 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def parse_loras(text: str) -> list[tuple[str, float]]:
+    """`PATH[:SCALE],...` (scale 1.0 when absent); a tail that is no number stays in the path."""
+    specs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        path, scale = part, 1.0
+        head, _, tail = part.rpartition(":")
+        if head:
+            with contextlib.suppress(ValueError):
+                path, scale = head, float(tail)
+        if not -10.0 <= scale <= 10.0:
+            raise SettingsError(f"--lora: {part!r}: scale must be -10..10")
+        specs.append((path, scale))
+    return specs
+
+
 def _rule(name: str, ok: Callable[[Any], bool], rule: str) -> Callable[[Settings], None]:
     def check(s: Settings) -> None:
         value = getattr(s, name)
@@ -160,6 +233,55 @@ def _rule(name: str, ok: Callable[[Any], bool], rule: str) -> Callable[[Settings
             raise SettingsError(f"{flag_name(name)}={value!r}: {rule}")
 
     return check
+
+
+def _without_password(url: str) -> str:
+    """`redis://:secret@host/0` as `redis://***@host/0`, for /v1/info and logs."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def _check_queue(s: Settings) -> None:
+    if s.queue != "memory" and not re.match(r"^rediss?://[^/]+", s.queue):
+        raise SettingsError(
+            f"--queue={_without_password(s.queue)!r}: must be `memory` or redis://HOST:PORT/DB"
+        )
+
+
+def _check_results(s: Settings) -> None:
+    scheme, sep, rest = s.results.partition("://")
+    if s.results == "memory" or (sep and scheme == "file" and rest):
+        return
+    if sep and scheme == "s3" and rest.split("/", 1)[0]:
+        return
+    raise SettingsError(
+        f"--results={s.results!r}: must be `memory`, file://DIR or s3://BUCKET/PREFIX"
+    )
+
+
+def _check_roles(s: Settings) -> None:
+    # api and worker processes only meet through the shared queue and store.
+    if s.role == "all":
+        return
+    if s.queue == "memory":
+        raise SettingsError(
+            f"--queue=memory with --role={s.role}: api and worker processes must share a "
+            "queue; use --queue redis://HOST:PORT/DB"
+        )
+    if s.results == "memory":
+        raise SettingsError(
+            f"--results=memory with --role={s.role}: api and worker processes must share "
+            "results; use --results s3://BUCKET/PREFIX or file://DIR on a shared volume"
+        )
+
+
+def _check_webhooks(s: Settings) -> None:
+    if s.webhook_hosts() and not s.webhook_secret:
+        raise SettingsError(
+            "--webhook-allow-hosts is set but --webhook-secret is not: webhooks are always signed"
+        )
 
 
 def _check_choices(s: Settings) -> None:
@@ -180,6 +302,9 @@ def _check_sim_steps(s: Settings) -> None:
             "--sim-step-ms/--sim-step-per-image-ms (--sim-base-ms/--sim-per-image-ms time "
             "whole batches only)"
         )
+def _check_lora(s: Settings) -> None:
+    if s.lora is not None and not s.lora_specs():  # parsing also checks every scale
+        raise SettingsError(f"--lora={s.lora!r}: names no file (PATH[:SCALE], comma separated)")
 
 
 def _check_warmup(s: Settings) -> None:
@@ -192,7 +317,9 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _check_choices,
     _check_warmup,
     _check_sim_steps,
+    _check_lora,
     _rule("port", lambda v: 0 <= v <= 65535, "must be 0..65535"),
+    _rule("clip_skip", lambda v: 1 <= v <= 24, "must be 1..24 (1 = last layer)"),
     _rule("max_batch_size", lambda v: 1 <= v <= 256, "must be 1..256"),
     _rule("max_wait_ms", lambda v: 0 <= v <= 60_000, "must be 0..60000"),
     _rule("priority_aging_s", lambda v: v > 0, "must be > 0"),
@@ -209,4 +336,13 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _rule("sim_per_image_ms", lambda v: v >= 0, "must be >= 0"),
     _rule("sim_step_ms", lambda v: v >= 0, "must be >= 0"),
     _rule("sim_step_per_image_ms", lambda v: v >= 0, "must be >= 0"),
+    _check_queue,
+    _check_results,
+    _check_roles,
+    _rule("job_ttl_s", lambda v: v > 0, "must be > 0"),
+    _rule("job_visibility_timeout_s", lambda v: v > 0, "must be > 0"),
+    _rule("job_max_attempts", lambda v: 1 <= v <= 100, "must be 1..100"),
+    _rule("webhook_secret", lambda v: v is None or len(v) >= 16,
+          "must be at least 16 characters"),
+    _check_webhooks,
 ]

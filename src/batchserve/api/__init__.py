@@ -18,6 +18,7 @@ from ..metrics import instrument
 from ..service import Service
 from ..settings import Settings
 from .common import Gateway, error_response
+from .jobs import JobsDoor
 from .ops import OpsRoutes
 from .t2i import T2IDoor
 
@@ -25,13 +26,24 @@ __all__ = ["create_app"]
 
 
 def routes(gateway: Gateway) -> list[Route]:
+    """Every role serves the operations routes; a `--role worker` process serves only them."""
     ops = OpsRoutes(gateway)
-    return [
-        Route("/t2i", gateway.endpoint("t2i", T2IDoor(gateway)), methods=["POST"]),
+    served = [
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/v1/info", ops.info, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
+    ]
+    if gateway.service.role == "worker":
+        return served
+    jobs = JobsDoor(gateway)
+    return [
+        Route("/t2i", gateway.endpoint("t2i", T2IDoor(gateway)), methods=["POST"]),
+        Route("/v1/jobs", gateway.endpoint("jobs", jobs.submit), methods=["POST"]),
+        Route("/v1/jobs/{job_id}", gateway.endpoint("jobs", jobs.get), methods=["GET"]),
+        Route("/v1/jobs/{job_id}", gateway.endpoint("jobs", jobs.cancel), methods=["DELETE"]),
+        Route("/v1/jobs/{job_id}/image", gateway.endpoint("jobs", jobs.image), methods=["GET"]),
+        *served,
     ]
 
 

@@ -23,10 +23,10 @@ class OpsRoutes:
                             status_code=200 if alive else 503)
 
     async def readyz(self, request: Request) -> Response:
-        state = self.service.state
-        if state == Service.READY:
-            return JSONResponse({"status": "ready"})
-        return error_response(NotReady(f"server is {state}", retry_after_s=5))
+        problem = await self.service.readiness()
+        if problem is None:
+            return JSONResponse({"status": "ready", "role": self.service.role})
+        return error_response(NotReady(problem, retry_after_s=5))
 
     async def info(self, request: Request) -> Response:
         return JSONResponse(self.service.info())
@@ -37,5 +37,6 @@ class OpsRoutes:
         engine = self.service.engine
         if engine is not None:
             self.service.metrics.gpu_memory(engine.memory_bytes())
+        await self.service.jobs.refresh_metrics()
         body = generate_latest(self.service.metrics.registry)
         return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,6 +1,7 @@
 """The engines: the protocol the batcher calls (`protocol`), the diffusers engine (`diffusion`,
-the only torch importer with the presets `tiny` and `sd15`), and the simulated GPU (`sim`).
-Importing this package imports no torch."""
+with the presets `tiny` and `sd15`, community model files `checkpoints` and prompt encoding
+`prompts`: the torch importers), and the simulated GPU (`sim`). Importing this package imports
+no torch."""
 
 from __future__ import annotations
 

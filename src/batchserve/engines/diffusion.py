@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +20,8 @@ from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
 from ..settings import Settings, SettingsError
+from . import checkpoints
+from .prompts import PromptEncoder
 from .protocol import EngineInfo, GenerationItem, StepState, Switch
 from .stepwise import StepwiseDiffusion
 
@@ -124,36 +125,41 @@ def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
         preset = importlib.import_module(f".{model}", __package__)
         pipe = preset.build_pipeline()
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
-    if model.endswith((".safetensors", ".ckpt")):
-        if not Path(model).is_file():
-            raise SettingsError(f"--model={model!r}: no such checkpoint file")
-        return StableDiffusionPipeline.from_single_file(
-            model, torch_dtype=torch_dtype, config=settings.model_config
-        )
+    if model.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
+        return checkpoints.load_single_file(settings, torch_dtype)
     return StableDiffusionPipeline.from_pretrained(
         model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
     )
 
 
 class DiffusionEngine:
-    def __init__(self, pipe: Any, plan: Plan, settings: Settings) -> None:
+    def __init__(self, pipe: Any, plan: Plan, settings: Settings,
+                 addons: checkpoints.Addons | None = None) -> None:
         self.pipe = pipe
         self.plan = plan
         self.settings = settings
-        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for)
+        self.addons = addons or checkpoints.Addons()
+        self.prompts = PromptEncoder.for_pipeline(
+            pipe, long_prompts=settings.long_prompts, clip_skip=settings.clip_skip,
+            expansions=self.addons.expansions(),
+        )
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.prompts)
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
+        checkpoints.check_paths(settings)
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype])
         pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(plan.device)
+        addons = checkpoints.apply_addons(pipe, settings)  # before compiling: LoRA edits weights
         _apply(pipe, plan)
         log.info("model %s loaded on %s/%s in %.1f s", settings.model, plan.device, plan.dtype,
                  time.perf_counter() - started)
-        return cls(pipe, plan, settings)
+        checkpoints.log_addons(addons, settings)
+        return cls(pipe, plan, settings, addons)
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -165,7 +171,8 @@ class DiffusionEngine:
             demo=self.settings.model in ("tiny", "sd15"),
             tuning=self.plan.switches,
             extra={"vae_scale_factor": int(self.pipe.vae_scale_factor),
-                   "schedulers": sorted(SCHEDULERS)},
+                   "schedulers": sorted(SCHEDULERS),
+                   **checkpoints.describe(self.addons, self.settings)},
         )
 
     def warmup(self) -> None:
@@ -178,10 +185,10 @@ class DiffusionEngine:
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.prompts.conditioning(items) as text:
                 out = self.pipe(
-                    prompt=[i.prompt for i in items],
-                    negative_prompt=[i.negative_prompt for i in items],
+                    prompt_embeds=text.prompt_embeds,
+                    negative_prompt_embeds=text.negative_embeds,
                     width=first.width,
                     height=first.height,
                     num_inference_steps=first.inference_steps,

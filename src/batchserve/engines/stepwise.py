@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
+from .prompts import PromptEncoder
 from .protocol import GenerationItem, StepState
 
 SchedulerFactory = Callable[[GenerationItem], Any]
@@ -34,8 +35,9 @@ class DiffusionState:
     scheduler: Any
     generator: torch.Generator
     latents: torch.Tensor
-    text: torch.Tensor
-    uncond: torch.Tensor | None  # set only when guidance applies
+    rows: list[tuple[torch.Tensor, torch.Tensor | None]]
+    """Its UNet rows' conditioning [1, L, D] and padding mask [L] (None: no padding):
+    (negative, prompt) with guidance, (prompt,) without, as the pipeline orders them."""
     timesteps: torch.Tensor
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
@@ -48,34 +50,34 @@ class DiffusionState:
 class StepwiseDiffusion:
     """Prepare / step / finish over a loaded `StableDiffusionPipeline`."""
 
-    def __init__(self, pipe: Any, device: str, scheduler_for: SchedulerFactory) -> None:
+    def __init__(self, pipe: Any, device: str, scheduler_for: SchedulerFactory,
+                 prompts: PromptEncoder) -> None:
         self.pipe = pipe
         self.device = torch.device(device)
         self.scheduler_for = scheduler_for
+        self.prompts = prompts
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
         with torch.inference_mode(), _oom_guard(self):
-            texts, unconds = self._encode(items)
-            return [self._prepare_one(item, texts[i : i + 1],
-                                      None if unconds is None else unconds[i : i + 1])
-                    for i, item in enumerate(items)]
+            return [self._prepare_one(item, self._encode(item)) for item in items]
 
-    def _encode(self, items: Sequence[GenerationItem]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings for all items in one call (rows are independent), with the
-        unconditional ones when any item uses guidance."""
-        guided = any(self._guided(i) for i in items)
-        text, uncond = self.pipe.encode_prompt(
-            [i.prompt for i in items], self.device, 1, guided,
-            [i.negative_prompt for i in items],
-        )
-        return text, uncond if guided else None
+    def _encode(self, item: GenerationItem) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The item's rows, encoded alone by the engine's one `PromptEncoder` (long prompts,
+        clip skip, embeddings as in `generate`); padding across items happens per step."""
+        guided = self._guided(item)
+        text = self.prompts.encode([item.prompt], [item.negative_prompt], guidance=guided)
+        mask = text.attention_mask  # [2, L] negatives first, or [1, L]; None when unpadded
+        if text.negative_embeds is None:
+            return [(text.prompt_embeds, None if mask is None else mask[0])]
+        return [(text.negative_embeds, None if mask is None else mask[0]),
+                (text.prompt_embeds, None if mask is None else mask[1])]
 
     def _guided(self, item: GenerationItem) -> bool:
         # the pipeline's `do_classifier_free_guidance`
         return item.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
 
     def _prepare_one(
-        self, item: GenerationItem, text: torch.Tensor, uncond: torch.Tensor | None
+        self, item: GenerationItem, rows: list[tuple[torch.Tensor, torch.Tensor | None]]
     ) -> DiffusionState:
         pipe = self.pipe
         scheduler = self.scheduler_for(item)
@@ -83,7 +85,8 @@ class StepwiseDiffusion:
         generator = torch.Generator(self.device.type).manual_seed(item.seed)
         shape = (1, pipe.unet.config.in_channels, item.height // pipe.vae_scale_factor,
                  item.width // pipe.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=text.dtype)
+        dtype = rows[0][0].dtype
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         params = inspect.signature(scheduler.step).parameters
         kwargs: dict[str, Any] = {}
         if "eta" in params:
@@ -92,8 +95,7 @@ class StepwiseDiffusion:
             kwargs["generator"] = generator
         return DiffusionState(
             item=item, scheduler=scheduler, generator=generator,
-            latents=latents * scheduler.init_noise_sigma, text=text,
-            uncond=uncond if self._guided(item) else None,
+            latents=latents * scheduler.init_noise_sigma, rows=rows,
             timesteps=scheduler.timesteps, step_kwargs=kwargs,
         )
 
@@ -111,27 +113,27 @@ class StepwiseDiffusion:
                 state.index += 1
 
     def _predict(self, states: list[DiffusionState]) -> list[torch.Tensor]:
-        samples, times, embeds = [], [], []
+        samples, times, rows = [], [], []
         for state in states:
             t = state.timesteps[state.index]
             x = state.scheduler.scale_model_input(state.latents, t)
-            rows = [state.uncond, state.text] if state.uncond is not None else [state.text]
-            samples += [x] * len(rows)
-            times += [t.to(self.device, torch.float32)] * len(rows)
-            embeds += rows
+            samples += [x] * len(state.rows)
+            times += [t.to(self.device, torch.float32)] * len(state.rows)
+            rows += state.rows
+        embeds, mask = _pad_rows(rows)
+        kwargs = {} if mask is None else {"encoder_attention_mask": mask}
         out = self.pipe.unet(
-            torch.cat(samples), torch.stack(times), encoder_hidden_states=torch.cat(embeds),
-            return_dict=False,
+            torch.cat(samples), torch.stack(times), encoder_hidden_states=embeds,
+            return_dict=False, **kwargs,
         )[0]
         preds, row = [], 0
         for state in states:
-            if state.uncond is None:
+            if len(state.rows) == 1:
                 preds.append(out[row : row + 1])
-                row += 1
             else:
                 uncond, text = out[row : row + 1], out[row + 1 : row + 2]
                 preds.append(uncond + state.item.guidance_scale * (text - uncond))
-                row += 2
+            row += len(state.rows)
         return preds
 
     def finish(self, states: Sequence[StepState]) -> list[Image]:
@@ -148,6 +150,27 @@ class StepwiseDiffusion:
     def free_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _pad_rows(
+    rows: list[tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of different lengths (long prompts in 77-token chunks) padded to the longest and
+    masked, so padded positions get no attention, as `prompts.stack` does for whole batches.
+    The mask is None when no row is padded."""
+    length = max(e.shape[1] for e, _ in rows)
+    embeds, masks = [], []
+    for embed, mask in rows:
+        own = embed.shape[1]
+        if mask is None:
+            mask = torch.ones(own, dtype=torch.bool, device=embed.device)
+        if own < length:
+            embed = torch.cat([embed, embed.new_zeros((1, length - own, embed.shape[2]))], 1)
+            mask = torch.cat([mask, mask.new_zeros(length - own)])
+        embeds.append(embed)
+        masks.append(mask)
+    stacked = torch.stack(masks)
+    return torch.cat(embeds), None if bool(stacked.all()) else stacked
 
 
 def _state(state: StepState) -> DiffusionState:

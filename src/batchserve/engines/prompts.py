@@ -1,0 +1,206 @@
+"""Prompt text -> the UNet's cross-attention conditioning, for whole batches of different prompts.
+
+CLIP reads 77 tokens (75 plus begin/end). `chunk` mode encodes longer prompts the way the popular
+web UIs do: 75-token chunks, each encoded as its own 77-token sequence, concatenated along the
+sequence axis; `truncate` cuts at 75 tokens like plain diffusers. A prompt of up to 75 tokens
+encodes exactly as diffusers' `encode_prompt` does in both modes.
+
+Items of one batch may need different chunk counts (and a prompt and its negative prompt too).
+Each is padded to the batch's longest with the encoding of the empty prompt (what the web UIs
+pad with) and `attention_mask` marks the padding, which `cross_attention_mask` hands to the UNet
+so padded positions get no attention: an item's image is the same alone or in any batch.
+
+`PromptEncoder.encode` is the one entry point; the whole-batch engine and a step-wise engine call
+it the same way (the latter can encode items apart and join them with `stack`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .protocol import GenerationItem
+
+CHUNK = 75  # content tokens per CLIP sequence; +2 for the begin and end tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One batch's conditioning, padded to a common length L (a multiple of 77)."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    negative_embeds: torch.Tensor | None  # [B, L, D]; None without classifier-free guidance
+    attention_mask: torch.Tensor | None
+    """[2B, L] (negatives first, as diffusers batches them) or [B, L] without guidance, True
+    where a token is real; None when no item needed padding."""
+
+
+class PromptEncoder:
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        unet: Any,
+        *,
+        long_prompts: str = "chunk",
+        clip_skip: int = 1,
+        expansions: Mapping[str, str] | None = None,
+    ) -> None:
+        if long_prompts not in ("chunk", "truncate"):
+            raise ValueError(f"long_prompts={long_prompts!r}")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet  # gets the padding mask (`conditioning`)
+        self.chunked = long_prompts == "chunk"
+        self.clip_skip = clip_skip
+        # The tokenizer matches added tokens case-insensitively and inside words; so does this.
+        # (diffusers' `maybe_convert_prompt` compares the lower-cased pieces case-sensitively and
+        # misses mixed-case names like `EasyNegative`.)
+        self._expansions = {k.lower(): v for k, v in (expansions or {}).items()}
+        names = sorted(self._expansions, key=len, reverse=True)
+        self._pattern = (
+            re.compile("|".join(re.escape(n) for n in names) + r"(?!_\d)", re.IGNORECASE)
+            if names else None
+        )
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, *, long_prompts: str, clip_skip: int,
+                     expansions: Mapping[str, str] | None = None) -> PromptEncoder:
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.unet, long_prompts=long_prompts,
+                   clip_skip=clip_skip, expansions=expansions)
+
+    def encode(self, prompts: Sequence[str], negatives: Sequence[str], *,
+               guidance: bool) -> Encoded:
+        """`guidance`: classifier-free guidance is on (diffusers: guidance_scale > 1), so the
+        negative prompts are encoded too. Run it under `torch.inference_mode()`."""
+        texts = list(prompts) + (list(negatives) if guidance else [])
+        chunked = [self._chunks(ids) for ids in self._token_ids(texts)]
+        longest = max(len(c) for c in chunked)
+        padded = longest > 1 and any(len(c) < longest for c in chunked)
+        rows = [chunk for chunks in chunked for chunk in chunks]
+        if padded:
+            rows.append([])  # the empty prompt, to pad with
+        hidden = self._encode_rows(rows)
+        embeds, masks, at = [], [], 0
+        for chunks in chunked:
+            own = hidden[at:at + len(chunks)]
+            at += len(chunks)
+            pad = longest - len(chunks)
+            pieces = [*own, *([hidden[-1]] * pad)]
+            embeds.append(torch.cat(pieces))
+            seq = own.shape[1]
+            masks.append(torch.tensor([True] * seq * len(chunks) + [False] * seq * pad))
+        stacked = torch.stack(embeds)
+        n = len(prompts)
+        mask = None
+        if padded:
+            order = masks[n:] + masks[:n]  # diffusers batches [negatives; prompts]
+            mask = torch.stack(order).to(stacked.device)
+        return Encoded(stacked[:n], stacked[n:] if guidance else None, mask)
+
+    @contextmanager
+    def conditioning(self, items: Sequence[GenerationItem]) -> Iterator[Encoded]:
+        """A whole-batch engine's conditioning for `items` (one batch key): encoded, with the
+        padding mask handed to the UNet inside the block. Enter it under `inference_mode()`."""
+        first = items[0]
+        # When diffusers' pipeline applies classifier-free guidance (its own rule).
+        guidance = first.guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        text = self.encode([i.prompt for i in items], [i.negative_prompt for i in items],
+                           guidance=guidance)
+        with cross_attention_mask(self.unet, text.attention_mask):
+            yield text
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        if self._pattern is not None:
+            pattern, expand = self._pattern, self._expansions
+            texts = [pattern.sub(lambda m: expand[m.group(0).lower()], t) for t in texts]
+        ids: list[list[int]] = self.tokenizer(
+            texts, add_special_tokens=False, truncation=False, verbose=False
+        ).input_ids
+        return ids
+
+    def _chunks(self, ids: list[int]) -> list[list[int]]:
+        if not self.chunked or len(ids) <= CHUNK:
+            return [ids[:CHUNK]]
+        return [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)]
+
+    def _encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
+        """[rows, 77, D]: each row as `[BOS] tokens [EOS] pad...`, as diffusers tokenizes."""
+        tok = self.tokenizer
+        length = CHUNK + 2
+        batch = [[tok.bos_token_id, *r, tok.eos_token_id] for r in rows]
+        batch = [r + [tok.pad_token_id] * (length - len(r)) for r in batch]
+        device = self.text_encoder.device
+        ids = torch.tensor(batch, dtype=torch.long, device=device)
+        if self.clip_skip == 1:
+            out = self.text_encoder(ids)[0]
+        else:
+            # Web-UI numbering: skip N-1 layers from the end, then the final layer norm (as
+            # diffusers' `clip_skip=N-1` does).
+            states = self.text_encoder(ids, output_hidden_states=True).hidden_states
+            out = _final_layer_norm(self.text_encoder)(states[-self.clip_skip])
+        result: torch.Tensor = out.to(dtype=self.text_encoder.dtype)
+        return result
+
+
+def stack(parts: Sequence[Encoded]) -> Encoded:
+    """Joins conditionings encoded apart (a step-wise engine encodes each item once, when it
+    joins) into one batch, padded to the longest and masked, as `encode` does for a batch.
+    All parts must agree on guidance (negatives present or not)."""
+    guided = parts[0].negative_embeds is not None
+    if any((p.negative_embeds is not None) != guided for p in parts):
+        raise ValueError("stack: parts disagree on classifier-free guidance")
+    length = max(p.prompt_embeds.shape[1] for p in parts)
+    positives, negatives, pos_masks, neg_masks = [], [], [], []
+    for part in parts:
+        rows, own = part.prompt_embeds.shape[:2]
+        mask = part.attention_mask
+        if mask is None:
+            mask = torch.ones(2 * rows if guided else rows, own, dtype=torch.bool,
+                              device=part.prompt_embeds.device)
+        positives.append(_pad(part.prompt_embeds, length))
+        pos_masks.append(_pad(mask[rows:] if guided else mask, length))
+        if part.negative_embeds is not None:
+            negatives.append(_pad(part.negative_embeds, length))
+            neg_masks.append(_pad(mask[:rows], length))
+    masks = torch.cat(neg_masks + pos_masks)
+    return Encoded(torch.cat(positives), torch.cat(negatives) if guided else None,
+                   None if bool(masks.all()) else masks)
+
+
+def _pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pads dimension 1 (the sequence) to `length`; False for a mask."""
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    shape = (tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=1)
+
+
+def _final_layer_norm(text_encoder: Any) -> Any:
+    # transformers >= 5.6 flattened CLIPTextModel; older versions wrap it in `.text_model`.
+    model = getattr(text_encoder, "text_model", text_encoder)
+    return model.final_layer_norm
+
+
+@contextmanager
+def cross_attention_mask(unet: Any, mask: torch.Tensor | None) -> Iterator[None]:
+    """Hands `mask` to every UNet call inside the block as `encoder_attention_mask` (diffusers'
+    pipelines have no argument for it). Nothing is hooked when `mask` is None."""
+    if mask is None:
+        yield
+        return
+
+    def add_mask(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        return args, {**kwargs, "encoder_attention_mask": mask}
+
+    handle = unet.register_forward_pre_hook(add_mask, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,306 @@
+"""`RedisQueue`: the shared `JobQueue` several api and worker processes use (`--queue redis://`).
+
+Layout under one key prefix (default `batchserve`):
+- `{p}:jobs` a Stream, one entry `{job: id}` per accepted job; consumer group `workers`. An
+  entry is delivered to one worker (`XREADGROUP >`), stays in the group's pending list (PEL)
+  until acknowledged, and is claimed by another worker (`XAUTOCLAIM`) once it has been idle past
+  the visibility timeout. Acknowledged entries are deleted, so the stream holds only live work.
+- `{p}:job:{id}` a hash: `record` (the `JobRecord` JSON) and `entry` (its stream entry id),
+  expiring `ttl_s` after its last change.
+- `{p}:idem:{owner}:{key}` the job id an idempotency key gave, `SET NX` with the same TTL.
+
+Every read-modify-write is one Lua script, so concurrent api and worker processes never
+interleave inside one: `create` (idempotency check + XADD + record) and `transition` (a
+compare-and-set on the record bytes; the move itself is `JobRecord.moved`, the one rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .protocol import BackendUnavailable, Delivery
+from .record import JobRecord, Status, TransitionRefused
+
+GROUP = "workers"
+# Blocking reads stay well inside the socket timeout so a dead server shows as an error, not a
+# hang; callers loop on `pull` anyway.
+_SOCKET_TIMEOUT_S = 10.0
+_MAX_BLOCK_S = 5.0
+# `position` and the `waiting` fallback count stream entries; past this they say "at least".
+_COUNT_CAP = 10_000
+_CAS_TRIES = 20
+
+# KEYS: stream, job key, idempotency key ("" for none). ARGV: id, record, ttl ms, job key prefix.
+# Returns {1, record} when created, {0, existing record} when the key had already made a job.
+_CREATE = """
+if KEYS[3] ~= '' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then
+    local rec = redis.call('HGET', ARGV[4] .. existing, 'record')
+    if rec then return {0, rec} end
+  end
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
+end
+local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+-- The entry's sequence number (entries ever added, this one included) gives its queue position
+-- by subtraction instead of a scan.
+local info, seq = redis.call('XINFO', 'STREAM', KEYS[1]), 0
+for i = 1, #info, 2 do if info[i] == 'entries-added' then seq = info[i + 1] end end
+redis.call('HSET', KEYS[2], 'record', ARGV[2], 'entry', entry, 'idem', KEYS[3], 'seq', seq)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {1, ARGV[2]}
+"""
+
+# KEYS: job key, stream. ARGV: expected record, new record, ttl ms, "1" to drop the stream entry.
+# Returns 1 when written, 0 when the record changed (or vanished) since it was read.
+_CAS = """
+if redis.call('HGET', KEYS[1], 'record') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem and idem ~= '' then redis.call('PEXPIRE', idem, ARGV[3]) end
+if ARGV[4] == '1' then
+  local entry = redis.call('HGET', KEYS[1], 'entry')
+  if entry then
+    redis.call('XACK', KEYS[2], '""" + GROUP + """', entry)
+    redis.call('XDEL', KEYS[2], entry)
+    redis.call('HDEL', KEYS[1], 'entry')
+  end
+end
+return 1
+"""
+
+
+class RedisQueue:
+    """`JobQueue` on a Redis Stream with a consumer group (see the module docstring)."""
+
+    def __init__(self, url: str, *, ttl_s: float, visibility_timeout_s: float,
+                 prefix: str = "batchserve") -> None:
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._visibility_ms = max(1, round(visibility_timeout_s * 1000))
+        self._stream = f"{prefix}:jobs"
+        self._job_prefix = f"{prefix}:job:"
+        self._idem_prefix = f"{prefix}:idem:"
+        # A short retry rides out a dropped connection; a server that is down fails fast so the
+        # api answers 503 at once and workers back off on their own schedule.
+        self._redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=_SOCKET_TIMEOUT_S,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            health_check_interval=15)
+        self._create_script = self._redis.register_script(_CREATE)
+        self._cas_script = self._redis.register_script(_CAS)
+        self._group_ready = False
+
+    # --- records -------------------------------------------------------------------------
+
+    async def create(self, record: JobRecord, idempotency_key: str | None = None) -> JobRecord:
+        idem = f"{self._idem_prefix}{record.owner}:{idempotency_key}" if idempotency_key else ""
+        keys = [self._stream, self._job_key(record.id), idem]
+        args: list[bytes | str | int] = [record.id, record.dumps(), self._ttl_ms,
+                                         self._job_prefix]
+        async with self._guard():
+            await self._ensure_group()
+            _, raw = await self._create_script(keys=keys, args=args)
+        return JobRecord.loads(raw)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        async with self._guard():
+            raw = await self._redis.hget(self._job_key(job_id), "record")
+        return None if raw is None else JobRecord.loads(raw)
+
+    async def transition(self, job_id: str, status: Status, **changes: object) -> JobRecord:
+        key = self._job_key(job_id)
+        for _ in range(_CAS_TRIES):
+            async with self._guard():
+                raw = await self._redis.hget(key, "record")
+            if raw is None:
+                raise KeyError(job_id)
+            current = JobRecord.loads(raw)
+            moved = current.moved(status, **changes)  # raises TransitionRefused
+            # A job that ends before any worker finished it (canceled, failed while queued)
+            # leaves the stream now, so no worker picks it up and `waiting` stops counting it.
+            drop = "1" if status.terminal and current.status is Status.QUEUED else "0"
+            async with self._guard():
+                written = await self._cas_script(keys=[key, self._stream],
+                                                 args=[raw, moved.dumps(), self._ttl_ms, drop])
+            if written:
+                return moved
+        raise TransitionRefused(f"job {job_id}: record kept changing; gave up")
+
+    async def delete(self, job_id: str) -> None:
+        key = self._job_key(job_id)
+        async with self._guard():
+            entry, idem = await self._redis.hmget(key, ["entry", "idem"])
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if idem:
+                    pipe.delete(idem)
+                if entry is not None:
+                    pipe.xack(self._stream, GROUP, entry)
+                    pipe.xdel(self._stream, entry)
+                await pipe.execute()
+
+    # --- work ----------------------------------------------------------------------------
+
+    async def pull(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
+        if max_count <= 0:
+            return []
+        async with self._guard():
+            await self._ensure_group()
+            deliveries = await self._reclaim(consumer, max_count)
+            want = max_count - len(deliveries)
+            if want > 0:
+                # Block only when there is nothing to hand back yet.
+                block_ms = None if deliveries or block_s <= 0 else round(
+                    min(block_s, _MAX_BLOCK_S) * 1000)
+                reply: Any = await self._redis.xreadgroup(
+                    GROUP, consumer, {self._stream: ">"}, count=want, block=block_ms)
+                deliveries += [Delivery(_text(_field(fields, "job")), _text(eid), 1)
+                               for _, entries in reply or [] for eid, fields in entries]
+        return deliveries
+
+    async def ack(self, delivery: Delivery) -> None:
+        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self._stream, GROUP, delivery.token)
+            pipe.xdel(self._stream, delivery.token)
+            await pipe.execute()
+
+    async def release(self, delivery: Delivery) -> None:
+        # Still pending, but idle as if past the visibility timeout: the next `pull` of any
+        # worker claims it first. RETRYCOUNT gives back this delivery's attempt, since the
+        # worker is not lost, only leaving.
+        async with self._guard():
+            await self._redis.xclaim(self._stream, GROUP, "released", 0, [delivery.token],
+                                     idle=self._visibility_ms,
+                                     retrycount=max(0, delivery.attempts - 1), justid=True)
+
+    async def waiting(self) -> int:
+        async with self._guard():
+            await self._ensure_group()
+            last, lag, _ = await self._progress()
+            if lag is None:  # an XDEL ahead of the group makes Redis unsure: count entries
+                lag = len(await self._entries("(" + last, "+"))
+            return lag + len(await self._stale())
+
+    async def position(self, job_id: str) -> int | None:
+        """Stale entries first (the next `pull` claims them before new ones, oldest first),
+        then the undelivered ones in stream order."""
+        async with self._guard():
+            raw, seq = await self._redis.hmget(self._job_key(job_id), ["entry", "seq"])
+            if raw is None:
+                return None
+            entry = _text(raw)
+            await self._ensure_group()
+            last, lag, read = await self._progress()
+            stale = await self._stale()
+            if _entry_key(entry) <= _entry_key(last):  # delivered: waiting only if handed back
+                return stale.index(entry) if entry in stale else None
+            if lag is not None and read is not None and seq is not None:
+                # No deletion ahead of the group: sequence numbers are exact, no scan needed.
+                return len(stale) + int(seq) - read - 1
+            return len(stale) + len(await self._entries("(" + last, "(" + entry))
+
+    async def ping(self) -> None:
+        async with self._guard():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _job_key(self, job_id: str) -> str:
+        return self._job_prefix + job_id
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Connection trouble -> `BackendUnavailable`; a group lost with the data (a restart
+        without persistence, FLUSHDB) is recreated by the next call."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BackendUnavailable(f"redis unreachable: {exc}") from exc
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                self._group_ready = False
+                raise BackendUnavailable("redis lost the consumer group; recreated") from exc
+            if "LOADING" in str(exc):
+                raise BackendUnavailable("redis is loading its data") from exc
+            raise
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._redis.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _progress(self) -> tuple[str, int | None, int | None]:
+        """The group's last delivered entry id, its lag (entries never delivered) and how many
+        entries it has read; the last two None when Redis cannot tell (deletions ahead)."""
+        for group in await self._redis.xinfo_groups(self._stream):
+            info = {_text(k): v for k, v in group.items()}
+            if _text(info["name"]) == GROUP:
+                lag, read = info.get("lag"), info.get("entries-read")
+                return (_text(info["last-delivered-id"]), None if lag is None else int(lag),
+                        None if read is None else int(read))
+        raise ResponseError("NOGROUP consumer group missing")
+
+    async def _entries(self, start: str, end: str) -> list[Any]:
+        return list(await self._redis.xrange(self._stream, start, end, count=_COUNT_CAP) or [])
+
+    async def _stale(self) -> list[str]:
+        """Pending entries idle past the visibility timeout (released, or left by a worker
+        that died): waiting for a worker again, oldest first."""
+        pending = await self._redis.xpending_range(self._stream, GROUP, "-", "+", _COUNT_CAP,
+                                                   idle=self._visibility_ms)
+        return [_text(p["message_id"]) for p in pending]
+
+    async def _reclaim(self, consumer: str, max_count: int) -> list[Delivery]:
+        """Entries whose worker held them past the visibility timeout, now `consumer`'s, with
+        their delivery count (this one included) as `attempts`."""
+        claimed: list[tuple[str, Any]] = []
+        cursor = "0-0"
+        for _ in range(4):  # each XAUTOCLAIM scans at most 10 * COUNT pending entries
+            reply = await self._redis.xautoclaim(self._stream, GROUP, consumer,
+                                                 self._visibility_ms, cursor,
+                                                 count=max_count - len(claimed))
+            cursor = _text(reply[0])
+            claimed += [(_text(eid), fields) for eid, fields in reply[1] if fields]
+            if cursor == "0-0" or len(claimed) >= max_count:
+                break
+        if not claimed:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for eid, _ in claimed:
+                pipe.xpending_range(self._stream, GROUP, eid, eid, 1)
+            pending = await pipe.execute()
+        return [Delivery(_text(_field(fields, "job")), eid,
+                         int(p[0]["times_delivered"]) if p else 1)
+                for (eid, fields), p in zip(claimed, pending, strict=True)]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _field(fields: Any, name: str) -> object:
+    mapping = cast(dict[Any, Any], fields)
+    return mapping.get(name.encode(), mapping.get(name))
+
+
+def _entry_key(entry: str) -> tuple[int, int]:
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,129 @@
+"""Prompt encoding: long prompts in 75-token chunks, batches of mixed lengths, truncate mode.
+
+The tiny model's tokenizer has no merges: one token per character (a word's last one carries the
+word end), so token counts are easy to make.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from community import same
+from PIL.Image import Image
+
+from batchserve.engines import GenerationItem
+from batchserve.engines.diffusion import DiffusionEngine
+from batchserve.engines.prompts import CHUNK, stack
+from batchserve.settings import Settings
+
+HEAD = "a red cube on a wooden table " * 4  # > 75 tokens on its own
+SHORT = "a red cube"
+
+
+def item(prompt: str, negative: str = "", seed: int = 7, guidance: float = 7.5) -> GenerationItem:
+    return GenerationItem(prompt, negative, seed, 64, 64, 2, guidance)
+
+
+@pytest.fixture(scope="module")
+def chunking() -> DiffusionEngine:
+    return DiffusionEngine.load(Settings(model="tiny", warmup=""))
+
+
+@pytest.fixture(scope="module")
+def truncating() -> DiffusionEngine:
+    return DiffusionEngine.load(Settings(model="tiny", warmup="", long_prompts="truncate"))
+
+
+def one(engine: DiffusionEngine, it: GenerationItem) -> Image:
+    (image,) = engine.generate([it])
+    return image
+
+
+def tokens(engine: DiffusionEngine, text: str) -> int:
+    return len(engine.prompts._token_ids([text])[0])
+
+
+def test_short_prompts_encode_exactly_as_diffusers(chunking: DiffusionEngine,
+                                                   truncating: DiffusionEngine) -> None:
+    """Up to 75 tokens both modes are plain diffusers: same embeddings, same image."""
+    pipe = chunking.pipe
+    with torch.inference_mode():
+        ours = chunking.prompts.encode([SHORT], ["blurry"], guidance=True)
+        theirs, negative = pipe.encode_prompt(SHORT, "cpu", 1, True, "blurry")
+        reference = pipe(prompt=SHORT, negative_prompt="blurry", width=64, height=64,
+                         num_inference_steps=2, guidance_scale=7.5,
+                         generator=torch.Generator().manual_seed(7)).images[0]
+    assert ours.attention_mask is None
+    assert torch.equal(ours.prompt_embeds, theirs)
+    assert ours.negative_embeds is not None and torch.equal(ours.negative_embeds, negative)
+    for engine in (chunking, truncating):
+        assert same(one(engine, item(SHORT, "blurry")), reference)
+
+
+def test_long_prompt_tail_changes_the_image_unless_truncated(
+    chunking: DiffusionEngine, truncating: DiffusionEngine
+) -> None:
+    assert tokens(chunking, HEAD) > CHUNK
+    a, b = item(HEAD + "in the rain"), item(HEAD + "under the sun")
+    assert not same(one(chunking, a), one(chunking, b))
+    assert same(one(truncating, a), one(truncating, b))  # the tail was cut, as diffusers does
+
+
+def test_chunks_are_77_tokens_each_and_padding_is_masked(chunking: DiffusionEngine) -> None:
+    long = HEAD * 2  # three chunks
+    assert 2 * CHUNK < tokens(chunking, long) <= 3 * CHUNK
+    with torch.inference_mode():
+        text = chunking.prompts.encode([long, SHORT], ["", HEAD], guidance=True)
+    assert text.prompt_embeds.shape == (2, 3 * 77, 32)
+    assert text.negative_embeds is not None and text.negative_embeds.shape == (2, 3 * 77, 32)
+    mask = text.attention_mask
+    assert mask is not None and mask.shape == (4, 3 * 77)
+    # diffusers' order: negatives ("" one chunk, HEAD two), then prompts (three, one)
+    assert mask.sum(dim=1).tolist() == [77, 2 * 77, 3 * 77, 77]
+    with torch.inference_mode():
+        alone = chunking.prompts.encode([SHORT], [""], guidance=False)
+    assert alone.negative_embeds is None and alone.attention_mask is None
+    assert torch.equal(text.prompt_embeds[1, :77], alone.prompt_embeds[0])
+
+
+def test_long_and_short_prompts_batch_and_keep_their_images(chunking: DiffusionEngine) -> None:
+    """Same request, same image, alone or batched with prompts of other lengths."""
+    items = [item(HEAD + "in the rain"), item(SHORT, seed=3), item(SHORT, HEAD * 2, seed=4),
+             item(HEAD * 3, "blurry", seed=5)]
+    batched = chunking.generate(items)
+    for it, image in zip(items, batched, strict=True):
+        assert same(image, one(chunking, it)), it.prompt[:20]
+
+
+def test_mixed_lengths_without_guidance(chunking: DiffusionEngine) -> None:
+    items = [item(HEAD * 2, guidance=1.0), item(SHORT, seed=3, guidance=1.0)]
+    batched = chunking.generate(items)
+    for it, image in zip(items, batched, strict=True):
+        assert same(image, one(chunking, it))
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_items_encoded_apart_stack_like_a_batch(chunking: DiffusionEngine,
+                                                guidance: bool) -> None:
+    """What a step-wise engine does: encode each item when it joins, stack the running ones."""
+    prompts, negatives = [HEAD * 2, SHORT, HEAD], ["", HEAD * 3, "blurry"]
+    with torch.inference_mode():
+        together = chunking.prompts.encode(prompts, negatives, guidance=guidance)
+        apart = stack([chunking.prompts.encode([p], [n], guidance=guidance)
+                       for p, n in zip(prompts, negatives, strict=True)])
+    assert together.attention_mask is not None and apart.attention_mask is not None
+    assert torch.equal(together.attention_mask, apart.attention_mask)
+    keep = together.attention_mask
+    n = len(prompts)
+    pairs = [(together.prompt_embeds, apart.prompt_embeds, keep[-n:])]
+    if guidance:
+        assert together.negative_embeds is not None and apart.negative_embeds is not None
+        pairs.append((together.negative_embeds, apart.negative_embeds, keep[:n]))
+    else:
+        assert apart.negative_embeds is None
+    for a, b, real in pairs:
+        assert a.shape == b.shape
+        assert torch.allclose(a[real], b[real], atol=1e-5)
+    with torch.inference_mode():
+        short = stack([chunking.prompts.encode([SHORT], [""], guidance=True)] * 2)
+    assert short.attention_mask is None  # nothing padded: plain diffusers conditioning
