@@ -96,6 +96,17 @@ class Load:
 
 def run_locust(url: str, load: Load, workdir: Path, name: str) -> list[dict[str, Any]]:
     """One headless Locust run; returns its per-request records."""
+    cmd, env, record = locust_command(url, load, workdir, name)
+    with (workdir / f"{name}.locust.log").open("wb") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                       timeout=load.duration_s + 1200, check=False)
+    return read_records(record, workdir, name)
+
+
+def locust_command(url: str, load: Load, workdir: Path,
+                   name: str) -> tuple[list[str], dict[str, str], Path]:
+    """The command line and environment of one headless Locust run, and where its records go
+    (written when Locust quits: at the end of `load.duration_s`, or on SIGTERM)."""
     record = workdir / f"{name}.records.json"
     w, h, steps = load.size
     env = {**os.environ, "BENCH_RECORD": str(record), "BENCH_WIDTH": str(w),
@@ -104,9 +115,10 @@ def run_locust(url: str, load: Load, workdir: Path, name: str) -> list[dict[str,
            "--headless", "--host", url, "-u", str(load.users), "-r", str(load.users),
            "-t", f"{math.ceil(load.duration_s)}s", "--stop-timeout", "900",
            "--csv", str(workdir / name), "--only-summary", "--loglevel", "WARNING"]
-    with (workdir / f"{name}.locust.log").open("wb") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                       timeout=load.duration_s + 1200, check=False)
+    return cmd, env, record
+
+
+def read_records(record: Path, workdir: Path, name: str) -> list[dict[str, Any]]:
     if not record.exists():
         raise RuntimeError(f"Locust wrote no records; see {workdir / name}.locust.log")
     records: list[dict[str, Any]] = json.loads(record.read_text())

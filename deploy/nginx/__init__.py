@@ -1,0 +1,1 @@
+"""nginx in front of batchserve replicas."""
