@@ -200,6 +200,27 @@ async def test_max_pixels_and_max_steps_follow_the_settings() -> None:
                 assert response.json()["error"]["field"] == name
 
 
+async def test_priority_timeout_and_cost_limits_follow_the_settings() -> None:
+    engine = FakeEngine()
+    async with in_process(engine, max_priority=2, request_timeout_s=60, max_cost=64 * 64 * 4,
+                          max_wait_ms=0) as app:
+        cases = [
+            (j(priority=3), 422, "priority"),
+            (j(timeout_s=61), 422, "timeout_s"),
+            (j(width=128, height=64, inference_steps=3), 422, "inference_steps"),
+        ]
+        for content, status, name in cases:
+            response = await app.client.post("/t2i", content=content, headers=JSON)
+            assert response.status_code == status
+            assert response.json()["error"]["field"] == name
+        assert engine.batches == []  # nothing refused was queued
+        ok = await app.client.post("/t2i", headers=JSON, content=j(
+            priority=2, timeout_s=60, width=64, height=64, inference_steps=4))
+        assert ok.status_code == 200
+        limits = (await app.client.get("/v1/info")).json()["limits"]
+        assert (limits["max_priority"], limits["max_cost"]) == (2, 64 * 64 * 4)
+
+
 async def test_max_body_bytes_follows_the_setting() -> None:
     async with in_process(max_body_bytes=1024, max_wait_ms=0) as app:
         big = await app.client.post("/t2i", content=j(prompt="x" * 1100), headers=JSON)

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from batchserve.batcher import Batcher, Outcome, run_split
+from batchserve.batcher import Batcher, Outcome
 from batchserve.errors import (
     Draining,
-    EngineOutOfMemory,
     GenerationFailed,
     QueueFull,
     QueueTimeout,
@@ -269,15 +268,27 @@ def test_cancelled_item_is_dropped_before_its_batch(clock: FakeClock) -> None:
     asyncio.run(scenario())
 
 
-def test_queue_bound_rejects_with_retry_after(clock: FakeClock) -> None:
+def test_queue_bound_rejects_with_retry_after_from_measured_batch_times(
+    clock: FakeClock,
+) -> None:
     async def scenario() -> None:
         runner = HeldRunner()
-        h = Harness(make(runner, clock, max_queue=3), runner, clock)
+        h = Harness(make(runner, clock, max_queue=3, max_batch_size=2, max_wait_s=0),
+                    runner, clock)
+        first = h.submit("a", 0)
+        await _until(lambda: len(runner.batches) == 1)
+        clock.now += 3.0  # that batch takes 3 s
+        runner.release.set()
+        await first
+        runner.release.clear()
+        h.submit("a", 1)  # occupies the engine
+        await _until(lambda: len(runner.batches) == 2)
         for i in range(3):
-            h.submit("a", i)
+            h.submit("b", i)
         with pytest.raises(QueueFull) as caught:
-            h.submit("a", 3)
-        assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 1
+            h.submit("b", 3)
+        # 3 queued at 2 per batch = 2 batches ahead, at the measured 3 s each
+        assert caught.value.retry_after_s == 6
         await h.close()
 
     asyncio.run(scenario())
@@ -314,19 +325,3 @@ def test_drain_timeout_fails_leftovers_with_draining(clock: FakeClock) -> None:
         await asyncio.wait_for(h.task, 1)
 
     asyncio.run(scenario())
-
-
-def test_run_split_halves_on_oom_down_to_single_items() -> None:
-    calls: list[int] = []
-
-    async def runner(items: list[int]) -> list[int]:
-        calls.append(len(items))
-        if len(items) > 2 or 7 in items:
-            raise EngineOutOfMemory("oom")
-        return [i * 10 for i in items]
-
-    results = asyncio.run(run_split(runner, list(range(8))))
-    assert calls == [8, 4, 2, 2, 4, 2, 2, 1, 1]
-    assert [r for r, _ in results[:6]] == [0, 10, 20, 30, 40, 50]
-    assert results[6] == (60, 1)
-    assert isinstance(results[7][0], EngineOutOfMemory)

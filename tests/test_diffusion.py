@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchserve.engines import GenerationItem
+from batchserve.engines import GenerationItem, tiny
 from batchserve.engines.diffusion import (
     SCHEDULERS,
     DiffusionEngine,
@@ -25,11 +25,12 @@ def switches(plan: object) -> dict[str, tuple[bool, str]]:
 
 
 def test_cpu_plan_switches_gpu_tuning_off_with_reasons() -> None:
-    plan = plan_tuning(Settings(compile=True), cuda=False, xformers=False)
+    plan = plan_tuning(Settings(), cuda=False, xformers=False)
     assert (plan.device, plan.dtype, plan.attention) == ("cpu", "fp32", "sdpa")
     s = switches(plan)
-    for name in ("channels_last", "cudnn_benchmark", "torch_compile"):
+    for name in ("channels_last", "cudnn_benchmark"):
         assert s[name] == (False, "needs CUDA; off on this machine")
+    assert s["torch_compile"] == (False, "disabled by setting")  # opt-in; honoured on CPU too
     assert s["fp16"] == (False, "fp32 on CPU")
     assert s["inference_mode"][0] and s["memory_efficient_attention"][0]
 
@@ -134,3 +135,71 @@ def test_saved_tiny_model_loads_by_path_and_matches(tiny_engine: DiffusionEngine
 def test_missing_single_file_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="no such checkpoint file"):
         DiffusionEngine.load(Settings(model=str(tmp_path / "missing.safetensors"), warmup=""))
+
+
+def test_gpu_memory_is_the_peak_of_each_batch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA each batch starts by resetting the peak, and memory_bytes() reports that peak
+    (max_memory_allocated), which is what sizes batches near out-of-memory."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda *a: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 7_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1_000)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 9_000)
+
+    class Out:
+        images = ("image",)
+
+    class Pipe:  # the tiny model's text side (the engine encodes prompts); denoising recorded
+        def __init__(self) -> None:
+            real = tiny.build_pipeline()
+            self.tokenizer, self.text_encoder, self.unet = (
+                real.tokenizer, real.text_encoder, real.unet)
+
+        def __call__(self, **_: object) -> Out:
+            calls.append("batch")
+            return Out()
+
+    class Generator:
+        def __init__(self, device: str) -> None:
+            pass
+
+        def manual_seed(self, seed: int) -> Generator:
+            return self
+
+    monkeypatch.setattr(torch, "Generator", Generator)
+    settings = Settings(warmup="")
+    engine = DiffusionEngine(Pipe(), plan_tuning(settings, cuda=True, xformers=False), settings)
+    engine.generate([ITEM])
+    assert calls == ["reset", "batch"]
+    assert engine.memory_bytes() == (7_000, 9_000)
+
+
+def test_gpu_memory_calls_nothing_of_cuda_on_cpu(tiny_engine: DiffusionEngine,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cuda(*_: object) -> None:
+        raise AssertionError("torch.cuda called on a CPU engine")
+
+    for name in ("reset_peak_memory_stats", "max_memory_allocated", "memory_reserved",
+                 "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    (image,) = tiny_engine.generate([GenerationItem("x", "", 1, 64, 64, 1, 7.5)])
+    assert image.size == (64, 64) and tiny_engine.memory_bytes() is None
+
+
+def test_warmup_runs_every_shape_at_every_warmup_batch_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(warmup="64x64x1,128x64x2", warmup_batch_sizes="1,3", max_batch_size=4)
+    engine = DiffusionEngine(tiny.build_pipeline(), plan_tuning(settings, cuda=False,
+                                                                xformers=False), settings)
+    calls: list[tuple[int, int, int, int]] = []
+
+    def generate(items: list[GenerationItem]) -> list[object]:
+        calls.append((items[0].width, items[0].inference_steps, len(items),
+                      len({i.seed for i in items})))
+        return []
+
+    monkeypatch.setattr(engine, "generate", generate)
+    engine.warmup()
+    assert calls == [(64, 1, 1, 1), (64, 1, 3, 3), (128, 2, 1, 1), (128, 2, 3, 3)]

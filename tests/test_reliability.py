@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,8 @@ def raise_if(predicate: Callable[[Sequence[GenerationItem]], bool], exc: Excepti
 # -- fault isolation -----------------------------------------------------------------------
 
 
-async def test_engine_exception_fails_only_its_batch_without_leaking_details() -> None:
+async def test_engine_exception_fails_only_the_poisonous_request_without_leaking_details(
+) -> None:
     poisoned = raise_if(lambda items: any(i.prompt == "poison" for i in items),
                         RuntimeError(SECRET_TEXT))
     engine = FakeEngine(fail=poisoned)
@@ -103,12 +106,14 @@ async def test_engine_exception_fails_only_its_batch_without_leaking_details() -
         bad, neighbour = post(app, body(1, prompt="poison")), post(app, body(2))
         other = [post(app, body(3 + n, width=128)) for n in range(2)]
         responses = await asyncio.gather(bad, neighbour, *other)
-        assert [r.status_code for r in responses] == [500, 500, 200, 200]
-        for failed in responses[:2]:
-            error = error_of(failed)
-            assert error["code"] == "generation_failed"
-            assert "generation failed" in error["message"] and "exploded" not in error["message"]
-        assert app.metric("batchserve_requests_rejected_total", reason="failed") == 2
+        # The stranger batched with the poison is retried without it and gets its image.
+        assert [r.status_code for r in responses] == [500, 200, 200, 200]
+        error = error_of(responses[0])
+        assert error["code"] == "generation_failed"
+        assert "generation failed" in error["message"] and "exploded" not in error["message"]
+        assert responses[1].headers["x-batch-size"] == "1"
+        assert seeds(engine)[:3] == [[1, 2], [1], [2]]
+        assert app.metric("batchserve_requests_rejected_total", reason="failed") == 1
         again = await asyncio.gather(post(app, body(7)), post(app, body(8)))
         assert [r.status_code for r in again] == [200, 200]  # the loop lived on
 
@@ -146,13 +151,18 @@ async def test_item_that_oomes_alone_fails_alone() -> None:
         assert [r.headers["x-batch-size"] for r in responses[1:]] == ["1", "2", "2"]
 
 
-def test_out_of_memory_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The diffusers engine frees the CUDA cache before the batcher retries smaller halves."""
+def test_out_of_memory_empties_the_cuda_cache_after_the_attempt_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The diffusers engine frees the CUDA cache before the batcher retries smaller halves, and
+    only once the failed attempt's tensors (held by the traceback's frames) are released:
+    `empty_cache` cannot return memory that a live tensor still holds."""
     torch = pytest.importorskip("torch")
     from batchserve.engines import tiny
     from batchserve.engines.diffusion import DiffusionEngine, plan_tuning
 
-    emptied: list[bool] = []
+    emptied: list[bool] = []  # per call: was the attempt's activation still alive?
+    attempt: list[weakref.ref[object]] = []
 
     class OomPipe:  # the tiny model's text side (the engine encodes prompts); denoising OOMs
         def __init__(self) -> None:
@@ -161,6 +171,8 @@ def test_out_of_memory_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -
                 real.tokenizer, real.text_encoder, real.unet)
 
         def __call__(self, **_: object) -> None:
+            activation = torch.zeros(256)  # lives in this frame, like a UNet's activations
+            attempt.append(weakref.ref(activation))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     class CpuGenerator:  # the plan says cuda; this machine has none
@@ -174,10 +186,17 @@ def test_out_of_memory_empties_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -
     engine = DiffusionEngine(OomPipe(), plan_tuning(settings, cuda=True, xformers=False),
                              settings)
     monkeypatch.setattr(torch, "Generator", CpuGenerator)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    with pytest.raises(EngineOutOfMemory):
-        engine.generate([GenerationItem("p", "", 1, 64, 64, 1, 7.5)])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(attempt[0]() is None))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    gc.disable()  # reference counting alone must free it: no cycle left for the collector
+    try:
+        with pytest.raises(EngineOutOfMemory) as caught:
+            engine.generate([GenerationItem("p", "", 1, 64, 64, 1, 7.5)])
+    finally:
+        gc.enable()
     assert emptied == [True]
+    error = caught.value
+    assert error.__context__ is None and error.__cause__ is None  # nothing chained to it
 
 
 async def test_slow_batch_never_blocks_health_metrics_or_info() -> None:
@@ -302,7 +321,8 @@ async def test_queue_over_its_bound_gets_429_with_retry_after() -> None:
         await eventually(lambda: app.service.batcher.depth == 2)
         rejected = await app.client.post("/t2i", json=body(4))
         assert rejected.status_code == 429 and error_of(rejected)["code"] == "queue_full"
-        assert int(rejected.headers["retry-after"]) >= 1
+        # No batch has ended yet, so 1 s per batch is assumed: 2 queued at 1 per batch = 2 s.
+        assert rejected.headers["retry-after"] == "2"
         assert app.metric("batchserve_requests_rejected_total", reason="queue_full") == 1
         assert engine.gate is not None
         engine.gate.set()
@@ -527,6 +547,43 @@ async def test_routing_errors_use_the_one_json_shape(
     async with in_process(FakeEngine()) as app:
         response = await app.client.request(method, path)
         assert response.status_code == status and error_of(response)["code"] == code
+        if status == 405:  # RFC 9110: a 405 says which methods the route takes
+            allowed = {m.strip() for m in response.headers["allow"].split(",")}
+            assert allowed == ({"POST"} if path == "/t2i" else {"GET", "HEAD"})
+
+
+@pytest.mark.parametrize(("sent", "echoed"), [
+    ("req-1.a_B", True),
+    ("x" * 64, True),
+    ("x" * 65, False),
+    ("req-1\n", False),  # `match` with `$` would accept a trailing newline
+    ("req 1", False),
+    ("", False),
+])
+async def test_request_id_is_echoed_only_when_it_fully_matches(sent: str, echoed: bool) -> None:
+    """Driven through raw ASGI: an HTTP client would refuse to send a newline in a header."""
+    sent_messages: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent_messages.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/t2i", "raw_path": b"/t2i",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"x-request-id", sent.encode())]}
+    async with in_process(FakeEngine()) as app:
+        await asyncio.wait_for(app.app(scope, receive, send), 5)
+    start = next(m for m in sent_messages if m["type"] == "http.response.start")
+    assert start["status"] == 422
+    (rid,) = [v.decode() for k, v in start["headers"] if k.lower() == b"x-request-id"]
+    assert (rid == sent) is echoed
+    if not echoed:
+        assert len(rid) == 16 and all(c in "0123456789abcdef" for c in rid)
 
 
 # -- real sockets: uvicorn reports the disconnect ------------------------------------------

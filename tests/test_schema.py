@@ -120,3 +120,25 @@ def test_max_pixels_and_steps_come_from_limits() -> None:
 def test_request_key_is_the_batching_key() -> None:
     req = parse(body(width=256, height=128, inference_steps=4, guidance_scale=3), LIMITS)
     assert req.key == (256, 128, 4, 3.0) == req.item().key
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"priority": 1}, "priority"),
+    ({"timeout_s": 30.5}, "timeout_s"),
+    ({"width": 64, "height": 64, "inference_steps": 11}, "inference_steps"),
+    ({"width": 128, "height": 64, "inference_steps": 6}, "inference_steps"),
+])
+def test_operator_limits_refuse_what_is_above_them(fields: dict[str, Any], field: str) -> None:
+    strict = Limits(default_timeout_s=30.0, max_priority=0, max_cost=64 * 64 * 10)
+    with pytest.raises(ValidationError) as caught:
+        parse(body(**fields), strict)
+    assert caught.value.field == field
+
+
+def test_operator_limits_accept_what_is_within_them() -> None:
+    strict = Limits(default_timeout_s=30.0, max_priority=0, max_cost=64 * 64 * 10)
+    req = parse(body(width=64, height=64, inference_steps=10, priority=0, timeout_s=30), strict)
+    assert (req.priority, req.timeout_s, req.inference_steps) == (0, 30.0, 10)
+    assert parse(body(width=64, height=64, inference_steps=1, priority=-10), strict).priority == -10
+    with pytest.raises(ValidationError, match="cost limit of 40960"):
+        parse(body(width=64, height=64, inference_steps=11), strict)

@@ -36,6 +36,11 @@ def test_env_then_flags_override_defaults() -> None:
     ({"warmup": "512x"}, "--warmup"),
     ({"warmup": "500x512"}, "multiples of 8"),
     ({"api_key": "short"}, "--api-key"),
+    ({"max_priority": 11}, "--max-priority=11: must be -10..10"),
+    ({"max_cost": -1}, "--max-cost=-1: must be >= 0"),
+    ({"watchdog_factor": 1.0}, "--watchdog-factor=1.0: must be 0 (off) or >= 1.5"),
+    ({"warmup_batch_sizes": "1,9"}, "--warmup-batch-sizes='1,9': must be auto or"),
+    ({"warmup_batch_sizes": "two"}, "--warmup-batch-sizes"),
     ({"role": "gpu"}, "--role='gpu': must be one of all, api, worker"),
     ({"queue": "rabbitmq://h/"}, "--queue='rabbitmq://h/': must be `memory` or redis://"),
     ({"queue": "redis:/h"}, "--queue"),
@@ -90,3 +95,14 @@ def test_python_dash_m_help_works() -> None:
     out = subprocess.run([sys.executable, "-m", "batchserve", "serve", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "BATCHSERVE_MAX_WAIT_MS" in out and "(default: 500.0)" in out
+
+
+@pytest.mark.parametrize(("overrides", "device", "sizes"), [
+    ({}, "cuda", [1, 8]),
+    ({}, "cpu", [1]),  # CPU start stays quick (tests start many tiny servers)
+    ({"compile": True, "max_batch_size": 4}, "cpu", [1, 4]),
+    ({"warmup_batch_sizes": "4, 1,4"}, "cpu", [1, 4]),
+    ({"max_batch_size": 1}, "cuda", [1]),
+])
+def test_warmup_batch_sizes(overrides: dict[str, object], device: str, sizes: list[int]) -> None:
+    assert Settings(**overrides).warmup_batch_sizes_on(device) == sizes  # type: ignore[arg-type]

@@ -90,3 +90,9 @@ class QueueTimeout(BatchServeError):
 
 class EngineOutOfMemory(Exception):
     """Raised by an engine when a batch does not fit in device memory; the batcher splits it."""
+
+
+class EngineHung(BatchServeError):
+    """A batch ran far past its predicted time (the watchdog); the process restarts."""
+
+    status, code, reject_reason = 503, "engine_hung", "failed"

@@ -20,7 +20,7 @@ log = logging.getLogger("batchserve.metrics")
 P = ParamSpec("P")
 
 TRIGGERS = ("full", "timeout", "drain", "join")
-REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed")
+REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed", "drained")
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 JOB_STATUSES = ("queued", "succeeded", "failed", "canceled")
@@ -69,13 +69,26 @@ class Metrics:
             "batchserve_active_items", "Items in the running step batch (continuous policy)",
             registry=r,
         )
-        self._images = Counter("batchserve_images", "Images generated", registry=r)
+        self._admitted = Counter(
+            "batchserve_requests_admitted", "Requests queued; each ends as one image or one "
+            "rejection (failed, timeout, cancelled, drained)", registry=r,
+        )
+        self._images = Counter(
+            "batchserve_images", "Images generated and encoded for their client", registry=r
+        )
+        self._size_limit = Gauge(
+            "batchserve_batch_size_limit", "Largest batch run per shape (WxHxSTEPSxCFG), "
+            "learned from out-of-memory errors; only shapes that ran out of memory",
+            ["shape"], registry=r,
+        )
         self._rejected = Counter(
             "batchserve_requests_rejected", "Requests not answered with an image, by reason",
             ["reason"], registry=r,
         )
         self._gpu_alloc = Gauge(
-            "batchserve_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", registry=r
+            "batchserve_gpu_memory_allocated_bytes",
+            "Peak torch.cuda memory allocated during the last batch (max_memory_allocated)",
+            registry=r,
         )
         self._gpu_reserved = Gauge(
             "batchserve_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", registry=r
@@ -113,8 +126,21 @@ class Metrics:
 
     @_never_raise
     def batch_finished(self, size: int, duration_s: float, images: int) -> None:
+        # `images` counts results generated; an image counts once it is encoded (`image`),
+        # since an encode failure is the request's one outcome (`failed`), not an image.
         self._duration.observe(duration_s)
-        self._images.inc(images)
+
+    @_never_raise
+    def admitted(self) -> None:
+        self._admitted.inc()
+
+    @_never_raise
+    def image(self) -> None:
+        self._images.inc()
+
+    @_never_raise
+    def size_limit(self, key: str, limit: int) -> None:
+        self._size_limit.labels(key).set(limit)
 
     @_never_raise
     def step(self, size: int) -> None:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from .errors import BatchServeError, Draining, GenerationFailed, QueueFull, QueueTimeout
+from .batchsize import BatchSizes
+from .errors import BatchServeError, Draining, QueueFull, QueueTimeout
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,6 +75,10 @@ class Hooks(Protocol):
 
     def active_items(self, count: int) -> None: ...
 
+    def size_limit(self, key: str, limit: int) -> None:
+        """The learned batch size limit of a key changed (`key` is its label, no user text)."""
+        ...
+
 
 class NullHooks:
     def queue_depth(self, depth: int) -> None:
@@ -92,6 +97,9 @@ class NullHooks:
         pass
 
     def active_items(self, count: int) -> None:
+        pass
+
+    def size_limit(self, key: str, limit: int) -> None:
         pass
 
 
@@ -298,10 +306,17 @@ class RequestQueue(Generic[T, R]):
         for item in pending:
             if not item.future.done():
                 item.future.set_exception(error)
-                self.hooks.rejected("failed" if isinstance(error, GenerationFailed) else
-                                    "cancelled")
+                self.hooks.rejected(_reject_reason(error))
         self.idle.set()
         self.wake.set()
+
+
+def _reject_reason(error: BatchServeError) -> str:
+    """A drain cut-off is its own outcome (`drained`): the client did not leave (`cancelled`)
+    and nothing failed; the server stopped before the request's turn."""
+    if isinstance(error, Draining):
+        return "drained"
+    return error.reject_reason or "failed"
 
 
 class QueueLoop(Generic[T, R]):
@@ -317,6 +332,7 @@ class QueueLoop(Generic[T, R]):
         aging_s: float,
         clock: Clock,
         hooks: Hooks | None,
+        key_label: Callable[[Hashable], str] = str,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -325,6 +341,15 @@ class QueueLoop(Generic[T, R]):
         )
         self._clock = clock
         self._hooks = self.queue.hooks
+        self.key_label = key_label
+        # One out-of-memory table for every policy: the largest batch (or step) per key.
+        self.sizes = BatchSizes(
+            max_batch_size, on_change=lambda key, n: self._hooks.size_limit(key_label(key), n)
+        )
+
+    def key_sizes(self, key: Hashable) -> KeySizes:
+        """`sizes` as one batch of `key` reports to it."""
+        return KeySizes(self.sizes, key)
 
     @property
     def depth(self) -> int:
@@ -357,3 +382,16 @@ class QueueLoop(Generic[T, R]):
 
     async def run(self) -> None:
         raise NotImplementedError
+
+
+class KeySizes:
+    """`BatchSizes` seen by one batch: which key its sizes are reported under."""
+
+    def __init__(self, sizes: BatchSizes, key: Hashable) -> None:
+        self._sizes, self._key = sizes, key
+
+    def fitted(self, size: int) -> None:
+        self._sizes.fitted(self._key, size)
+
+    def out_of_memory(self, size: int) -> None:
+        self._sizes.out_of_memory(self._key, size)

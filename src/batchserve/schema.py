@@ -20,9 +20,13 @@ MAX_PROMPT = 2000
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What the operator allows one request (settings of the same names)."""
+
     max_pixels: int = 1024 * 1024
     max_steps: int = 150
-    default_timeout_s: float = 300.0
+    default_timeout_s: float = 300.0  # also the most a request may ask for
+    max_priority: int = 10  # above it: 422, not clamped (see docs/decisions.md)
+    max_cost: int = 0  # width * height * inference_steps; 0: no limit beyond the two above
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +109,8 @@ _FIELDS: dict[str, Callable[[Any, Limits], Any]] = {
     "num_inference_steps": lambda v, lim: _int("num_inference_steps", v, 1, lim.max_steps),
     "guidance_scale": lambda v, _: _number("guidance_scale", v, 0.0, 30.0),
     "seed": lambda v, _: _int("seed", v, 0, MAX_SEED),
-    "priority": lambda v, _: _int("priority", v, -10, 10),
-    "timeout_s": lambda v, _: _number("timeout_s", v, 0.001, 86400.0),
+    "priority": lambda v, lim: _int("priority", v, -10, lim.max_priority),
+    "timeout_s": lambda v, lim: _number("timeout_s", v, 0.001, lim.default_timeout_s),
     "format": lambda v, _: _format(v),
 }
 ALLOWED = tuple(_FIELDS)
@@ -144,6 +148,12 @@ def validate(data: dict[str, Any], limits: Limits) -> T2IRequest:
         raise ValidationError(
             f"width*height = {width * height} exceeds the limit of {limits.max_pixels} pixels",
             field="width",
+        )
+    cost = width * height * steps
+    if limits.max_cost and cost > limits.max_cost:
+        raise ValidationError(
+            f"width*height*inference_steps = {cost} exceeds this server's cost limit of "
+            f"{limits.max_cost}; ask for fewer steps or fewer pixels", field="inference_steps",
         )
     return T2IRequest(
         prompt=v["prompt"],

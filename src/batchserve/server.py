@@ -10,47 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import logging.config
-import time
 from types import FrameType
 from typing import Any
 
-import orjson
 import uvicorn
 
 from .api import create_app
+from .logs import JSONFormatter, configure_logging
 from .service import Service
 from .settings import Settings
 
+__all__ = ["JSONFormatter", "Server", "run"]  # JSONFormatter: where earlier code found it
 log = logging.getLogger("batchserve")
-
-
-class JSONFormatter(logging.Formatter):
-    """One JSON object per line; `extra={"fields": {...}}` adds structured fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        line.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
-
-
-def configure_logging(level: str) -> None:
-    logging.config.dictConfig({
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JSONFormatter}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json"}},
-        "root": {"handlers": ["stderr"], "level": level.upper()},
-        "loggers": {"uvicorn.access": {"level": "WARNING"}},
-    })
 
 
 class Server(uvicorn.Server):
@@ -96,7 +67,7 @@ class Server(uvicorn.Server):
 
 def run(settings: Settings) -> int:
     """Serves until drained or a fatal error; returns the process exit code."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, log_prompts=settings.log_prompts)
     service = Service(settings)
     app = create_app(settings, service)
     config = uvicorn.Config(

@@ -8,26 +8,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import Engine, GenerationItem, StepState, load_engine, step_engine
-from .errors import Draining, GenerationFailed, NotReady, NotServedHere
+from .errors import (
+    BatchServeError,
+    Draining,
+    EngineHung,
+    GenerationFailed,
+    NotReady,
+    NotServedHere,
+)
 from .jobs.backends import open_queue, open_store
 from .jobs.runner import JobRunner
 from .jobs.service import JobService
 from .jobs.webhooks import WebhookSender
+from .logs import KNOWN_PROMPTS
 from .metrics import Metrics
 from .request_queue import QueueLoop
 from .schema import Limits
 from .settings import Settings, SettingsError
 from .stepper import StepBatcher
+from .watchdog import Watchdog
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -37,6 +46,7 @@ if TYPE_CHECKING:
     from .schema import T2IRequest
 
 log = logging.getLogger("batchserve")
+T = TypeVar("T")
 EngineFactory = Callable[[Settings], Engine]
 
 DEMO_WARNING = (
@@ -68,16 +78,20 @@ class Service:
         self.role = settings.role
         self.state = self.STARTING
         self.engine: Engine | None = None
-        self.limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
+        self.limits = Limits(
+            settings.max_pixels, settings.max_steps, settings.request_timeout_s,
+            max_priority=settings.max_priority, max_cost=settings.max_cost,
+        )
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
+        self.watchdog = Watchdog(factor=settings.watchdog_factor, min_s=settings.watchdog_min_s)
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
         options: dict[str, Any] = {
             "max_batch_size": settings.max_batch_size, "max_wait_s": wait_s,
             "max_queue": settings.max_queue, "aging_s": settings.priority_aging_s,
-            "hooks": self.metrics,
+            "hooks": self.metrics, "key_label": shape_label,
         }
         self.batcher: QueueLoop[Job, asyncio.Future[bytes]] = (
             StepBatcher(EngineSteps(self), **options) if self.continuous
@@ -128,7 +142,12 @@ class Service:
                     "step-wise interface (prepare/step/finish); use --flush-policy=deadline "
                     "or eager"
                 )
+            warmup_started = time.monotonic()
             await self.worker.run(engine.warmup)
+            # The first prediction the watchdog bounds batches by (lenient: it includes the
+            # one-time costs of first calls).
+            self.watchdog.measured(self._warmup_work(info.device),
+                                   time.monotonic() - warmup_started)
         except Exception as exc:
             # A bad setting or model file is the operator's to fix and its message says how; a
             # traceback would only bury it. Anything else keeps its traceback.
@@ -157,6 +176,19 @@ class Service:
         log.critical("batch loop died", exc_info=task.exception())
         self.batcher.fail_all(GenerationFailed("the batch loop stopped; the server is restarting"))
         self._fail("batch loop died")
+
+    def _engine_hung(self, error: EngineHung) -> None:
+        """The engine thread is stuck in a call that cannot be interrupted: answer everything
+        queued and in flight now, and end the process like a dead batch loop does."""
+        log.critical("engine hung: %s", error.message)
+        self.batcher.close()
+        self.batcher.fail_all(error)
+        self._fail("the engine hung")
+
+    def _warmup_work(self, device: str) -> int:
+        sizes = self.settings.warmup_batch_sizes_on(device)
+        return sum(w * h * steps * n for w, h, steps in self.settings.warmup_shapes()
+                   for n in sizes)
 
     def _fail(self, reason: str) -> None:
         self.state = self.FAILED
@@ -245,34 +277,76 @@ class Service:
                 raise Draining("worker is not accepting jobs", retry_after_s=5)
         else:
             self.check_admitting()
+        job = Job(request.item(), fmt)
         # Under `continuous` items of any steps and guidance share steps: the key is the shape.
         key = (request.width, request.height) if self.continuous else request.key
-        return self.batcher.submit(
-            Job(request.item(), fmt), key=key, priority=request.priority,
-            timeout_s=request.timeout_s,
+        future = self.batcher.submit(
+            job, key=key, priority=request.priority, timeout_s=request.timeout_s,
         )
+        job.outcome = future
+        self.metrics.admitted()
+        if not self.settings.log_prompts:
+            # Known to the log's prompt filter until answered (and while generating, below).
+            KNOWN_PROMPTS.add(*job.texts)
+            future.add_done_callback(lambda _: KNOWN_PROMPTS.remove(*job.texts))
+        return future
 
     async def _run_batch(self, jobs: list[Job]) -> list[asyncio.Future[bytes]]:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
-        images = await self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        texts = [t for j in jobs for t in j.texts]
+        KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
+        call = self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        try:
+            images = await self.watchdog.guard(call, sum(_work(j.item) for j in jobs))
+        except EngineHung as exc:
+            self._engine_hung(exc)
+            raise
+        finally:
+            KNOWN_PROMPTS.remove(*texts)
         self.metrics.gpu_memory(engine.memory_bytes())
-        return self._encode_all(images, [j.fmt for j in jobs])
+        return self._encode_all(images, jobs)
 
-    def _encode_all(self, images: list[Image], fmts: list[str]) -> list[asyncio.Future[bytes]]:
+    def _encode_all(self, images: list[Image], jobs: list[Job]) -> list[asyncio.Future[bytes]]:
         """Encodes a batch in at most `encode_workers` pool jobs, one thread hop each rather
-        than one per image, while the engine already runs the next batch."""
+        than one per image, while the engine already runs the next batch. Images of clients
+        who left during the batch are not encoded (their futures are cancelled)."""
         loop = asyncio.get_running_loop()
         out: list[asyncio.Future[bytes]] = [loop.create_future() for _ in images]
-        chunks = min(self.settings.encode_workers, len(images))
+        wanted = [i for i, job in enumerate(jobs) if job.wanted]
+        for i in set(range(len(images))) - set(wanted):
+            out[i].cancel()
+        chunks = min(self.settings.encode_workers, len(wanted))
         level = self.settings.png_compress_level
         for c in range(chunks):
-            picked = range(c, len(images), chunks)
-            job = partial(_encode_many, [(images[i], fmts[i]) for i in picked], level)
-            done = loop.run_in_executor(self.encoder, job)
-            done.add_done_callback(partial(_fan_out, [out[i] for i in picked]))
+            picked = wanted[c::chunks]
+            work = partial(_encode_many, [(images[i], jobs[i].fmt) for i in picked], level)
+            done = loop.run_in_executor(self.encoder, work)
+            done.add_done_callback(partial(self._fan_out, [out[i] for i in picked]))
         return out
+
+    def _fan_out(
+        self,
+        futures: list[asyncio.Future[bytes]],
+        chunk: asyncio.Future[list[bytes | Exception]],
+    ) -> None:
+        """Hands each encoded image to its request. An image counts when encoded; a failed
+        encode is that request's one outcome (`failed`), answered as a clean 500."""
+        for i, future in enumerate(futures):
+            if future.done():
+                continue
+            if chunk.cancelled():
+                future.cancel()
+                continue
+            encoded = chunk.result()[i]
+            if isinstance(encoded, bytes):
+                future.set_result(encoded)
+                self.metrics.image()
+            else:
+                log.error("encoding an image failed", exc_info=encoded)
+                future.set_exception(BatchServeError("encoding the image failed; see the log"))
+                self.metrics.rejected("failed")
 
     def info(self) -> dict[str, Any]:
         s = self.settings
@@ -297,13 +371,25 @@ class Service:
                 "priority_aging_s": s.priority_aging_s,
                 "max_queue": s.max_queue,
                 "queue_depth": self.batcher.depth,
+                "size_limits": {
+                    shape_label(k): n for k, n in self.batcher.sizes.learned().items()
+                },
             },
             "limits": {
                 "max_pixels": s.max_pixels,
                 "max_steps": s.max_steps,
+                "max_cost": s.max_cost,
+                "max_priority": s.max_priority,
                 "max_body_bytes": s.max_body_bytes,
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
+            },
+            "watchdog": {
+                "factor": s.watchdog_factor,
+                "min_s": s.watchdog_min_s,
+                "seconds_per_megapixel_step": (
+                    None if self.watchdog.rate_s is None else self.watchdog.rate_s * 1e6
+                ),
             },
             "auth": {
                 "t2i": s.api_key is not None,
@@ -313,7 +399,8 @@ class Service:
 
 
 class EngineSteps:
-    """The engine's step-wise interface for `StepBatcher`, run on the one engine thread."""
+    """The engine's step-wise interface for `StepBatcher`: on the one engine thread, each call
+    bounded by the watchdog like a whole batch (a step's work is its items' pixels)."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -324,43 +411,72 @@ class EngineSteps:
             raise RuntimeError("engine has no step-wise interface")
         return engine
 
+    async def _guarded(self, call: Callable[[], T], work: float) -> T:
+        service = self.service
+        try:
+            return await service.watchdog.guard(service.worker.run(call), work)
+        except EngineHung as exc:
+            service._engine_hung(exc)
+            raise
+
     async def prepare(self, jobs: list[Job]) -> list[StepState]:
-        states: list[StepState] = await self.service.worker.run(
-            partial(self._engine().prepare, [j.item for j in jobs]))
+        states: list[StepState] = await self._guarded(
+            partial(self._engine().prepare, [j.item for j in jobs]), 0)
         return states
 
     async def step(self, states: list[StepState]) -> None:
-        await self.service.worker.run(partial(self._engine().step, states))
+        work = sum(s.item.width * s.item.height for s in states)
+        await self._guarded(partial(self._engine().step, states), work)
 
     async def finish(self, pairs: list[tuple[Job, StepState]]) -> list[asyncio.Future[bytes]]:
         engine = self._engine()
-        images = await self.service.worker.run(partial(engine.finish, [s for _, s in pairs]))
+        images = await self._guarded(partial(engine.finish, [s for _, s in pairs]), 0)
         self.service.metrics.gpu_memory(engine.memory_bytes())
-        return self.service._encode_all(images, [j.fmt for j, _ in pairs])
+        return self.service._encode_all(images, [j for j, _ in pairs])
 
     def done(self, state: StepState) -> bool:
         return state.done
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Job:
     """What the batcher queues: the engine's item and the image format its client wants."""
 
     item: GenerationItem
     fmt: str
+    outcome: asyncio.Future[Any] | None = None  # the batcher's future, once queued
+
+    @property
+    def wanted(self) -> bool:
+        """False once its client left (the outcome was cancelled)."""
+        return self.outcome is None or not self.outcome.cancelled()
+
+    @property
+    def texts(self) -> tuple[str, str]:
+        return self.item.prompt, self.item.negative_prompt
 
 
-def _encode_many(pairs: list[tuple[Image, str]], png_compress_level: int) -> list[bytes]:
-    return [encode(im, fmt, png_compress_level=png_compress_level) for im, fmt in pairs]
+def _work(item: GenerationItem) -> int:
+    """What the watchdog predicts an item's engine time from: pixels x steps."""
+    return item.width * item.height * item.inference_steps
 
 
-def _fan_out(futures: list[asyncio.Future[bytes]], chunk: asyncio.Future[list[bytes]]) -> None:
-    for i, future in enumerate(futures):
-        if future.done():
-            continue
-        if chunk.cancelled():
-            future.cancel()
-        elif (exc := chunk.exception()) is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(chunk.result()[i])
+def shape_label(key: Hashable) -> str:
+    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5`: numbers (and
+    names from closed sets) only, never user text."""
+    if not isinstance(key, tuple):
+        return "other"
+    return "x".join(f"{part:g}" if isinstance(part, float) else str(part) for part in key)
+
+
+def _encode_many(
+    pairs: list[tuple[Image, str]], png_compress_level: int
+) -> list[bytes | Exception]:
+    """One result per image: an image that cannot be encoded fails alone, not its chunk."""
+    out: list[bytes | Exception] = []
+    for image, fmt in pairs:
+        try:
+            out.append(encode(image, fmt, png_compress_level=png_compress_level))
+        except Exception as exc:
+            out.append(exc)
+    return out

@@ -57,9 +57,19 @@ class Settings:
         "auto", "attention backend", choices=("auto", "sdpa", "xformers", "default")
     )
     channels_last: bool = _opt(True, "channels-last UNet/VAE memory format (CUDA only)")
+    channels_last_cpu: bool = _opt(
+        False, "channels-last on CPU too (off by default: rarely faster on CPUs; tests use it)"
+    )
     cudnn_benchmark: bool = _opt(True, "cudnn.benchmark autotuning (CUDA only)")
-    compile: bool = _opt(False, "torch.compile the UNet (CUDA only; slow start)")
+    compile: bool = _opt(
+        False, "torch.compile the UNet (inductor; on CPU too when asked; slow start)"
+    )
     warmup: str = _opt("512x512x2", "warm-up shapes WxH[xSTEPS], comma separated; '' for none")
+    warmup_batch_sizes: str = _opt(
+        "auto", "batch sizes warmed up per warm-up shape, comma separated; auto: 1 and "
+        "--max-batch-size on CUDA or with --compile (each size cudnn.benchmark and "
+        "torch.compile tune for), 1 on CPU (keeps CPU start quick)"
+    )
     max_batch_size: int = _opt(8, "flush a group when it holds this many requests")
     max_wait_ms: float = _opt(500.0, "flush a group when its oldest request waited this long")
     flush_policy: str = _opt(
@@ -72,10 +82,25 @@ class Settings:
         5.0, "a queued request gains +1 priority per this many seconds (no starvation)"
     )
     max_queue: int = _opt(256, "queued requests admitted; beyond it 429")
-    request_timeout_s: float = _opt(300.0, "default timeout_s: max wait in the queue before 504")
+    request_timeout_s: float = _opt(
+        300.0, "default timeout_s (max wait in the queue before 504), and the most a request "
+        "may ask for"
+    )
     drain_timeout_s: float = _opt(60.0, "grace period on SIGTERM for queued/in-flight requests")
     max_pixels: int = _opt(1048576, "width*height limit")
     max_steps: int = _opt(150, "inference_steps limit")
+    max_cost: int = _opt(
+        0, "largest width*height*inference_steps one request may ask for (422 beyond); "
+        "0: only --max-pixels and --max-steps limit it"
+    )
+    max_priority: int = _opt(
+        10, "highest priority a request may ask for (422 beyond; -10..10)"
+    )
+    watchdog_factor: float = _opt(
+        10.0, "a batch running this many times longer than predicted from measured batches "
+        "fails its requests (503) and ends the process, for the orchestrator to restart; 0: off"
+    )
+    watchdog_min_s: float = _opt(120.0, "the watchdog never fires before a batch ran this long")
     max_body_bytes: int = _opt(65536, "request body limit (413 beyond)")
     api_key: str | None = _opt(None, "Bearer key required on /t2i when set")
     protect_metrics: bool = _opt(False, "require the API key on /metrics too")
@@ -131,6 +156,15 @@ class Settings:
 
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         return parse_shapes(self.warmup)
+
+    def warmup_batch_sizes_on(self, device: str) -> list[int]:
+        """The batch sizes to warm up on `device` ("cuda" or "cpu"), ascending, no repeats."""
+        if self.warmup_batch_sizes == "auto":
+            # Compiled graphs go dynamic in the batch dimension after two sizes (dynamo's
+            # automatic dynamic shapes), so compiling warms two sizes on CPU too.
+            tuned = device == "cuda" or self.compile
+            return sorted({1, self.max_batch_size}) if tuned else [1]
+        return sorted({int(n) for n in self.warmup_batch_sizes.split(",") if n.strip()})
 
     def lora_specs(self) -> list[tuple[str, float]]:
         return parse_loras(self.lora or "")
@@ -311,6 +345,12 @@ def _check_warmup(s: Settings) -> None:
     for w, h, _ in parse_shapes(s.warmup):
         if w % 8 or h % 8:
             raise SettingsError(f"--warmup: {w}x{h} must be multiples of 8")
+    if s.warmup_batch_sizes == "auto":
+        return
+    parts = [p.strip() for p in s.warmup_batch_sizes.split(",")]
+    if not all(p.isdigit() and 1 <= int(p) <= s.max_batch_size for p in parts):
+        raise SettingsError(f"--warmup-batch-sizes={s.warmup_batch_sizes!r}: must be auto or "
+                            f"comma-separated sizes 1..{s.max_batch_size} (--max-batch-size)")
 
 
 _CHECKS: list[Callable[[Settings], None]] = [
@@ -328,6 +368,10 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _rule("drain_timeout_s", lambda v: v >= 0, "must be >= 0"),
     _rule("max_pixels", lambda v: v >= 64 * 64, "must be >= 4096 (64x64)"),
     _rule("max_steps", lambda v: 1 <= v <= 1000, "must be 1..1000"),
+    _rule("max_cost", lambda v: v >= 0, "must be >= 0"),
+    _rule("max_priority", lambda v: -10 <= v <= 10, "must be -10..10"),
+    _rule("watchdog_factor", lambda v: v == 0 or v >= 1.5, "must be 0 (off) or >= 1.5"),
+    _rule("watchdog_min_s", lambda v: v >= 1, "must be >= 1"),
     _rule("max_body_bytes", lambda v: v >= 1024, "must be >= 1024"),
     _rule("api_key", lambda v: v is None or len(v) >= 8, "must be at least 8 characters"),
     _rule("encode_workers", lambda v: 1 <= v <= 64, "must be 1..64"),

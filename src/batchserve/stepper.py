@@ -15,21 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from .batcher import as_failure, run_split
+from .batcher import as_failure
 from .errors import BatchServeError, EngineOutOfMemory
 from .request_queue import Clock, Hooks, Outcome, Pending, QueueLoop
+from .retry import Part, run_split
 
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("batchserve.stepper")
-
-OOM_COOLDOWN_S = 60.0
-"""How long a shape's active limit stays lowered after an out-of-memory step."""
-
 
 class StepRunner(Protocol[T, R]):
     """The engine's step-wise interface as the loop sees it (states are opaque)."""
@@ -69,7 +66,7 @@ class StepBatcher(QueueLoop[T, R]):
     """Runs the active items of one key a step at a time from the shared `RequestQueue`.
 
     Guarantees: a step never mixes keys and never holds more than the active limit
-    (`max_batch_size`, lowered for `OOM_COOLDOWN_S` after an out-of-memory step); a lone request
+    (`max_batch_size`, lowered by `BatchSizes` after an out-of-memory step); a lone request
     starts at once; every taken item is answered exactly once. Another key is not starved: once
     its oldest item has waited `max_wait_s`, the running key stops admitting, and the other key
     runs as soon as the active items finish (at most `--max-steps` more steps).
@@ -85,23 +82,19 @@ class StepBatcher(QueueLoop[T, R]):
         aging_s: float = 5.0,
         clock: Clock = time.monotonic,
         hooks: Hooks | None = None,
-        oom_cooldown_s: float = OOM_COOLDOWN_S,
+        key_label: Callable[[Hashable], str] = str,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, max_wait_s=max_wait_s,
-                         max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks)
+                         max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks,
+                         key_label=key_label)
         self._runner = runner
-        self._oom_cooldown_s = oom_cooldown_s
         self.active: list[Active[T, R]] = []
         self.key: Hashable | None = None
-        self._lowered: dict[Hashable, tuple[int, float]] = {}  # key -> (limit, until)
 
-    def limit(self, key: Hashable, now: float) -> int:
-        """The active limit of `key` now."""
-        lowered = self._lowered.get(key)
-        if lowered is None or lowered[1] <= now:
-            self._lowered.pop(key, None)
-            return self.max_batch_size
-        return lowered[0]
+    def limit(self, key: Hashable) -> int:
+        """The active limit of `key`: the setting, or less after a step of this key ran out of
+        memory (`BatchSizes` learns it back up as steps at the limit fit)."""
+        return min(self.max_batch_size, self.sizes.limit(key))
 
     async def run(self) -> None:
         """Steps until closed and empty. Exceptions inside a step never end it."""
@@ -156,7 +149,7 @@ class StepBatcher(QueueLoop[T, R]):
             self.key = self._next_key(now)
             if self.key is None:
                 return
-        limit = self.limit(self.key, now)
+        limit = self.limit(self.key)
         taken = self.queue.take(self.key, limit - len(self.active), now)
         if not taken:
             return
@@ -174,7 +167,7 @@ class StepBatcher(QueueLoop[T, R]):
 
     def _failed_to_start(self, taken: list[Pending[T, R]], exc: Exception, now: float) -> None:
         if isinstance(exc, EngineOutOfMemory) and self.active:
-            self._lower(len(self.active), now)
+            self.sizes.out_of_memory(self.key, len(self.active) + len(taken))
             self.queue.requeue(taken)
             return
         self._fail(taken, exc)
@@ -188,9 +181,6 @@ class StepBatcher(QueueLoop[T, R]):
                 item.future.set_exception(as_failure(exc))
                 self._hooks.rejected("failed")
 
-    def _lower(self, limit: int, now: float) -> None:
-        self._lowered[self.key] = (max(1, limit), now + self._oom_cooldown_s)
-
     # -- one step --------------------------------------------------------------------------
 
     async def _step(self) -> None:
@@ -202,13 +192,14 @@ class StepBatcher(QueueLoop[T, R]):
         try:
             await self._runner.step([a.state for a in active])
         except EngineOutOfMemory as exc:
-            self._shrink(active, exc, start)
+            self._shrink(active, exc)
             return
         except Exception as exc:
             self._fail([a.pending for a in active], exc)
             self._leave(active)
             return
         self._hooks.step(len(active))
+        self.sizes.fitted(self.key, len(active))
         for item in active:
             item.steps += 1
             item.shared += len(active)
@@ -216,41 +207,48 @@ class StepBatcher(QueueLoop[T, R]):
         if done:
             await self._finish(done)
 
-    def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory, now: float) -> None:
+    def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory) -> None:
         """Out of memory: the last joiners go back to the queue (they restart from scratch
-        later) and the limit stays at what is left for a while; alone, the item fails."""
+        later) and the key's limit drops (`BatchSizes`); alone, the item fails."""
+        self.sizes.out_of_memory(self.key, len(active))
         if len(active) == 1:
             self._fail([active[0].pending], exc)
             self._leave(active)
             return
-        keep = len(active) // 2
+        keep = min(len(active) - 1, self.limit(self.key))
         back = active[keep:]
         log.warning("out of memory at a step of %d; requeueing the %d that joined last",
                     len(active), len(back))
-        self._lower(keep, now)
         ids = set(map(id, back))
         self.active = [a for a in self.active if id(a) not in ids]
         self.queue.requeue([a.pending for a in back])
         self._hooks.active_items(len(self.active))
 
     async def _finish(self, done: list[Active[T, R]]) -> None:
-        results = await run_split(self._runner.finish,
-                                  [(a.pending.payload, a.state) for a in done])
-        now = self._clock()
+        """Decodes the items whose schedule ended (split in halves on out of memory) and answers
+        each part the moment it is decoded."""
         images, longest = 0, 0.0
-        for item, (result, _) in zip(done, results, strict=True):
-            future = item.pending.future
-            if future.cancelled():
-                self._hooks.rejected("cancelled")
-            elif future.done():
-                pass  # already failed by a drain timeout
-            elif isinstance(result, BaseException):
-                self._fail([item.pending], result)
-            else:
-                outcome = item.outcome(result, now)
-                longest = max(longest, outcome.inference_s)
-                images += 1
-                future.set_result(outcome)
-                self.queue.note_service_time(outcome.inference_s, self.limit(self.key, now))
+
+        def deliver(part: Part[R]) -> None:
+            nonlocal images, longest
+            now = self._clock()
+            for n, index in enumerate(part.indices):
+                item = done[index]
+                future = item.pending.future
+                if future.cancelled():
+                    self._hooks.rejected("cancelled")
+                elif future.done():
+                    pass  # already failed by a drain cut-off or fail_all
+                elif part.error is not None or part.results is None:
+                    self._fail([item.pending], part.error or RuntimeError("no result"))
+                else:
+                    outcome = item.outcome(part.results[n], now)
+                    longest = max(longest, outcome.inference_s)
+                    images += 1
+                    future.set_result(outcome)
+                    self.queue.note_service_time(outcome.inference_s, self.limit(self.key))
+
+        await run_split(self._runner.finish, [(a.pending.payload, a.state) for a in done],
+                        deliver, clock=self._clock)
         self._leave(done)
         self._hooks.batch_finished(len(done), longest, images)

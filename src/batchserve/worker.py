@@ -33,13 +33,20 @@ class Worker:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fn, loop, future = job
-            try:
-                result = fn()
-            except BaseException as exc:  # handed to the awaiting coroutine, never lost
-                _deliver(loop, future.set_exception, future, exc)
-            else:
-                _deliver(loop, future.set_result, future, result)
+            _run(*job)
+            # The loop's own variables must not keep the last job (its batch's inputs, images
+            # or exception) alive while the thread waits for the next one.
+            del job
+
+
+def _run(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
+         ) -> None:
+    try:
+        result = fn()
+    except BaseException as exc:  # handed to the awaiting coroutine, never lost
+        _deliver(loop, future.set_exception, future, exc)
+    else:
+        _deliver(loop, future.set_result, future, result)
 
 
 def _deliver(

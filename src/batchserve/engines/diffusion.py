@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
+from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
 from . import checkpoints
 from .prompts import PromptEncoder
@@ -43,6 +45,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _GPU_ONLY = "needs CUDA; off on this machine"
+COMPILE_MODE = "max-autotune-no-cudagraphs"  # the same on CPU (inductor's C++ backend) and CUDA
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,19 +69,28 @@ def plan_tuning(settings: Settings, *, cuda: bool, xformers: bool) -> Plan:
     attention, attention_note = _plan_attention(settings.attention, on_gpu, xformers)
     shapes = settings.warmup_shapes()
 
-    def gpu(name: str, wanted: bool, what: str) -> Switch:
+    def gpu(name: str, wanted: bool, what: str, *, on_cpu_too: bool = False) -> Switch:
         if not wanted:
             return Switch(name, False, "disabled by setting")
+        if on_cpu_too and not on_gpu:
+            return Switch(name, True, f"{what} (on CPU, as asked)")
         return Switch(name, on_gpu, what if on_gpu else _GPU_ONLY)
 
+    sizes = settings.warmup_batch_sizes_on(device)
+    warmup = ", ".join(f"{w}x{h}x{n}" for w, h, n in shapes)
     switches = (
         Switch("fp16", dtype == "fp16", dtype_note),
         Switch("memory_efficient_attention", attention in ("sdpa", "xformers"), attention_note),
-        gpu("channels_last", settings.channels_last, "UNet and VAE in channels-last layout"),
+        gpu("channels_last", settings.channels_last, "UNet and VAE in channels-last layout",
+            on_cpu_too=settings.channels_last_cpu),
         gpu("cudnn_benchmark", settings.cudnn_benchmark, "cuDNN autotuner on"),
-        gpu("torch_compile", settings.compile, "UNet compiled (mode=max-autotune-no-cudagraphs)"),
+        # Off by default, so asking for it is explicit: honoured on CPU too (inductor's C++
+        # backend compiles the same graph with the same mode and fullgraph as on CUDA).
+        gpu("torch_compile", settings.compile, f"UNet compiled (mode={COMPILE_MODE}, fullgraph)",
+            on_cpu_too=True),
         Switch("inference_mode", True, "torch.inference_mode around every batch"),
-        Switch("warmup", bool(shapes), ", ".join(f"{w}x{h}x{n}" for w, h, n in shapes) or "none"),
+        Switch("warmup", bool(shapes),
+               f"{warmup} at batch sizes {', '.join(map(str, sizes))}" if shapes else "none"),
     )
     return Plan(device, dtype, attention, switches)
 
@@ -105,6 +117,19 @@ def _plan_attention(asked: str, on_gpu: bool, xformers: bool) -> tuple[str, str]
 
 def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
+
+
+def route_library_logs() -> None:
+    """diffusers and transformers put a plain-text stderr handler on their loggers when first
+    used, and torch stops propagation: send all of them through the one JSON log instead (its
+    prompt filter included). Idempotent; the libraries never add their handler twice."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    adopt_library_loggers()
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
@@ -147,6 +172,7 @@ class DiffusionEngine:
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
+        route_library_logs()
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         checkpoints.check_paths(settings)
         started = time.perf_counter()
@@ -176,14 +202,24 @@ class DiffusionEngine:
         )
 
     def warmup(self) -> None:
+        """Runs each warm-up shape at each warm-up batch size, so cudnn.benchmark has tuned and
+        torch.compile has compiled (dynamic in the batch dimension after two sizes) what the
+        server will run before /readyz turns 200."""
+        sizes = self.settings.warmup_batch_sizes_on(self.plan.device)
         for w, h, steps in self.settings.warmup_shapes():
-            started = time.perf_counter()
-            self.generate([GenerationItem("warm-up", "", 0, w, h, steps, 7.5)])
-            log.info("warm-up %dx%dx%d took %.2f s", w, h, steps, time.perf_counter() - started)
+            for n in sizes:
+                started = time.perf_counter()
+                self.generate([GenerationItem("warm-up", "", seed, w, h, steps, 7.5)
+                               for seed in range(n)])
+                log.info("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n,
+                         time.perf_counter() - started)
 
     def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
+        on_gpu = self.plan.device == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
         try:
             with torch.inference_mode(), self.prompts.conditioning(items) as text:
                 out = self.pipe(
@@ -197,9 +233,15 @@ class DiffusionEngine:
                     output_type="pil",
                 )
         except torch.OutOfMemoryError as exc:
-            self._free_cache()
-            raise EngineOutOfMemory(str(exc)) from None
-        return list(out.images)
+            message = str(exc)
+            # The traceback's frames hold the failed attempt's activations: drop them, and
+            # free the cache only after leaving the `except` (which keeps `exc` alive).
+            traceback.clear_frames(exc.__traceback__)
+        else:
+            return list(out.images)
+        del generators
+        self._free_cache()
+        raise EngineOutOfMemory(message)
 
     # -- the step-wise interface (`--flush-policy continuous`) ----------------------------
 
@@ -218,9 +260,10 @@ class DiffusionEngine:
         return type(scheduler).from_config(scheduler.config)
 
     def memory_bytes(self) -> tuple[int, int] | None:
+        """(peak allocated during the last batch, reserved now); None off CUDA."""
         if self.plan.device != "cuda":
             return None
-        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        return torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()
 
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
@@ -241,4 +284,4 @@ def _apply(pipe: Any, plan: Plan) -> None:
     if plan.enabled("cudnn_benchmark"):
         torch.backends.cudnn.benchmark = True
     if plan.enabled("torch_compile"):
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
+        pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE, fullgraph=True)

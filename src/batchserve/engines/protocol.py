@@ -76,12 +76,16 @@ class Engine(Protocol):
         ...
 
     def memory_bytes(self) -> tuple[int, int] | None:
-        """(allocated, reserved) device memory, or None where there is no GPU."""
+        """(peak allocated during the last batch, reserved) device memory, or None where there
+        is no GPU. The peak, not the memory held between batches, is what sizes a batch."""
         ...
 
 
 class StepState(Protocol):
     """One prepared item inside a step-wise engine: its own latents, scheduler and generator."""
+
+    @property
+    def item(self) -> GenerationItem: ...
 
     @property
     def done(self) -> bool:
