@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import goodput
+
 ARM_LABELS = {
     "unbatched": "unbatched (max batch 1)",
     "batched": "batched (deadline)",
@@ -26,7 +28,8 @@ JOB_LABELS = {
 }
 CSV_FIELDS = ("part", "arm", "users", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
               "mean_batch_size", "mean_queue_ms", "measured", "requests", "failures",
-              "p50_ready_ms")
+              "goodput", "delivered", "gave_up", "refused_503", "refused_504", "generated",
+              "wasted", "interrupted_batches", "p50_ready_ms")
 # The jobs scenario's poll schedule (benchmarks/locustfiles/jobs.py): 0.25 s doubling to 2 s.
 POLL_FIRST_S, POLL_MAX_S = 0.25, 2.0
 
@@ -99,6 +102,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         one = _point(results, "served", "eager", 1)
         if one:
             add("1 user p50, eager policy", one["p50_ms"], raw_ms + 30, False, "ms")
+    for name, value, bound, higher in goodput.targets(results):
+        add(name, value, bound, higher, "ratio")
     _job_targets(results, add)
     bare = _point(results, "overhead", "bare", cfg["overhead_users"])
     null = _point(results, "overhead", "null", cfg["overhead_users"])
@@ -158,6 +163,7 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{p['images_per_s']:.3f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | "
                          f"{p['p99_ms']:.0f} | {p['mean_batch_size']:.2f} | {p['failures']} |")
         lines.append("")
+    lines += goodput.markdown(results)
     rows = [p for p in results["points"] if p["part"] == "overhead"]
     if rows:
         lines += ["| serving overhead (64x64, null engine) | users | requests/s | p50 ms "

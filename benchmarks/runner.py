@@ -7,7 +7,10 @@
 3. overhead: the null engine (`--model sim`, 0 ms) against a bare Starlette endpoint;
 4. sim-gpu: `--model sim` replaying published GPU timings (a + b*n ms per batch of n), to show
    how the scheduler behaves on a GPU this machine lacks;
-5. jobs: the same sim engine behind `/t2i` and behind async jobs (memory queue, Redis queue):
+5. goodput: impatient clients (closed loop, giving up before a full batch ends) against
+   unbatched, today's batching and the adaptive scheduler; then patient clients against
+   batching with the adaptive scheduler off and on (`benchmarks/goodput.py`);
+6. jobs: the same sim engine behind `/t2i` and behind async jobs (memory queue, Redis queue):
    images/s at saturation and the latency one user sees, polling included.
 
 Results go to --out (JSON, CSV, a markdown table, PNG charts); the table is also printed.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from benchmarks import goodput, report
 from benchmarks.serve import (
     ROOT,
     Load,
@@ -80,13 +83,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sim-duration-s", type=float, default=25.0)
     p.add_argument("--overhead-users", type=int, default=32)
     p.add_argument("--overhead-duration-s", type=float, default=15.0)
+    goodput.add_options(p)
     p.add_argument("--jobs-users", type=int, default=32,
                    help="jobs: users at saturation (each submits, polls, fetches, repeats)")
     p.add_argument("--jobs-duration-s", type=float, default=20.0)
     p.add_argument("--jobs-sim-base-ms", type=float, default=100.0,
                    help="jobs: sim engine fixed ms per batch")
     p.add_argument("--jobs-sim-per-image-ms", type=float, default=20.0)
-    p.add_argument("--only", default="raw,served,overhead,sim-gpu",
+    p.add_argument("--only", default="raw,served,overhead,sim-gpu,goodput",
                    help="comma-separated parts to run (also: jobs)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run of every part in about a minute (tiny 64x64x2, short loads)")
@@ -97,6 +101,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         opts.repeats, opts.max_batch_size, opts.max_wait_ms = 1, 2, 100.0
         opts.sim_users, opts.sim_duration_s, opts.sim_base_ms = "4", 3.0, 50.0
         opts.sim_per_image_ms, opts.overhead_users, opts.overhead_duration_s = 20.0, 8, 3.0
+        goodput.quick(opts)
         opts.jobs_users, opts.jobs_duration_s = 8, 4.0
     return opts
 
@@ -209,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["points"] += run_curves(opts, workdir, "sim-gpu", sim, _ints(opts.sim_users),
                                         opts.sim_duration_s, min(opts.warm_s,
                                                                  opts.sim_duration_s / 4))
+    if "goodput" in parts:
+        print("goodput (sim engine)", flush=True)
+        results["points"] += goodput.run(opts, workdir)
     if "jobs" in parts:
         print("jobs (sim engine: /t2i vs async jobs)", flush=True)
         results["points"] += run_jobs(opts, workdir)
@@ -216,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["targets"] = report.targets(results)
     table = report.write(results, out)
     print(table)
-    failures = sum(p.get("failures", 0) for p in results["points"])
+    failures = sum(p.get("failures", 0) for p in results["points"] if p["part"] != "goodput")
     return 1 if failures else 0
 
 

@@ -92,6 +92,7 @@ class Load:
     duration_s: float
     warm_s: float  # requests started this long after the first one are not measured
     size: tuple[int, int, int]
+    env: tuple[tuple[str, str], ...] = ()  # more variables for the scenario
 
 
 def run_locust(url: str, load: Load, workdir: Path, name: str) -> list[dict[str, Any]]:
@@ -110,7 +111,7 @@ def locust_command(url: str, load: Load, workdir: Path,
     record = workdir / f"{name}.records.json"
     w, h, steps = load.size
     env = {**os.environ, "BENCH_RECORD": str(record), "BENCH_WIDTH": str(w),
-           "BENCH_HEIGHT": str(h), "BENCH_STEPS": str(steps)}
+           "BENCH_HEIGHT": str(h), "BENCH_STEPS": str(steps), **dict(load.env)}
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILES / f"{load.scenario}.py"),
            "--headless", "--host", url, "-u", str(load.users), "-r", str(load.users),
            "-t", f"{math.ceil(load.duration_s)}s", "--stop-timeout", "900",

@@ -18,7 +18,7 @@ from benchmarks import openloop, report
 from benchmarks.serve import Load, batchserve_cmd, percentile, server, summarize, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("single_user", "saturate", "mixed_shapes", "ramp", "burst")
+SCENARIOS = ("single_user", "saturate", "mixed_shapes", "ramp", "burst", "impatient")
 
 
 def test_throughput_counts_whole_batch_periods() -> None:
@@ -260,3 +260,23 @@ def test_openloop_quick_smoke(tmp_path: Path) -> None:
         assert figures["failures"] == 0 and figures["measured"] > 0
     assert "continuous p50 / deadline p50" in (tmp_path / "openloop.md").read_text()
     assert (tmp_path / "openloop.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_runner_goodput_smoke(tmp_path: Path) -> None:
+    """The impatient-clients comparison end to end on the sim engine (figures mean nothing)."""
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "goodput",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())
+    parts = {(p["part"], p["arm"]) for p in results["points"]}
+    assert parts == {("goodput", "batch1"), ("goodput", "unbatched"), ("goodput", "batched"),
+                     ("goodput", "adaptive"), ("patient", "batched"), ("patient", "adaptive")}
+    for point in results["points"]:
+        if point["part"] == "goodput" and point["arm"] != "batch1":
+            assert point["requests"] > 0 and point["generated"] >= point["wasted"] >= 0
+        else:  # a second or two of load on a busy CI machine: answers, not rates
+            assert point["failures"] == 0 and point["requests"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "Impatient clients" in table and "adaptive wasted / generated" in table

@@ -15,6 +15,7 @@ from batchserve.engines.diffusion import (
     make_scheduler,
     plan_tuning,
 )
+from batchserve.errors import Interrupted
 from batchserve.settings import Settings, SettingsError
 
 ITEM = GenerationItem("a red cube", "", 7, 64, 64, 2, 7.5)
@@ -135,6 +136,23 @@ def test_saved_tiny_model_loads_by_path_and_matches(tiny_engine: DiffusionEngine
 def test_missing_single_file_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="no such checkpoint file"):
         DiffusionEngine.load(Settings(model=str(tmp_path / "missing.safetensors"), warmup=""))
+
+
+def test_should_stop_interrupts_between_steps_and_the_engine_runs_on(
+    tiny_engine: DiffusionEngine,
+) -> None:
+    polls: list[int] = []
+
+    def stop_after_two() -> bool:
+        polls.append(1)
+        return len(polls) >= 2
+
+    item = GenerationItem("a red cube", "", 7, 64, 64, 6, 7.5)
+    with pytest.raises(Interrupted):
+        tiny_engine.generate([item], should_stop=stop_after_two)
+    assert len(polls) == 2  # polled once per step: stopped after step 2 of 6, no VAE decode
+    (image,) = tiny_engine.generate([ITEM], should_stop=lambda: False)
+    assert image.size == (64, 64)
 
 
 def test_gpu_memory_is_the_peak_of_each_batch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

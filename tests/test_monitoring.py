@@ -39,6 +39,10 @@ APP_METRICS = {
     "batchserve_batches_total",
     "batchserve_images_total",
     "batchserve_requests_rejected_total",
+    "batchserve_wasted_images_total",
+    "batchserve_batches_interrupted_total",
+    "batchserve_batch_cap",
+    "batchserve_client_patience_seconds",
     "batchserve_gpu_memory_allocated_bytes",
     "batchserve_gpu_memory_reserved_bytes",
     "batchserve_ready",
@@ -114,10 +118,13 @@ def dcgm_default_counters() -> set[str]:
 
 def check_metric_names(exprs: list[str]) -> None:
     dcgm = dcgm_default_counters()
+    recorded = recorded_names()
     for expr in exprs:
         for name in METRIC_NAME.findall(expr):
             if name.startswith("DCGM_"):
                 assert name in dcgm, f"{name} is not a dcgm-exporter default counter: {expr}"
+            elif any(f":{name}:" in r and r in expr for r in recorded):
+                continue  # the metric part of a series our own rules record
             else:
                 base = HISTOGRAM_SUFFIX.sub("", name)
                 assert name in APP_METRICS or base in APP_METRICS, f"unknown metric {name}: {expr}"
@@ -173,6 +180,7 @@ def test_every_alert_has_a_unit_test() -> None:
         "BatchserveQueueBackingUp",
         "BatchserveQueueFull",
         "BatchserveHigh5xxRate",
+        "BatchserveWastingWork",
         "BatchserveNotReady",
         "GpuMemoryNearFull",
     }
@@ -200,6 +208,8 @@ def test_every_recording_rule_has_a_unit_test() -> None:
         "instance_handler:http_request_duration_seconds:p95_1m",
         "instance_handler:http_request_duration_seconds:p99_1m",
         "instance:batchserve_images:rate1m",
+        "instance:batchserve_images_delivered:rate1m",
+        "instance:batchserve_wasted_images:ratio_rate5m",
         "instance:batchserve_batch_size:mean1m",
         "instance:batchserve_queue_wait_seconds:p95_1m",
     } <= tested
@@ -291,6 +301,12 @@ def test_api_dashboard_answers_is_batching_working() -> None:
         "Batch size distribution": ["batchserve_batch_size_bucket", "by (le)"],
         "Batches/s by flush trigger": ["batchserve_batches_total", "by (trigger)"],
         "Images/s": ["batchserve_images_total"],
+        "Goodput: delivered images/s": ["batchserve_images_total",
+                                        "batchserve_wasted_images_total"],
+        "Batch cap by key": ["batchserve_batch_cap", "by (key)"],
+        "Client patience by key": ["batchserve_client_patience_seconds", "by (key)"],
+        "Wasted images/s and interrupted batches/s": ["batchserve_wasted_images_total",
+                                                      "batchserve_batches_interrupted_total"],
         "Rejections/s by reason": ["batchserve_requests_rejected_total", "by (reason)"],
         "Jobs waiting": ["max(batchserve_jobs_waiting"],
         "Jobs/s by status": ["batchserve_jobs_total", "by (status)"],

@@ -276,7 +276,10 @@ async def test_client_gone_mid_batch_has_its_result_discarded() -> None:
         engine.gate.set()
         response = await staying
         assert response.status_code == 200 and response.headers["x-batch-size"] == "2"
+        # both images were generated (the batch had a client left): one delivered (counted in
+        # images_total), one made for nobody (wasted, and never encoded)
         await eventually(lambda: app.metric("batchserve_images_total") == 1)
+        assert app.metric("batchserve_wasted_images_total", reason="cancelled") == 1
         assert app.metric("batchserve_requests_rejected_total", reason="cancelled") == 1
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from batchserve.batchsize import BatchSizes
-from batchserve.errors import BatchServeError, EngineOutOfMemory, GenerationFailed
+from batchserve.errors import BatchServeError, EngineOutOfMemory, GenerationFailed, Interrupted
 from batchserve.retry import Part, run_split
 
 
@@ -162,3 +162,37 @@ def test_smaller_batches_do_not_count_towards_growing() -> None:
     sizes.out_of_memory("k", 8)
     sizes.fitted("k", 2)  # a small group: says nothing about 5
     assert sizes.limit("k") == 4
+
+
+def test_interrupted_part_is_final_and_later_parts_nobody_wants_never_start() -> None:
+    """`Interrupted` means nobody waits for the part: it is delivered as is, never bisected; a
+    later part whose items are all unwanted by then is skipped."""
+    calls: list[list[int]] = []
+    gone: set[int] = set()
+
+    def fail(items: list[int]) -> Exception | None:
+        if len(items) > 2:
+            return EngineOutOfMemory("oom")
+        if items == [0, 1]:
+            gone.update({0, 1, 2, 3})  # every client left while the first half ran
+            return Interrupted("stopped after step 1")
+        return None
+
+    started: list[tuple[int, ...]] = []
+    parts = split(runner_that(fail, calls), 4, wanted=lambda i: i not in gone,
+                  starting=started.append)
+    assert calls == [[0, 1, 2, 3], [0, 1]]
+    assert started == [(0, 1, 2, 3), (0, 1)]
+    assert [(p.indices, type(p.error)) for p in parts] == [((0, 1), Interrupted)]
+
+    def interrupt_first_half(items: list[int]) -> Exception | None:
+        if len(items) > 2:
+            return EngineOutOfMemory("oom")
+        return Interrupted("stopped after step 1") if items == [0, 1] else None
+
+    calls.clear()
+    parts = split(runner_that(interrupt_first_half, calls), 4)
+    # not bisected into [0], [1] even though (here) the items still count as wanted
+    assert calls == [[0, 1, 2, 3], [0, 1], [2, 3]]
+    assert [(p.indices, type(p.error)) for p in parts] == [((0, 1), Interrupted),
+                                                             ((2, 3), type(None))]

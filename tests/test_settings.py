@@ -97,6 +97,13 @@ def test_python_dash_m_help_works() -> None:
     assert "BATCHSERVE_MAX_WAIT_MS" in out and "(default: 500.0)" in out
 
 
+def test_adaptive_batch_is_on_or_off() -> None:
+    assert Settings().adaptive_batch == "on"
+    assert Settings.from_sources(env={"BATCHSERVE_ADAPTIVE_BATCH": "off"}).adaptive_batch == "off"
+    with pytest.raises(SettingsError, match="--adaptive-batch='maybe': must be one of on, off"):
+        Settings(adaptive_batch="maybe")
+
+
 @pytest.mark.parametrize(("overrides", "device", "sizes"), [
     ({}, "cuda", [1, 8]),
     ({}, "cpu", [1]),  # CPU start stays quick (tests start many tiny servers)

@@ -233,6 +233,23 @@ async def test_queued_item_times_out_while_steps_run(clock: FakeClock) -> None:
     await h.close()
 
 
+async def test_running_item_past_its_timeout_leaves_at_the_next_step(clock: FakeClock) -> None:
+    h = Harness(clock, max_batch_size=2)
+    short_budget = h.submit("short", 10, timeout_s=1.0)
+    other = h.submit("other", 3)
+    await _until(lambda: len(h.runner.steps) == 1)
+    clock.now += 1.0
+    h.runner.allow(1)
+    with pytest.raises(QueueTimeout):
+        await asyncio.wait_for(short_budget, 5)
+    await _until(lambda: len(h.runner.steps) == 2)
+    assert h.runner.steps[1] == ["other"]
+    h.runner.allow(10)
+    assert (await other).result == "img-other"
+    assert "timeout" in h.hooks.rejected_reasons
+    await h.close()
+
+
 async def test_queue_bound_gives_queue_full(clock: FakeClock) -> None:
     h = Harness(clock, max_batch_size=1, max_queue=2)
     h.submit("a", 5)
@@ -311,9 +328,11 @@ def test_sim_step_model_sleeps_per_step_and_per_static_batch(
     engine = sim.SimEngine(base_ms=100, per_image_ms=10, step_ms=25, step_per_image_ms=15)
     items = [GenerationItem("p", "", s, 64, 64, 20, 7.5) for s in range(3)]
     engine.generate(items)
-    assert slept == [100 + 3 * 10 + 20 * (25 + 3 * 15)]  # a static batch of 20 steps
+    # a static batch of 20 steps, slept one step at a time (so it can be interrupted)
+    assert len(slept) == 20
+    assert sum(slept) == pytest.approx(100 + 3 * 10 + 20 * (25 + 3 * 15))
     states = engine.prepare(items[:2])
     for _ in range(20):
         engine.step(states)
-    assert slept[1:] == [25 + 2 * 15] * 20 and all(s.done for s in states)
+    assert slept[20:] == [25 + 2 * 15] * 20 and all(s.done for s in states)
     assert len(engine.finish(states)) == 2

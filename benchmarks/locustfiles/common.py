@@ -55,8 +55,10 @@ class T2IUser(FastHttpUser):
     connection_timeout = 10.0
 
     def t2i(self, width: int = WIDTH, height: int = HEIGHT, steps: int = STEPS,
-            name: str = "/t2i") -> None:
-        payload = request_body(width, height, steps)
+            name: str = "/t2i", extra: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """Sends one request and records it; returns its status (0: no answer, e.g. the
+        client's own timeout) and headers."""
+        payload = {**request_body(width, height, steps), **(extra or {})}
         headers = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else None
         started = time.time()
         with self.client.post("/t2i", json=payload, headers=headers, name=name,
@@ -79,6 +81,7 @@ class T2IUser(FastHttpUser):
                 "queue_ms": float(got.get("X-Queue-Ms", "0") or 0),
                 "inference_ms": float(got.get("X-Inference-Ms", "0") or 0),
             })
+        return status, got
 
 
 class SameRequestUser(T2IUser):

@@ -88,6 +88,25 @@ class QueueTimeout(BatchServeError):
     status, code, reject_reason = 504, "timeout", "timeout"
 
 
+class Overloaded(BatchServeError):
+    """Refused at admission: the work ahead would make it finish past its budget. Waiting
+    helps, so it carries `Retry-After`."""
+
+    status, code, reject_reason = 503, "overloaded", "overloaded"
+
+
+class CannotFinish(BatchServeError):
+    """Refused at admission (or before its batch): even alone on an idle engine it would finish
+    past its `timeout_s`. Retrying does not help; a longer `timeout_s` does."""
+
+    status, code, reject_reason = 504, "deadline_unreachable", "deadline"
+
+
+class Interrupted(Exception):
+    """Raised by an engine between denoising steps when its `should_stop` said so: nobody is
+    waiting for any image of the batch any more."""
+
+
 class EngineOutOfMemory(Exception):
     """Raised by an engine when a batch does not fit in device memory; the batcher splits it."""
 

@@ -6,8 +6,10 @@ takes a user-controlled value.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import ParamSpec
 
@@ -20,7 +22,9 @@ log = logging.getLogger("batchserve.metrics")
 P = ParamSpec("P")
 
 TRIGGERS = ("full", "timeout", "drain", "join")
-REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed", "drained")
+REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed", "drained",
+                  "overloaded", "deadline")
+WASTE_REASONS = ("cancelled", "timeout", "drain")
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 JOB_STATUSES = ("queued", "succeeded", "failed", "canceled")
@@ -71,7 +75,7 @@ class Metrics:
         )
         self._admitted = Counter(
             "batchserve_requests_admitted", "Requests queued; each ends as one image or one "
-            "rejection (failed, timeout, cancelled, drained)", registry=r,
+            "rejection (failed, timeout, cancelled, drained, deadline)", registry=r,
         )
         self._images = Counter(
             "batchserve_images", "Images generated and encoded for their client", registry=r
@@ -80,6 +84,25 @@ class Metrics:
             "batchserve_batch_size_limit", "Largest batch run per shape (WxHxSTEPSxCFG), "
             "learned from out-of-memory errors; only shapes that ran out of memory",
             ["shape"], registry=r,
+        )
+        self._wasted = Counter(
+            "batchserve_wasted_images",
+            "Images generated with nobody left to take them (client gone, timed out, drain); "
+            "generated = batchserve_images_total + this",
+            ["reason"], registry=r,
+        )
+        self._interrupted = Counter(
+            "batchserve_batches_interrupted",
+            "Batches stopped between denoising steps because nobody waited for them", registry=r,
+        )
+        self._cap = Gauge(
+            "batchserve_batch_cap", "Current batch size limit per batching key (AIMD)",
+            ["key"], registry=r,
+        )
+        self._patience = Gauge(
+            "batchserve_client_patience_seconds",
+            "Learned client patience per batching key (low percentile of give-up ages)",
+            ["key"], registry=r,
         )
         self._rejected = Counter(
             "batchserve_requests_rejected", "Requests not answered with an image, by reason",
@@ -112,6 +135,8 @@ class Metrics:
             self._batches.labels(trigger)
         for reason in REJECT_REASONS:
             self._rejected.labels(reason)
+        for reason in WASTE_REASONS:
+            self._wasted.labels(reason)
 
     @_never_raise
     def queue_depth(self, depth: int) -> None:
@@ -154,6 +179,27 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         if reason in REJECT_REASONS:
             self._rejected.labels(reason).inc()
+
+    @_never_raise
+    def wasted(self, reason: str) -> None:
+        if reason in WASTE_REASONS:
+            self._wasted.labels(reason).inc()
+
+    @_never_raise
+    def batch_interrupted(self) -> None:
+        self._interrupted.inc()
+
+    @_never_raise
+    def key_state(self, label: str, cap: int, patience_s: float | None) -> None:
+        self._cap.labels(label).set(cap)
+        # NaN while unknown: the key's series exists from its first batch on
+        self._patience.labels(label).set(math.nan if patience_s is None else patience_s)
+
+    @_never_raise
+    def key_forgotten(self, label: str) -> None:
+        for gauge in (self._cap, self._patience):
+            with contextlib.suppress(KeyError):
+                gauge.remove(label)
 
     @_never_raise
     def job_status(self, status: str, duration_s: float | None = None) -> None:

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Generic, Protocol, TypeVar
 
 from .batchsize import BatchSizes
@@ -41,6 +42,11 @@ class Pending(Generic[T, R]):
     deadline: float
     seq: int
     future: asyncio.Future[Outcome[R]]
+    budget_end: float = math.inf
+    """When its client is predicted to stop waiting: `deadline`, or sooner by learned patience
+    when the client named no timeout of its own."""
+    teaches_patience: bool = False
+    """Its client named no timeout: the age at which it gives up is what patience learns."""
 
     def effective_priority(self, now: float, aging_s: float) -> int:
         return self.priority + int((now - self.enqueued) // aging_s)
@@ -71,6 +77,14 @@ class Hooks(Protocol):
 
     def rejected(self, reason: str) -> None: ...
 
+    def wasted(self, reason: str) -> None: ...
+
+    def batch_interrupted(self) -> None: ...
+
+    def key_state(self, label: str, cap: int, patience_s: float | None) -> None: ...
+
+    def key_forgotten(self, label: str) -> None: ...
+
     def step(self, size: int) -> None: ...
 
     def active_items(self, count: int) -> None: ...
@@ -91,6 +105,18 @@ class NullHooks:
         pass
 
     def rejected(self, reason: str) -> None:
+        pass
+
+    def wasted(self, reason: str) -> None:
+        pass
+
+    def batch_interrupted(self) -> None:
+        pass
+
+    def key_state(self, label: str, cap: int, patience_s: float | None) -> None:
+        pass
+
+    def key_forgotten(self, label: str) -> None:
         pass
 
     def step(self, size: int) -> None:
@@ -134,6 +160,8 @@ class RequestQueue(Generic[T, R]):
         self._closed = False
         self._slot_s_ema: float | None = None
         self._slots = 1
+        self.on_item_done: Callable[[Pending[T, R]], None] = lambda item: None
+        """Called when an item's future is resolved or cancelled (the loop's own bookkeeping)."""
 
     # -- admission -------------------------------------------------------------------------
 
@@ -146,9 +174,8 @@ class RequestQueue(Generic[T, R]):
     def closed(self) -> bool:
         return self._closed
 
-    def submit(
-        self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0
-    ) -> asyncio.Future[Outcome[R]]:
+    def check_admission(self) -> None:
+        """Raises `Draining` once closed, `QueueFull` at `max_queue` queued."""
         if self._closed:
             raise Draining("server is shutting down", retry_after_s=5)
         if self._depth >= self.max_queue:
@@ -156,12 +183,19 @@ class RequestQueue(Generic[T, R]):
                 f"queue is full ({self.max_queue} requests waiting)",
                 retry_after_s=self.retry_after_s(),
             )
+
+    def submit(
+        self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0,
+        budget_s: float | None = None, teaches_patience: bool = False,
+    ) -> asyncio.Future[Outcome[R]]:
+        self.check_admission()
         now = self.clock()
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
         self._seq += 1
-        item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future)
+        item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future,
+                       now + (timeout_s if budget_s is None else budget_s), teaches_patience)
         self.groups.setdefault(key, Group()).items.append(item)
-        future.add_done_callback(self._on_done)
+        future.add_done_callback(partial(self._on_done, item))
         self._set_depth(self._depth + 1)
         self.idle.clear()
         self.wake.set()
@@ -183,9 +217,10 @@ class RequestQueue(Generic[T, R]):
         """Re-evaluate now (tests call it after advancing an injected clock)."""
         self.wake.set()
 
-    def _on_done(self, future: asyncio.Future[Outcome[R]]) -> None:
+    def _on_done(self, item: Pending[T, R], future: asyncio.Future[Outcome[R]]) -> None:
         if future.cancelled():
             self.wake.set()
+        self.on_item_done(item)
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -242,6 +277,35 @@ class RequestQueue(Generic[T, R]):
         self._set_depth(self._depth - len(taken))
         self.inflight.extend(taken)
         return taken
+
+    def take_items(self, key: Hashable, chosen: list[Pending[T, R]]) -> list[Pending[T, R]]:
+        """Moves the `chosen` items of `key` (picked by the loop) in flight, in that order."""
+        group = self.groups.get(key)
+        if group is None or not chosen:
+            return []
+        ids = {id(p) for p in chosen}
+        group.items = [p for p in group.items if id(p) not in ids]
+        if not group.items:
+            del self.groups[key]
+        self._set_depth(self._depth - len(chosen))
+        self.inflight.extend(chosen)
+        return chosen
+
+    def refuse(self, key: Hashable, items: list[Pending[T, R]], error: BatchServeError,
+               reason: str) -> None:
+        """Answers queued `items` of `key` with `error` at once (counted under `reason`)."""
+        group = self.groups.get(key)
+        if group is None or not items:
+            return
+        ids = {id(p) for p in items}
+        group.items = [p for p in group.items if id(p) not in ids]
+        if not group.items:
+            del self.groups[key]
+        self._set_depth(self._depth - len(items))
+        for item in items:
+            item.future.set_exception(error)
+            self.hooks.rejected(reason)
+        self._settle()
 
     def requeue(self, items: Iterable[Pending[T, R]]) -> None:
         """Puts in-flight items back as they were queued (same age, priority and deadline)."""
@@ -361,9 +425,16 @@ class QueueLoop(Generic[T, R]):
         return self.queue.closed
 
     def submit(
-        self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0
+        self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0,
+        explicit_timeout: bool = True,
     ) -> asyncio.Future[Outcome[R]]:
+        """Queues one item; `explicit_timeout=False`: its client named no timeout (what the
+        whole-batch loop's learned patience uses)."""
         return self.queue.submit(payload, key=key, priority=priority, timeout_s=timeout_s)
+
+    def should_stop(self) -> Callable[[], bool]:
+        """For the engine call now starting: true once nobody waits for its result."""
+        return lambda: False
 
     def retry_after_s(self) -> int:
         return self.queue.retry_after_s()

@@ -4,7 +4,8 @@ Out of memory: the part is retried as two halves, down to single items, and the 
 or failed are reported (`batchsize.BatchSizes` learns from them). Any other engine error on more
 than one item: the part is bisected the same way, so only a poisonous item fails and strangers
 batched with it still get their image. Domain errors (`BatchServeError`: the engine hung, the
-server stops) are final for the whole part.
+server stops) and `Interrupted` (nobody waits for any item of the part) are final for the whole
+part.
 
 Each part is delivered as soon as it ends, so the first half's clients get their images while
 the second half still runs. Retries never start while anything of the failed attempt is alive:
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from .errors import BatchServeError, EngineOutOfMemory
+from .errors import BatchServeError, EngineOutOfMemory, Interrupted
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,12 +75,14 @@ async def run_split(
     clock: Clock,
     wanted: Callable[[int], bool] = lambda index: True,
     sizes: SizeReport | None = None,
+    starting: Callable[[tuple[int, ...]], None] = lambda indices: None,
 ) -> None:
     """Runs `payloads` as one batch, retrying failed parts smaller (see the module docstring).
 
     Calls `deliver` once per part that ran, in the order parts end; an index appears in at most
     one delivered part. Indices for which `wanted` turns false before their part starts are never
-    run nor delivered (their clients left).
+    run nor delivered (their clients left). `starting` is told the indices of each part just
+    before the runner is called for it (the batcher arms that part's stop flag).
     """
     report = sizes or _NoReport()
     todo: deque[tuple[int, ...]] = deque([tuple(range(len(payloads)))])
@@ -91,6 +94,7 @@ async def run_split(
         oom = False
         error: BaseException | None = None
         results: list[R] | None = None
+        starting(indices)
         try:
             results = await runner([payloads[i] for i in indices])
         except EngineOutOfMemory as exc:
@@ -108,7 +112,8 @@ async def run_split(
             report.fitted(len(indices))
         elif oom:
             report.out_of_memory(len(indices))
-        if error is not None and len(indices) > 1 and not isinstance(error, BatchServeError):
+        final = isinstance(error, BatchServeError | Interrupted)
+        if error is not None and len(indices) > 1 and not final:
             mid = len(indices) // 2
             log.warning("%s at batch size %d; retrying as %d + %d",
                         "out of memory" if oom else f"engine error ({type(error).__name__})",

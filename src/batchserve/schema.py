@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from .engines import BatchKey, GenerationItem
+from .engines import BatchKey, GenerationItem, key_label
 from .errors import MalformedJSON, ValidationError
 
 FORMATS = ("png", "jpeg", "webp")
@@ -41,6 +42,8 @@ class T2IRequest:
     priority: int
     timeout_s: float
     format: str | None
+    timeout_given: bool = False
+    """The client named its own timeout_s (else learned patience may stand in for it)."""
 
     @property
     def key(self) -> BatchKey:
@@ -49,7 +52,14 @@ class T2IRequest:
     @property
     def key_label(self) -> str:
         """The batching key as the request log shows it (no user text)."""
-        return f"{self.width}x{self.height}x{self.inference_steps}x{self.guidance_scale:g}"
+        return key_label(self.key)
+
+    def fields(self) -> dict[str, Any]:
+        """The request as its fields (what a job stores and shows): `T2IRequest(**fields)`
+        rebuilds it, without the door-side `timeout_given` (a job has no waiting client)."""
+        data = dataclasses.asdict(self)
+        del data["timeout_given"]
+        return data
 
     def item(self) -> GenerationItem:
         return GenerationItem(
@@ -166,6 +176,7 @@ def validate(data: dict[str, Any], limits: Limits) -> T2IRequest:
         priority=v.get("priority", 0),
         timeout_s=v.get("timeout_s", limits.default_timeout_s),
         format=v.get("format"),
+        timeout_given="timeout_s" in v,
     )
 
 

@@ -15,6 +15,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__
+from .adaptive import Adaptive
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import Engine, GenerationItem, StepState, load_engine, step_engine
@@ -88,6 +89,10 @@ class Service:
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
+        self.adaptive = Adaptive(
+            max_batch_size=settings.max_batch_size, enabled=settings.adaptive_batch == "on",
+            label=shape_label, hooks=self.metrics,
+        )
         options: dict[str, Any] = {
             "max_batch_size": settings.max_batch_size, "max_wait_s": wait_s,
             "max_queue": settings.max_queue, "aging_s": settings.priority_aging_s,
@@ -95,7 +100,7 @@ class Service:
         }
         self.batcher: QueueLoop[Job, asyncio.Future[bytes]] = (
             StepBatcher(EngineSteps(self), **options) if self.continuous
-            else Batcher(self._run_batch, **options)
+            else Batcher(self._run_batch, adaptive=self.adaptive, **options)
         )
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
             webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts())
@@ -143,11 +148,13 @@ class Service:
                     "or eager"
                 )
             warmup_started = time.monotonic()
-            await self.worker.run(engine.warmup)
+            timings = await self.worker.run(engine.warmup)
             # The first prediction the watchdog bounds batches by (lenient: it includes the
             # one-time costs of first calls).
             self.watchdog.measured(self._warmup_work(info.device),
                                    time.monotonic() - warmup_started)
+            for key, seconds in (timings or {}).items():
+                self.adaptive.seed(key, 1, seconds)
         except Exception as exc:
             # A bad setting or model file is the operator's to fix and its message says how; a
             # traceback would only bury it. Anything else keeps its traceback.
@@ -268,10 +275,12 @@ class Service:
             raise NotReady(f"server is {self.state}; model not ready", retry_after_s=5)
 
     def submit(
-        self, request: T2IRequest, fmt: str = "png"
+        self, request: T2IRequest, fmt: str = "png", *, online: bool = True
     ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
         """Queues one request; its outcome's result is a future of the encoded image. A worker's
-        job runner submits too (roles all and worker)."""
+        job runner submits too (roles all and worker), with `online=False`: nobody holds a
+        connection open for a job, so the learned patience of clients neither budgets it nor
+        learns from its cancellation."""
         if self.role == "worker":
             if self.state != self.READY:
                 raise Draining("worker is not accepting jobs", retry_after_s=5)
@@ -282,6 +291,7 @@ class Service:
         key = (request.width, request.height) if self.continuous else request.key
         future = self.batcher.submit(
             job, key=key, priority=request.priority, timeout_s=request.timeout_s,
+            explicit_timeout=request.timeout_given or not online,
         )
         job.outcome = future
         self.metrics.admitted()
@@ -295,9 +305,12 @@ class Service:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
+        should_stop = self.batcher.should_stop()  # of the part about to run
         texts = [t for j in jobs for t in j.texts]
         KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
-        call = self.worker.run(partial(engine.generate, [j.item for j in jobs]))
+        call = self.worker.run(
+            partial(engine.generate, [j.item for j in jobs], should_stop=should_stop)
+        )
         try:
             images = await self.watchdog.guard(call, sum(_work(j.item) for j in jobs))
         except EngineHung as exc:
@@ -371,6 +384,8 @@ class Service:
                 "priority_aging_s": s.priority_aging_s,
                 "max_queue": s.max_queue,
                 "queue_depth": self.batcher.depth,
+                "adaptive_batch": s.adaptive_batch,
+                "keys": self.adaptive.snapshot(time.monotonic()),
                 "size_limits": {
                     shape_label(k): n for k, n in self.batcher.sizes.learned().items()
                 },

@@ -81,10 +81,16 @@ class Settings:
     priority_aging_s: float = _opt(
         5.0, "a queued request gains +1 priority per this many seconds (no starvation)"
     )
+    adaptive_batch: str = _opt(
+        "on",
+        "on: learn per shape the batch time, client patience and a batch cap; refuse at once "
+        "what cannot finish in its budget. off: batches always fill to max-batch-size",
+        choices=("on", "off"),
+    )
     max_queue: int = _opt(256, "queued requests admitted; beyond it 429")
     request_timeout_s: float = _opt(
-        300.0, "default timeout_s (max wait in the queue before 504), and the most a request "
-        "may ask for"
+        300.0, "default timeout_s: max time from admission to image (queue + generation), "
+        "and the most a request may ask for"
     )
     drain_timeout_s: float = _opt(60.0, "grace period on SIGTERM for queued/in-flight requests")
     max_pixels: int = _opt(1048576, "width*height limit")

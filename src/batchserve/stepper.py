@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from .batcher import as_failure
-from .errors import BatchServeError, EngineOutOfMemory
+from .errors import BatchServeError, EngineOutOfMemory, QueueTimeout
 from .request_queue import Clock, Hooks, Outcome, Pending, QueueLoop
 from .retry import Part, run_split
 
@@ -103,6 +103,7 @@ class StepBatcher(QueueLoop[T, R]):
             queue.wake.clear()
             now = self._clock()
             queue.purge(now)
+            self._expire_active(now)
             self._drop_gone()
             if queue.closed and queue.empty():
                 return
@@ -115,6 +116,17 @@ class StepBatcher(QueueLoop[T, R]):
 
     # -- between steps ---------------------------------------------------------------------
 
+    def _expire_active(self, now: float) -> None:
+        """`timeout_s` bounds queue plus generation: an item past it is answered 504 and leaves
+        at this step boundary, freeing its slot (its work so far is wasted, not finished)."""
+        for item in self.active:
+            if not item.gone and item.pending.deadline <= now:
+                item.pending.future.set_exception(QueueTimeout(
+                    f"not finished {now - item.pending.enqueued:.1f} s after admission, past "
+                    "its timeout_s"))
+                self._hooks.rejected("timeout")
+                self._hooks.wasted("timeout")
+
     def _drop_gone(self) -> None:
         gone = [a for a in self.active if a.gone]
         if not gone:
@@ -122,6 +134,7 @@ class StepBatcher(QueueLoop[T, R]):
         for item in gone:
             if item.pending.future.cancelled():
                 self._hooks.rejected("cancelled")
+                self._hooks.wasted("cancelled")
         self._leave(gone)
 
     def _leave(self, items: list[Active[T, R]]) -> None:

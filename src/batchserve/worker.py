@@ -25,6 +25,9 @@ class Worker:
     async def run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        # Whoever awaited may be gone (cancelled at shutdown) when an engine call ends in an
+        # exception (an interrupted batch): mark it retrieved so asyncio does not log it.
+        future.add_done_callback(_retrieve)
         self._jobs.put((fn, loop, future))
         return await asyncio.shield(future)
 
@@ -61,3 +64,8 @@ def _deliver(
 
     if not loop.is_closed():
         loop.call_soon_threadsafe(apply)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

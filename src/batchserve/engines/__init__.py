@@ -14,7 +14,9 @@ from .protocol import (
     GenerationItem,
     StepEngine,
     StepState,
+    StopCheck,
     Switch,
+    key_label,
     step_engine,
 )
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StepEngine", "StepState",
-           "Switch", "load_engine", "step_engine"]
+           "StopCheck", "Switch", "key_label", "load_engine", "step_engine"]
 
 
 def load_engine(settings: Settings) -> Engine:

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from PIL.Image import Image
 
-from ..errors import EngineOutOfMemory
+from ..errors import EngineOutOfMemory, Interrupted
 from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
 from . import checkpoints
 from .prompts import PromptEncoder
-from .protocol import EngineInfo, GenerationItem, StepState, Switch
+from .protocol import BatchKey, EngineInfo, GenerationItem, StepState, StopCheck, Switch
 from .stepwise import StepwiseDiffusion
 
 log = logging.getLogger("batchserve.engine")
@@ -201,22 +201,30 @@ class DiffusionEngine:
                    **checkpoints.describe(self.addons, self.settings)},
         )
 
-    def warmup(self) -> None:
+    def warmup(self) -> dict[BatchKey, float]:
         """Runs each warm-up shape at each warm-up batch size, so cudnn.benchmark has tuned and
         torch.compile has compiled (dynamic in the batch dimension after two sizes) what the
-        server will run before /readyz turns 200."""
+        server will run before /readyz turns 200. Returns each shape's time at batch size 1
+        (when warmed at 1), which seeds the adaptive batch-time model."""
+        timings: dict[BatchKey, float] = {}
         sizes = self.settings.warmup_batch_sizes_on(self.plan.device)
         for w, h, steps in self.settings.warmup_shapes():
             for n in sizes:
+                items = [GenerationItem("warm-up", "", seed, w, h, steps, 7.5) for seed in range(n)]
                 started = time.perf_counter()
-                self.generate([GenerationItem("warm-up", "", seed, w, h, steps, 7.5)
-                               for seed in range(n)])
-                log.info("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n,
-                         time.perf_counter() - started)
+                self.generate(items)
+                seconds = time.perf_counter() - started
+                if n == 1:
+                    timings[items[0].key] = seconds
+                log.info("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n, seconds)
+        return timings
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
+    def generate(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+    ) -> list[Image]:
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
+        step_end = None if should_stop is None else _stop_between_steps(should_stop)
         on_gpu = self.plan.device == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
@@ -231,6 +239,7 @@ class DiffusionEngine:
                     guidance_scale=first.guidance_scale,
                     generator=generators,
                     output_type="pil",
+                    callback_on_step_end=step_end,
                 )
         except torch.OutOfMemoryError as exc:
             message = str(exc)
@@ -268,6 +277,18 @@ class DiffusionEngine:
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _stop_between_steps(should_stop: StopCheck) -> Any:
+    """A diffusers step-end callback raising `Interrupted` (rather than setting
+    `pipe._interrupt`, which skips the remaining steps but still runs the VAE decode)."""
+
+    def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if should_stop():
+            raise Interrupted(f"stopped after step {step + 1}")
+        return kwargs
+
+    return step_end
 
 
 def _apply(pipe: Any, plan: Plan) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -11,6 +11,15 @@ if TYPE_CHECKING:
 
 BatchKey = tuple[int, int, int, float]
 """(width, height, inference_steps, guidance_scale): items sharing it share a forward pass."""
+
+StopCheck = Callable[[], bool]
+"""Polled by an engine between denoising steps; true means nobody waits for the batch."""
+
+
+def key_label(key: BatchKey) -> str:
+    """The batching key as logs and metric labels show it (no user text): `512x512x20x7.5`."""
+    width, height, steps, guidance = key
+    return f"{width}x{height}x{steps}x{guidance:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +75,18 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo: ...
 
-    def warmup(self) -> None: ...
+    def warmup(self) -> Mapping[BatchKey, float] | None:
+        """Runs each warm-up shape once; returns its seconds per key (a batch of one), which
+        seed the scheduler's batch-time model, or None."""
+        ...
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[Image]:
+    def generate(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+    ) -> list[Image]:
         """One image per item, in order; an item's image depends only on that item.
 
-        Raises `errors.EngineOutOfMemory` when the batch does not fit in device memory.
+        Raises `errors.EngineOutOfMemory` when the batch does not fit in device memory, and
+        `errors.Interrupted` between two denoising steps once `should_stop()` is true.
         """
         ...
 

@@ -16,7 +16,8 @@ from functools import lru_cache
 
 from PIL import Image
 
-from .protocol import EngineInfo, GenerationItem, StepState, Switch
+from ..errors import Interrupted
+from .protocol import EngineInfo, GenerationItem, StepState, StopCheck, Switch
 
 
 @lru_cache(maxsize=16)
@@ -63,14 +64,23 @@ class SimEngine:
         )
 
     def warmup(self) -> None:
-        return None
+        return None  # nothing to warm; the batch-time model learns from the first batches
 
     def _step_ms(self, n: int) -> float:
         return self.step_ms + self.step_per_image_ms * n
 
-    def generate(self, items: Sequence[GenerationItem]) -> list[Image.Image]:
-        n, steps = len(items), items[0].inference_steps
-        _sleep_ms(self.base_ms + self.per_image_ms * n + steps * self._step_ms(n))
+    def generate(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+    ) -> list[Image.Image]:
+        """Sleeps its batch time in one slice per denoising step (the per-batch time spread
+        over the steps, plus the step model's time), checking `should_stop` after each, as the
+        diffusers engine does."""
+        n, steps = len(items), max(1, items[0].inference_steps)
+        slice_ms = (self.base_ms + self.per_image_ms * n) / steps + self._step_ms(n)
+        for step in range(steps):
+            _sleep_ms(slice_ms)
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped after step {step + 1} of {steps}")
         return [_fixed_image(i.width, i.height) for i in items]
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..encode import MEDIA_TYPES
-from ..errors import BatchServeError, Draining, GenerationFailed, NotFound, NotReady, QueueFull
+from ..errors import (
+    BatchServeError,
+    Draining,
+    GenerationFailed,
+    NotFound,
+    NotReady,
+    Overloaded,
+    QueueFull,
+)
 from ..schema import T2IRequest
 from .protocol import BackendUnavailable, Delivery
 from .record import JobError, JobResult, Status, TransitionRefused
@@ -146,9 +154,12 @@ class JobRunner:
                 "invalid_request", "the stored request does not fit this server version"))
             return
         try:
-            held.future = self.service.submit(req, record.format)
-        except (Draining, NotReady, QueueFull):
+            held.future = self.service.submit(req, record.format, online=False)
+        except (Draining, NotReady, QueueFull, Overloaded):  # not now: another time or worker
             await self.queue.release(d)
+            return
+        except BatchServeError as exc:  # its timeout_s cannot be met here at all
+            await self._end(d, Status.FAILED, error=JobError(exc.code, exc.message))
             return
         try:
             await jobs.transition(d.job_id, Status.RUNNING, started_at=jobs.now(),

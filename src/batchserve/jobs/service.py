@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import re
 import time
@@ -109,7 +108,7 @@ class JobService:
         self.service.check_accepting_jobs()
         record = JobRecord(
             id=new_job_id(), status=Status.QUEUED, created_at=self._clock(),
-            request=dataclasses.asdict(req), format=fmt, owner=owner, webhook=webhook,
+            request=req.fields(), format=fmt, owner=owner, webhook=webhook,
             priority=req.priority, extra={"base_url": base_url.rstrip("/")},
         )
         with backend_errors():
