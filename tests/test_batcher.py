@@ -203,7 +203,7 @@ def test_low_priority_key_does_not_starve(clock: FakeClock) -> None:
             h.submit("hot", 2 * i + 1, priority=10)
             await h.advance(1.0)
             runner.release.set()
-            await _until(lambda: not b._inflight or low.done())
+            await _until(lambda: not b.queue.inflight or low.done())
             for _ in range(3):
                 await asyncio.sleep(0)
             runner.release = asyncio.Event()

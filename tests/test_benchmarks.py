@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import report
+from benchmarks import openloop, report
 from benchmarks.serve import Load, batchserve_cmd, percentile, server, summarize, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +236,30 @@ def test_runner_quick_smoke(tmp_path: Path) -> None:
     for name in ("bench.csv", "bench.md", "sim_gpu.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "sim_gpu.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_poisson_schedule_is_bounded_in_count_and_time() -> None:
+    times = openloop.schedule(rate=50.0, count=10_000, duration_s=20.0, seed=3)
+    assert times == sorted(times) and times[-1] <= 20.0
+    assert 900 <= len(times) <= 1100  # about rate x duration
+    assert len(openloop.schedule(rate=50.0, count=7, duration_s=20.0, seed=3)) == 7
+    # A100 replay: 8 images of 20 steps in 20 x (25 + 8 x 15) ms
+    assert openloop.capacity("one-key", 25.0, 15.0) == pytest.approx(8 / 2.9)
+
+
+def test_openloop_quick_smoke(tmp_path: Path) -> None:
+    """The open-loop run end to end: three sim servers, one schedule, every output file."""
+    cmd = [sys.executable, "-m", "benchmarks.openloop", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "openloop.json").read_text())
+    (point,) = results["points"]
+    assert set(point["policies"]) == {"deadline", "eager", "continuous"}
+    for figures in point["policies"].values():
+        assert figures["failures"] == 0 and figures["measured"] > 0
+    assert "continuous p50 / deadline p50" in (tmp_path / "openloop.md").read_text()
+    assert (tmp_path / "openloop.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_runner_goodput_smoke(tmp_path: Path) -> None:

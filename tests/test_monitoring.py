@@ -46,6 +46,8 @@ APP_METRICS = {
     "batchserve_gpu_memory_allocated_bytes",
     "batchserve_gpu_memory_reserved_bytes",
     "batchserve_ready",
+    "batchserve_step_batch_size",
+    "batchserve_active_items",
     "batchserve_jobs_total",
     "batchserve_jobs_waiting",
     "batchserve_job_duration_seconds",

@@ -220,7 +220,8 @@ async def test_counters_add_up_under_a_mix_of_outcomes(monkeypatch: pytest.Monke
         await asyncio.wait_for(mid_batch_leaver.task, 5)
         hold.set()
         await _until(lambda: counter(app, "cancelled") == 2)
-        await _until(lambda: app.service.batcher.depth == 0 and not app.service.batcher._inflight)
+        batcher = app.service.batcher
+        await _until(lambda: batcher.depth == 0 and not batcher.queue.inflight)
         admitted = app.metric("batchserve_requests_admitted_total")
         outcomes = {"images": counter(app), "failed": counter(app, "failed"),
                     "timeout": counter(app, "timeout"), "cancelled": counter(app, "cancelled")}

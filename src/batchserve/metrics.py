@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 log = logging.getLogger("batchserve.metrics")
 P = ParamSpec("P")
 
-TRIGGERS = ("full", "timeout", "drain")
+TRIGGERS = ("full", "timeout", "drain", "join")
 REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed", "drained",
                   "overloaded", "deadline")
 WASTE_REASONS = ("cancelled", "timeout", "drain")
@@ -64,6 +64,14 @@ class Metrics:
         )
         self._batches = Counter(
             "batchserve_batches", "Batches started, by flush trigger", ["trigger"], registry=r
+        )
+        self._step_size = Histogram(
+            "batchserve_step_batch_size", "Items sharing one UNet step (continuous policy)",
+            buckets=_size_buckets(max_batch_size), registry=r,
+        )
+        self._active = Gauge(
+            "batchserve_active_items", "Items in the running step batch (continuous policy)",
+            registry=r,
         )
         self._admitted = Counter(
             "batchserve_requests_admitted", "Requests queued; each ends as one image or one "
@@ -158,6 +166,14 @@ class Metrics:
     @_never_raise
     def size_limit(self, key: str, limit: int) -> None:
         self._size_limit.labels(key).set(limit)
+
+    @_never_raise
+    def step(self, size: int) -> None:
+        self._step_size.observe(size)
+
+    @_never_raise
+    def active_items(self, count: int) -> None:
+        self._active.set(count)
 
     @_never_raise
     def rejected(self, reason: str) -> None:

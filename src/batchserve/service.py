@@ -12,13 +12,13 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__
 from .adaptive import Adaptive
 from .batcher import Batcher, Outcome
 from .encode import encode
-from .engines import Engine, GenerationItem, load_engine
+from .engines import Engine, GenerationItem, StepState, load_engine, step_engine
 from .errors import (
     BatchServeError,
     Draining,
@@ -33,9 +33,11 @@ from .jobs.service import JobService
 from .jobs.webhooks import WebhookSender
 from .logs import KNOWN_PROMPTS
 from .metrics import Metrics
+from .request_queue import QueueLoop
 from .samplers import SAMPLERS
 from .schema import Limits
 from .settings import Settings, SettingsError
+from .stepper import StepBatcher
 from .watchdog import Watchdog
 from .worker import Worker
 
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from .schema import T2IRequest
 
 log = logging.getLogger("batchserve")
+T = TypeVar("T")
 EngineFactory = Callable[[Settings], Engine]
 
 DEMO_WARNING = (
@@ -86,20 +89,20 @@ class Service:
         self.worker = Worker("batchserve-engine")
         self.watchdog = Watchdog(factor=settings.watchdog_factor, min_s=settings.watchdog_min_s)
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
+        self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
         self.adaptive = Adaptive(
             max_batch_size=settings.max_batch_size, enabled=settings.adaptive_batch == "on",
             label=shape_label, hooks=self.metrics,
         )
-        self.batcher: Batcher[Job, asyncio.Future[bytes]] = Batcher(
-            self._run_batch,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=wait_s,
-            max_queue=settings.max_queue,
-            aging_s=settings.priority_aging_s,
-            hooks=self.metrics,
-            adaptive=self.adaptive,
-            key_label=shape_label,
+        options: dict[str, Any] = {
+            "max_batch_size": settings.max_batch_size, "max_wait_s": wait_s,
+            "max_queue": settings.max_queue, "aging_s": settings.priority_aging_s,
+            "hooks": self.metrics, "key_label": shape_label,
+        }
+        self.batcher: QueueLoop[Job, asyncio.Future[bytes]] = (
+            StepBatcher(EngineSteps(self), **options) if self.continuous
+            else Batcher(self._run_batch, adaptive=self.adaptive, **options)
         )
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
             webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts())
@@ -142,6 +145,12 @@ class Service:
                          switch.detail)
             if info.demo and settings.model == "tiny":
                 log.warning(DEMO_WARNING)
+            if self.continuous and step_engine(engine) is None:
+                raise SettingsError(
+                    f"--flush-policy=continuous: the engine of --model={settings.model} has no "
+                    "step-wise interface (prepare/step/finish); use --flush-policy=deadline "
+                    "or eager"
+                )
             warmup_started = time.monotonic()
             timings = await self.worker.run(engine.warmup)
             # The first prediction the watchdog bounds batches by (lenient: it includes the
@@ -282,8 +291,10 @@ class Service:
         else:
             self.check_admitting()
         job = Job(request.item(), fmt)
+        # Under `continuous` items of any steps and guidance share steps: the key is the shape.
+        key = (request.width, request.height) if self.continuous else request.key
         future = self.batcher.submit(
-            job, key=request.key, priority=request.priority, timeout_s=request.timeout_s,
+            job, key=key, priority=request.priority, timeout_s=request.timeout_s,
             explicit_timeout=request.timeout_given or not online,
         )
         job.outcome = future
@@ -385,7 +396,8 @@ class Service:
             },
             "engine": self.engine.info().to_dict() if self.engine else None,
             "batching": {
-                "key": ["width", "height", "inference_steps", "guidance_scale", "sampler"],
+                "key": ["width", "height"] if self.continuous else
+                       ["width", "height", "inference_steps", "guidance_scale", "sampler"],
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
                 "flush_policy": s.flush_policy,
@@ -421,6 +433,46 @@ class Service:
                 "metrics": bool(s.api_key and s.protect_metrics),
             },
         }
+
+
+class EngineSteps:
+    """The engine's step-wise interface for `StepBatcher`: on the one engine thread, each call
+    bounded by the watchdog like a whole batch (a step's work is its items' pixels)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def _engine(self) -> Any:
+        engine = step_engine(self.service.engine)
+        if engine is None:  # cannot happen: loading refuses such an engine under this policy
+            raise RuntimeError("engine has no step-wise interface")
+        return engine
+
+    async def _guarded(self, call: Callable[[], T], work: float) -> T:
+        service = self.service
+        try:
+            return await service.watchdog.guard(service.worker.run(call), work)
+        except EngineHung as exc:
+            service._engine_hung(exc)
+            raise
+
+    async def prepare(self, jobs: list[Job]) -> list[StepState]:
+        states: list[StepState] = await self._guarded(
+            partial(self._engine().prepare, [j.item for j in jobs]), 0)
+        return states
+
+    async def step(self, states: list[StepState]) -> None:
+        work = sum(s.item.width * s.item.height for s in states)
+        await self._guarded(partial(self._engine().step, states), work)
+
+    async def finish(self, pairs: list[tuple[Job, StepState]]) -> list[asyncio.Future[bytes]]:
+        engine = self._engine()
+        images = await self._guarded(partial(engine.finish, [s for _, s in pairs]), 0)
+        self.service.metrics.gpu_memory(engine.memory_bytes())
+        return self.service._encode_all(images, [j for j, _ in pairs])
+
+    def done(self, state: StepState) -> bool:
+        return state.done
 
 
 @dataclass(eq=False, slots=True)

@@ -83,8 +83,9 @@ class Settings:
     max_wait_ms: float = _opt(500.0, "flush a group when its oldest request waited this long")
     flush_policy: str = _opt(
         "deadline",
-        "deadline: wait up to max-wait-ms to fill a batch; eager: run at once when idle",
-        choices=("deadline", "eager"),
+        "deadline: wait up to max-wait-ms to fill a batch; eager: run at once when idle; "
+        "continuous: requests join and leave a running batch between denoising steps",
+        choices=("deadline", "eager", "continuous"),
     )
     priority_aging_s: float = _opt(
         5.0, "a queued request gains +1 priority per this many seconds (no starvation)"
@@ -126,6 +127,10 @@ class Settings:
     png_compress_level: int = _opt(1, "PNG zlib level 0-9 (1: fast, images barely shrink more)")
     sim_base_ms: float = _opt(0.0, "--model sim only: a batch of n sleeps base + n*per_image ms")
     sim_per_image_ms: float = _opt(0.0, "--model sim only: per-image engine time in ms")
+    sim_step_ms: float = _opt(
+        0.0, "--model sim only: one denoising step of n images sleeps step + n*step_per_image ms"
+    )
+    sim_step_per_image_ms: float = _opt(0.0, "--model sim only: per-image time of one step in ms")
     role: str = _opt(
         "all",
         "all: accept HTTP and generate; api: accept and serve jobs, no model; "
@@ -337,6 +342,15 @@ def _check_choices(s: Settings) -> None:
             )
 
 
+def _check_sim_steps(s: Settings) -> None:
+    # The per-batch flags time whole batches only; a step-wise replay must say what a step costs.
+    if s.flush_policy == "continuous" and s.model == "sim" and (s.sim_base_ms or
+                                                                s.sim_per_image_ms):
+        raise SettingsError(
+            "--flush-policy=continuous with --model=sim runs step by step: time it with "
+            "--sim-step-ms/--sim-step-per-image-ms (--sim-base-ms/--sim-per-image-ms time "
+            "whole batches only)"
+        )
 def _check_lora(s: Settings) -> None:
     if s.lora is not None and not s.lora_specs():  # parsing also checks every scale
         raise SettingsError(f"--lora={s.lora!r}: names no file (PATH[:SCALE], comma separated)")
@@ -357,6 +371,7 @@ def _check_warmup(s: Settings) -> None:
 _CHECKS: list[Callable[[Settings], None]] = [
     _check_choices,
     _check_warmup,
+    _check_sim_steps,
     _check_lora,
     _rule("port", lambda v: 0 <= v <= 65535, "must be 0..65535"),
     _rule("clip_skip", lambda v: 1 <= v <= 24, "must be 1..24 (1 = last layer)"),
@@ -378,6 +393,8 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _rule("png_compress_level", lambda v: 0 <= v <= 9, "must be 0..9"),
     _rule("sim_base_ms", lambda v: v >= 0, "must be >= 0"),
     _rule("sim_per_image_ms", lambda v: v >= 0, "must be >= 0"),
+    _rule("sim_step_ms", lambda v: v >= 0, "must be >= 0"),
+    _rule("sim_step_per_image_ms", lambda v: v >= 0, "must be >= 0"),
     _check_queue,
     _check_results,
     _check_roles,

@@ -276,10 +276,10 @@ class Gateway:
         """Queues every image of one client request, or none: when one is refused (queue full,
         draining) the ones already queued are cancelled, so nothing runs for an answer nobody
         gets. They all enter the batcher at once, so they can share a batch."""
-        batcher = self.service.batcher
-        if len(requests) > 1 and batcher.depth + len(requests) > batcher.max_queue:
+        batcher, limit = self.service.batcher, self.service.settings.max_queue
+        if len(requests) > 1 and batcher.depth + len(requests) > limit:
             raise self.rejecting(QueueFull(
-                f"queue is full ({batcher.max_queue} requests waiting; this request needs "
+                f"queue is full ({limit} requests waiting; this request needs "
                 f"{len(requests)} places)", retry_after_s=batcher.retry_after_s(),
             ))
         futures: list[asyncio.Future[Outcome[asyncio.Future[bytes]]]] = []

@@ -7,13 +7,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .protocol import BatchKey, Engine, EngineInfo, GenerationItem, StopCheck, Switch, key_label
+from .protocol import (
+    BatchKey,
+    Engine,
+    EngineInfo,
+    GenerationItem,
+    StepEngine,
+    StepState,
+    StopCheck,
+    Switch,
+    key_label,
+    step_engine,
+)
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StopCheck", "Switch",
-           "key_label", "load_engine"]
+__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StepEngine", "StepState",
+           "StopCheck", "Switch", "key_label", "load_engine", "step_engine"]
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -21,7 +32,9 @@ def load_engine(settings: Settings) -> Engine:
     if settings.model == "sim":
         from .sim import SimEngine
 
-        return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms)
+        return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms,
+                         step_ms=settings.sim_step_ms,
+                         step_per_image_ms=settings.sim_step_per_image_ms)
     from .diffusion import DiffusionEngine
 
     return DiffusionEngine.load(settings)

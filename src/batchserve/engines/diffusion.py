@@ -24,7 +24,8 @@ from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
 from . import checkpoints
 from .prompts import PromptEncoder
-from .protocol import BatchKey, EngineInfo, GenerationItem, StopCheck, Switch
+from .protocol import BatchKey, EngineInfo, GenerationItem, StepState, StopCheck, Switch
+from .stepwise import StepwiseDiffusion
 
 log = logging.getLogger("batchserve.engine")
 
@@ -171,6 +172,7 @@ class DiffusionEngine:
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
         self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.prompts)
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
@@ -261,6 +263,23 @@ class DiffusionEngine:
         del generators
         self._free_cache()
         raise EngineOutOfMemory(message)
+
+    # -- the step-wise interface (`--flush-policy continuous`) ----------------------------
+
+    def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
+        return self._steps.prepare(items)
+
+    def step(self, states: Sequence[StepState]) -> None:
+        self._steps.step(states)
+
+    def finish(self, states: Sequence[StepState]) -> list[Image]:
+        return self._steps.finish(states)
+
+    def _scheduler_for(self, item: GenerationItem) -> Any:
+        """A fresh scheduler per item: its own sampler (the request's, else --scheduler), built
+        from the checkpoint's config like a whole batch's."""
+        config = self.scheduler_config or self.pipe.scheduler.config
+        return make_scheduler(item.sampler or self.settings.scheduler, config)
 
     def memory_bytes(self) -> tuple[int, int] | None:
         """(peak allocated during the last batch, reserved now); None off CUDA."""

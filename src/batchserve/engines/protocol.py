@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -99,3 +99,47 @@ class Engine(Protocol):
         """(peak allocated during the last batch, reserved) device memory, or None where there
         is no GPU. The peak, not the memory held between batches, is what sizes a batch."""
         ...
+
+
+class StepState(Protocol):
+    """One prepared item inside a step-wise engine: its own latents, scheduler and generator."""
+
+    @property
+    def item(self) -> GenerationItem: ...
+
+    @property
+    def done(self) -> bool:
+        """True once every denoising step of its schedule has run."""
+        ...
+
+
+@runtime_checkable
+class StepEngine(Protocol):
+    """Optional, beside `Engine.generate`: denoising one UNet step at a time, so items can join
+    and leave a running batch between steps (`--flush-policy continuous`). Called from the same
+    single worker thread as `generate`.
+
+    An item's image must equal what `generate([item])` makes (uint8, +-1 on CPU float32),
+    whichever items shared its steps and whenever it joined.
+    """
+
+    def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
+        """Text embeddings, initial latents from the item's own seed, its own scheduler."""
+        ...
+
+    def step(self, states: Sequence[StepState]) -> None:
+        """One denoising step for every state (all of one width x height, none done), in one
+        forward pass whatever their steps, guidance or position in their schedules.
+
+        Raises `errors.EngineOutOfMemory` without changing any state when they do not fit.
+        """
+        ...
+
+    def finish(self, states: Sequence[StepState]) -> list[Image]:
+        """Decodes done states (one batch), one image per state, in order."""
+        ...
+
+
+def step_engine(engine: object) -> StepEngine | None:
+    """`engine` as a `StepEngine` when it offers the step-wise interface, else None."""
+    return engine if isinstance(engine, StepEngine) else None

@@ -1,19 +1,23 @@
-"""`--model sim`: a benchmark-only engine whose batch of n sleeps base + n*per_image ms.
+"""`--model sim`: a benchmark-only engine that sleeps like a GPU and draws a flat grey image.
 
-It uses no CPU while "generating", so the serving path can be measured alone (base = per_image = 0
-is a null engine) or a GPU's timing can be replayed on a machine without one.
+Two cost models, which add up: per batch (a batch of n sleeps base + n*per_image ms) and per
+denoising step (one step of n items sleeps step + n*step_per_image ms, so a static batch of s
+steps sleeps s times that). The step model is also offered step-wise (`StepEngine`), so the
+`continuous` policy can replay a GPU's timing. It uses no CPU while "generating", so the serving
+path can be measured alone (all zero is a null engine).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from PIL import Image
 
 from ..errors import Interrupted
-from .protocol import EngineInfo, GenerationItem, StopCheck, Switch
+from .protocol import EngineInfo, GenerationItem, StepState, StopCheck, Switch
 
 
 @lru_cache(maxsize=16)
@@ -21,10 +25,28 @@ def _fixed_image(width: int, height: int) -> Image.Image:
     return Image.new("RGB", (width, height), (127, 127, 127))
 
 
+def _sleep_ms(ms: float) -> None:
+    if ms > 0:
+        time.sleep(ms / 1000.0)
+
+
+@dataclass(eq=False, slots=True)
+class SimState:
+    item: GenerationItem
+    remaining: int
+
+    @property
+    def done(self) -> bool:
+        return self.remaining <= 0
+
+
 class SimEngine:
-    def __init__(self, *, base_ms: float, per_image_ms: float) -> None:
+    def __init__(self, *, base_ms: float, per_image_ms: float, step_ms: float = 0.0,
+                 step_per_image_ms: float = 0.0) -> None:
         self.base_ms = base_ms
         self.per_image_ms = per_image_ms
+        self.step_ms = step_ms
+        self.step_per_image_ms = step_per_image_ms
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -35,26 +57,44 @@ class SimEngine:
             scheduler="none",
             demo=True,
             tuning=(
-                Switch("simulated", True, f"{self.base_ms} ms + {self.per_image_ms} ms/image"),
+                Switch("simulated", True, f"{self.base_ms} ms + {self.per_image_ms} ms/image"
+                       f" per batch; {self.step_ms} ms + {self.step_per_image_ms} ms/image"
+                       " per step"),
             ),
         )
 
     def warmup(self) -> None:
         return None  # nothing to warm; the batch-time model learns from the first batches
 
+    def _step_ms(self, n: int) -> float:
+        return self.step_ms + self.step_per_image_ms * n
+
     def generate(
         self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
     ) -> list[Image.Image]:
-        """Sleeps its batch time in one slice per denoising step, checking `should_stop`
-        after each, as the diffusers engine does."""
-        steps = max(1, items[0].inference_steps)
-        step_s = (self.base_ms + self.per_image_ms * len(items)) / 1000.0 / steps
+        """Sleeps its batch time in one slice per denoising step (the per-batch time spread
+        over the steps, plus the step model's time), checking `should_stop` after each, as the
+        diffusers engine does."""
+        n, steps = len(items), max(1, items[0].inference_steps)
+        slice_ms = (self.base_ms + self.per_image_ms * n) / steps + self._step_ms(n)
         for step in range(steps):
-            if step_s > 0:
-                time.sleep(step_s)
+            _sleep_ms(slice_ms)
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after step {step + 1} of {steps}")
         return [_fixed_image(i.width, i.height) for i in items]
+
+    def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
+        return [SimState(item, item.inference_steps) for item in items]
+
+    def step(self, states: Sequence[StepState]) -> None:
+        _sleep_ms(self._step_ms(len(states)))
+        for state in states:
+            if isinstance(state, SimState):
+                state.remaining -= 1
+
+    def finish(self, states: Sequence[StepState]) -> list[Image.Image]:
+        return [_fixed_image(s.item.width, s.item.height) for s in states
+                if isinstance(s, SimState)]
 
     def memory_bytes(self) -> tuple[int, int] | None:
         return None

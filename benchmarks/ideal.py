@@ -1,0 +1,93 @@
+"""`python -m benchmarks.ideal`: an ideal event model of the three flush policies (no serving
+overhead) under the open-loop benchmark's step-cost model, as the reference for its figures.
+
+A step of n items costs `step + n * per_image` ms; a whole batch of n items and s steps costs s
+times that. `continuous`: at every step boundary queued items join (FIFO) up to 8, done items
+leave. `deadline` / `eager`: a key's group is due when it holds 8 or its oldest waited
+`max_wait` (0 for eager); the engine takes the due group with the oldest item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+
+from benchmarks.openloop import MIXES, capacity
+from benchmarks.serve import percentile
+
+Arrival = tuple[float, tuple[int, float]]
+
+
+def arrivals(rate: float, keys: Sequence[tuple[int, float]], n: int, seed: int) -> list[Arrival]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append((t, rng.choice(list(keys))))
+    return out
+
+
+def continuous(arr: list[Arrival], step: float, per: float, cap: int = 8) -> list[float]:
+    now, i, queue, active, lat = 0.0, 0, list[Arrival](), list[list[float]](), []
+    while i < len(arr) or queue or active:
+        while i < len(arr) and arr[i][0] <= now:
+            queue.append(arr[i])
+            i += 1
+        while queue and len(active) < cap:
+            at, (steps, _) = queue.pop(0)
+            active.append([at, float(steps)])
+        if not active:
+            now = arr[i][0]
+            continue
+        now += (step + per * len(active)) / 1000
+        for item in active:
+            item[1] -= 1
+        lat += [now - a for a, left in active if left <= 0]
+        active = [x for x in active if x[1] > 0]
+    return lat
+
+
+def whole(arr: list[Arrival], step: float, per: float, wait: float, cap: int = 8) -> list[float]:
+    now, i, lat = 0.0, 0, list[float]()
+    groups: dict[tuple[int, float], list[float]] = {}
+    while i < len(arr) or any(groups.values()):
+        while i < len(arr) and arr[i][0] <= now:
+            groups.setdefault(arr[i][1], []).append(arr[i][0])
+            i += 1
+        due = [(g[0], k) for k, g in groups.items()
+               if g and (len(g) >= cap or now - g[0] >= wait - 1e-9)]
+        if not due:
+            nxt = [g[0] + wait for g in groups.values() if g]
+            now = min([*nxt, *([arr[i][0]] if i < len(arr) else [])])
+            continue
+        _, key = min(due)
+        batch, groups[key] = groups[key][:cap], groups[key][cap:]
+        now += key[0] * (step + per * len(batch)) / 1000
+        lat += [now - a for a in batch]
+    return lat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ideal", description=__doc__)
+    p.add_argument("--step-ms", type=float, default=25.0)
+    p.add_argument("--step-per-image-ms", type=float, default=15.0)
+    p.add_argument("--loads", default="0.3,0.6,0.9")
+    p.add_argument("--arrivals", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=1)
+    opts = p.parse_args()
+    step, per = opts.step_ms, opts.step_per_image_ms
+    for mix in MIXES:
+        for load in map(float, opts.loads.split(",")):
+            arr = arrivals(load * capacity(mix, step, per), MIXES[mix], opts.arrivals, opts.seed)
+            runs = {"deadline": whole(arr, step, per, 0.5), "eager": whole(arr, step, per, 0.0),
+                    "continuous": continuous(arr, step, per)}
+            q = {k: (percentile(v, 0.5), percentile(v, 0.95)) for k, v in runs.items()}
+            line = "  ".join(f"{k} p50 {a:.2f} p95 {b:.2f} s" for k, (a, b) in q.items())
+            c, d, e = q["continuous"], q["deadline"], q["eager"]
+            print(f"{mix:8s} {load:.0%}: {line}  | c/d p50 {c[0] / d[0]:.2f} c/e p50 "
+                  f"{c[0] / e[0]:.2f} c/d p95 {c[1] / d[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""`python -m benchmarks.openloop`: the three flush policies under open-loop Poisson arrivals.
+
+Arrivals never wait for completions (Locust is closed-loop: its users wait for their answer, so
+a slow server also slows its own load). Here each request is sent at its scheduled time by its
+own asyncio task over httpx, from one seeded Poisson schedule that every policy receives
+identically. Traffic goes to 127.0.0.1 only; each point is bounded by a request count and a
+duration.
+
+One run: for each traffic mix ((a) one key; (b) steps 20/30 and guidance 7/7.5, one size) and
+each load (a fraction of the engine's batch-8 capacity), the same schedule is fired at three
+servers at once, `deadline`, `eager` and `continuous`, all `--model sim` replaying a GPU's step
+cost (`--sim-step-ms` + n x `--sim-step-per-image-ms` per step of n items). `--model tiny` runs
+the real tiny model on CPU instead (then the servers run one after another: they share the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.serve import ROOT, batchserve_cmd, percentile, server
+
+POLICIES = ("deadline", "eager", "continuous")
+MIXES: dict[str, list[tuple[int, float]]] = {  # (steps, guidance), drawn uniformly
+    "one-key": [(20, 7.5)],
+    "mixed": [(20, 7.0), (20, 7.5), (30, 7.0), (30, 7.5)],
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    mix: str
+    load: float  # fraction of batch-8 capacity
+    rate: float  # requests per second offered
+
+
+def capacity(mix: str, step_ms: float, per_image_ms: float, batch: int = 8) -> float:
+    """Images per second of full batches of `batch` at the mix's mean step count."""
+    steps = sum(s for s, _ in MIXES[mix]) / len(MIXES[mix])
+    return batch / (steps * (step_ms + batch * per_image_ms) / 1000.0)
+
+
+def schedule(rate: float, count: int, duration_s: float, seed: int) -> list[float]:
+    """Poisson arrival offsets (exponential gaps) in seconds: at most `count`, within
+    `duration_s`."""
+    rng = random.Random(seed)
+    times: list[float] = []
+    t = 0.0
+    while len(times) < count:
+        t += rng.expovariate(rate)
+        if t > duration_s:
+            break
+        times.append(t)
+    return times
+
+
+def bodies(mix: str, n: int, size: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed + 1)
+    out = []
+    for i in range(n):
+        steps, guidance = rng.choice(MIXES[mix])
+        out.append({"prompt": f"open loop {i}", "seed": i, "width": size, "height": size,
+                    "inference_steps": steps, "guidance_scale": guidance})
+    return out
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], at: float,
+               t0: float) -> dict[str, Any]:
+    await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+    start = time.perf_counter()
+    try:
+        resp = await client.post(url + "/t2i", json=body)
+        status, headers = resp.status_code, resp.headers
+    except httpx.HTTPError as exc:
+        status, headers = 0, httpx.Headers({"x-error": type(exc).__name__})
+    end = time.perf_counter()
+    return {"start": start - t0, "end": end - t0, "status": status, "ok": status == 200,
+            "steps": body["inference_steps"],
+            "batch_size": int(headers.get("x-batch-size", 0)),
+            "queue_ms": float(headers.get("x-queue-ms", 0)),
+            "inference_ms": float(headers.get("x-inference-ms", 0))}
+
+
+async def fire(url: str, payloads: Sequence[dict[str, Any]], times: Sequence[float],
+               timeout_s: float) -> list[dict[str, Any]]:
+    """Sends payloads[i] at times[i] after now, whatever is still outstanding."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t0 = time.perf_counter()
+        return list(await asyncio.gather(*(
+            _one(client, url, b, at, t0) for b, at in zip(payloads, times, strict=False))))
+
+
+def figures(records: Sequence[dict[str, Any]], warm_s: float) -> dict[str, Any]:
+    measured = [r for r in records if r["start"] >= warm_s]
+    ok = [r for r in measured if r["ok"]]
+    lat = [(r["end"] - r["start"]) * 1000 for r in ok]
+    done = [r for r in records if r["ok"]]
+    span = (max(r["end"] for r in done) - min(r["start"] for r in records)) if done else 0.0
+    return {
+        "requests": len(records), "failures": sum(not r["ok"] for r in records),
+        "measured": len(ok),
+        "p50_ms": round(percentile(lat, 0.5), 1), "p95_ms": round(percentile(lat, 0.95), 1),
+        "images_per_s": round(len(done) / span, 3) if span > 0 else 0.0,
+        "mean_batch_size": round(sum(r["batch_size"] for r in ok) / len(ok), 2) if ok else 0.0,
+    }
+
+
+def server_args(opts: argparse.Namespace, policy: str) -> list[str]:
+    args = ["--flush-policy", policy, "--max-batch-size", "8", "--max-wait-ms",
+            str(opts.max_wait_ms), "--max-queue", "1024", "--warmup", ""]
+    if opts.model == "sim":
+        return ["--model", "sim", "--sim-step-ms", str(opts.step_ms),
+                "--sim-step-per-image-ms", str(opts.step_per_image_ms), *args]
+    return ["--model", "tiny", *args]
+
+
+async def run_point(urls: dict[str, str], point: Point, opts: argparse.Namespace
+                    ) -> dict[str, dict[str, Any]]:
+    times = schedule(point.rate, opts.max_requests, opts.duration_s, opts.seed)
+    payloads = bodies(point.mix, len(times), opts.size, opts.seed)
+    if opts.model == "sim":  # the GPU is simulated: the three servers can share the CPU
+        runs = await asyncio.gather(*(fire(u, payloads, times, opts.timeout_s)
+                                      for u in urls.values()))
+    else:
+        runs = [await fire(u, payloads, times, opts.timeout_s) for u in urls.values()]
+    return {policy: figures(recs, opts.warm_s) for policy, recs in zip(urls, runs, strict=True)}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.openloop", description=__doc__)
+    p.add_argument("--model", choices=("sim", "tiny"), default="sim")
+    p.add_argument("--step-ms", type=float, default=25.0, help="sim: fixed ms per UNet step")
+    p.add_argument("--step-per-image-ms", type=float, default=15.0,
+                   help="sim: ms per image per step")
+    p.add_argument("--cpu-step-ms", type=float, default=0.0,
+                   help="tiny: measured ms per step (fixed part), to size the loads")
+    p.add_argument("--cpu-step-per-image-ms", type=float, default=0.0,
+                   help="tiny: measured ms per image per step, to size the loads")
+    p.add_argument("--loads", default="0.3,0.6,0.9,1.2")
+    p.add_argument("--mixes", default="one-key,mixed")
+    p.add_argument("--duration-s", type=float, default=60.0)
+    p.add_argument("--max-requests", type=int, default=250)
+    p.add_argument("--warm-s", type=float, default=8.0)
+    p.add_argument("--max-wait-ms", type=float, default=500.0)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "continuous")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.step_ms, opts.step_per_image_ms, opts.loads, opts.mixes = 2.0, 1.0, "0.6", "mixed"
+        opts.duration_s, opts.max_requests, opts.warm_s, opts.size = 2.0, 30, 0.0, 64
+        opts.max_wait_ms = 50.0
+    return opts
+
+
+async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
+    logs = opts.out / "runs"  # server logs, not committed
+    logs.mkdir(parents=True, exist_ok=True)
+    step_ms, per_image_ms = ((opts.step_ms, opts.step_per_image_ms) if opts.model == "sim"
+                             else (opts.cpu_step_ms, opts.cpu_step_per_image_ms))
+    points = [Point(mix, load, load * capacity(mix, step_ms, per_image_ms))
+              for mix in opts.mixes.split(",") for load in map(float, opts.loads.split(","))]
+    results: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        urls = {policy: stack.enter_context(server(
+            batchserve_cmd(server_args(opts, policy)), logs / f"{policy}.log"))
+            for policy in POLICIES}
+        for point in points:
+            started = time.perf_counter()
+            by_policy = await run_point(urls, point, opts)
+            results.append({"mix": point.mix, "load": point.load, "rate": round(point.rate, 3),
+                            "policies": by_policy})
+            line = "  ".join(f"{k}: p50 {v['p50_ms']:.0f} p95 {v['p95_ms']:.0f} "
+                             f"{v['images_per_s']:.2f}/s" for k, v in by_policy.items())
+            print(f"{point.mix:8s} {point.load:.0%} ({point.rate:.2f}/s, "
+                  f"{time.perf_counter() - started:.0f} s)  {line}", flush=True)
+    out = {"settings": {k: str(v) for k, v in vars(opts).items()}, "points": results}
+    (opts.out / "openloop.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    opts = parse_args(argv)
+    out = asyncio.run(main_async(opts))
+    from benchmarks import openloop_report
+
+    openloop_report.write(out, opts.out)
+
+
+if __name__ == "__main__":
+    main()

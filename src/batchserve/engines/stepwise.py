@@ -1,0 +1,189 @@
+"""The step-wise diffusers engine: Stable Diffusion's denoising loop taken apart, one UNet step at
+a time for any set of items of one width x height.
+
+Each item carries what `StableDiffusionPipeline.__call__` keeps for the whole batch: its own
+scheduler instance (from the pipeline's scheduler config, so multistep DPM++ history and Heun's
+second-order state are per item), its own generator (initial latents, then the noise ancestral
+samplers draw in `scheduler.step`), its own timesteps and guidance. One forward pass takes a
+timestep per row; an item with guidance > 1 contributes two rows (unconditional, text), one with
+guidance <= 1 a single row. Every per-item operation mirrors the pipeline's, so an item's image
+equals what the pipeline makes for it alone (up to float rounding of batched kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL.Image import Image
+
+from ..errors import EngineOutOfMemory
+from .prompts import PromptEncoder
+from .protocol import GenerationItem, StepState
+
+SchedulerFactory = Callable[[GenerationItem], Any]
+
+
+@dataclass(eq=False, slots=True)
+class DiffusionState:
+    item: GenerationItem
+    scheduler: Any
+    generator: torch.Generator
+    latents: torch.Tensor
+    rows: list[tuple[torch.Tensor, torch.Tensor | None]]
+    """Its UNet rows' conditioning [1, L, D] and padding mask [L] (None: no padding):
+    (negative, prompt) with guidance, (prompt,) without, as the pipeline orders them."""
+    timesteps: torch.Tensor
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+
+class StepwiseDiffusion:
+    """Prepare / step / finish over a loaded `StableDiffusionPipeline`."""
+
+    def __init__(self, pipe: Any, device: str, scheduler_for: SchedulerFactory,
+                 prompts: PromptEncoder) -> None:
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.scheduler_for = scheduler_for
+        self.prompts = prompts
+
+    def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
+        with torch.inference_mode(), _oom_guard(self):
+            return [self._prepare_one(item, self._encode(item)) for item in items]
+
+    def _encode(self, item: GenerationItem) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The item's rows, encoded alone by the engine's one `PromptEncoder` (long prompts,
+        clip skip, embeddings as in `generate`); padding across items happens per step."""
+        guided = self._guided(item)
+        text = self.prompts.encode([item.prompt], [item.negative_prompt], guidance=guided)
+        mask = text.attention_mask  # [2, L] negatives first, or [1, L]; None when unpadded
+        if text.negative_embeds is None:
+            return [(text.prompt_embeds, None if mask is None else mask[0])]
+        return [(text.negative_embeds, None if mask is None else mask[0]),
+                (text.prompt_embeds, None if mask is None else mask[1])]
+
+    def _guided(self, item: GenerationItem) -> bool:
+        # the pipeline's `do_classifier_free_guidance`
+        return item.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+    def _prepare_one(
+        self, item: GenerationItem, rows: list[tuple[torch.Tensor, torch.Tensor | None]]
+    ) -> DiffusionState:
+        pipe = self.pipe
+        scheduler = self.scheduler_for(item)
+        scheduler.set_timesteps(item.inference_steps, device=self.device)
+        generator = torch.Generator(self.device.type).manual_seed(item.seed)
+        shape = (1, pipe.unet.config.in_channels, item.height // pipe.vae_scale_factor,
+                 item.width // pipe.vae_scale_factor)
+        dtype = rows[0][0].dtype
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        params = inspect.signature(scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = 0.0
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return DiffusionState(
+            item=item, scheduler=scheduler, generator=generator,
+            latents=latents * scheduler.init_noise_sigma, rows=rows,
+            timesteps=scheduler.timesteps, step_kwargs=kwargs,
+        )
+
+    def step(self, states: Sequence[StepState]) -> None:
+        active = [_state(s) for s in states]
+        with torch.inference_mode(), _oom_guard(self):
+            noise = self._predict(active)
+        # Only after the forward pass succeeded: an OOM above leaves every state unchanged.
+        with torch.inference_mode():
+            for state, pred in zip(active, noise, strict=True):
+                t = state.timesteps[state.index]
+                state.latents = state.scheduler.step(
+                    pred, t, state.latents, **state.step_kwargs, return_dict=False
+                )[0]
+                state.index += 1
+
+    def _predict(self, states: list[DiffusionState]) -> list[torch.Tensor]:
+        samples, times, rows = [], [], []
+        for state in states:
+            t = state.timesteps[state.index]
+            x = state.scheduler.scale_model_input(state.latents, t)
+            samples += [x] * len(state.rows)
+            times += [t.to(self.device, torch.float32)] * len(state.rows)
+            rows += state.rows
+        embeds, mask = _pad_rows(rows)
+        kwargs = {} if mask is None else {"encoder_attention_mask": mask}
+        out = self.pipe.unet(
+            torch.cat(samples), torch.stack(times), encoder_hidden_states=embeds,
+            return_dict=False, **kwargs,
+        )[0]
+        preds, row = [], 0
+        for state in states:
+            if len(state.rows) == 1:
+                preds.append(out[row : row + 1])
+            else:
+                uncond, text = out[row : row + 1], out[row + 1 : row + 2]
+                preds.append(uncond + state.item.guidance_scale * (text - uncond))
+            row += len(state.rows)
+        return preds
+
+    def finish(self, states: Sequence[StepState]) -> list[Image]:
+        done = [_state(s) for s in states]
+        pipe = self.pipe
+        with torch.inference_mode(), _oom_guard(self):
+            latents = torch.cat([s.latents for s in done])
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            images: list[Image] = pipe.image_processor.postprocess(
+                image, output_type="pil", do_denormalize=[True] * len(done)
+            )
+        return images
+
+    def free_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _pad_rows(
+    rows: list[tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of different lengths (long prompts in 77-token chunks) padded to the longest and
+    masked, so padded positions get no attention, as `prompts.stack` does for whole batches.
+    The mask is None when no row is padded."""
+    length = max(e.shape[1] for e, _ in rows)
+    embeds, masks = [], []
+    for embed, mask in rows:
+        own = embed.shape[1]
+        if mask is None:
+            mask = torch.ones(own, dtype=torch.bool, device=embed.device)
+        if own < length:
+            embed = torch.cat([embed, embed.new_zeros((1, length - own, embed.shape[2]))], 1)
+            mask = torch.cat([mask, mask.new_zeros(length - own)])
+        embeds.append(embed)
+        masks.append(mask)
+    stacked = torch.stack(masks)
+    return torch.cat(embeds), None if bool(stacked.all()) else stacked
+
+
+def _state(state: StepState) -> DiffusionState:
+    if not isinstance(state, DiffusionState):
+        raise TypeError(f"not a state of this engine: {type(state).__name__}")
+    return state
+
+
+@contextlib.contextmanager
+def _oom_guard(engine: StepwiseDiffusion) -> Iterator[None]:
+    """Turns torch's out-of-memory into the domain error, after freeing the cache."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        engine.free_cache()
+        raise EngineOutOfMemory(str(exc)) from None

@@ -1,0 +1,267 @@
+"""The `continuous` flush policy: items join and leave a running batch between denoising steps.
+
+Like `batcher.Batcher` it is a loop over the one `RequestQueue` (admission, purge, priority with
+aging, drain are the queue's); what differs is the unit of work: one UNet step for the active
+items of one shape (the key), not one whole batch. No HTTP, no torch: the engine is reached
+through an async `StepRunner`.
+
+Between two steps, in this order: cancelled items leave; queued items of the running key join,
+highest aged priority first, up to the active limit; one step runs for all active items; items
+whose schedule is done are decoded together and answered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from .batcher import as_failure
+from .errors import BatchServeError, EngineOutOfMemory, QueueTimeout
+from .request_queue import Clock, Hooks, Outcome, Pending, QueueLoop
+from .retry import Part, run_split
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger("batchserve.stepper")
+
+class StepRunner(Protocol[T, R]):
+    """The engine's step-wise interface as the loop sees it (states are opaque)."""
+
+    async def prepare(self, payloads: list[T]) -> list[Any]: ...
+
+    async def step(self, states: list[Any]) -> None: ...
+
+    async def finish(self, pairs: list[tuple[T, Any]]) -> list[R]:
+        """One result per (payload, done state)."""
+        ...
+
+    def done(self, state: Any) -> bool: ...
+
+
+@dataclass(eq=False, slots=True)
+class Active(Generic[T, R]):
+    """An item in the running batch, with what its response headers report."""
+
+    pending: Pending[T, R]
+    state: Any
+    first_step: float | None = None
+    steps: int = 0
+    shared: int = 0  # sum over its steps of the items in that step
+
+    @property
+    def gone(self) -> bool:
+        return self.pending.future.done()  # cancelled by its client, or failed by a drain
+
+    def outcome(self, result: R, now: float) -> Outcome[R]:
+        first = self.first_step if self.first_step is not None else now
+        mean = round(self.shared / self.steps) if self.steps else 1
+        return Outcome(result, max(1, mean), first - self.pending.enqueued, now - first)
+
+
+class StepBatcher(QueueLoop[T, R]):
+    """Runs the active items of one key a step at a time from the shared `RequestQueue`.
+
+    Guarantees: a step never mixes keys and never holds more than the active limit
+    (`max_batch_size`, lowered by `BatchSizes` after an out-of-memory step); a lone request
+    starts at once; every taken item is answered exactly once. Another key is not starved: once
+    its oldest item has waited `max_wait_s`, the running key stops admitting, and the other key
+    runs as soon as the active items finish (at most `--max-steps` more steps).
+    """
+
+    def __init__(
+        self,
+        runner: StepRunner[T, R],
+        *,
+        max_batch_size: int = 8,
+        max_wait_s: float = 0.5,
+        max_queue: int = 256,
+        aging_s: float = 5.0,
+        clock: Clock = time.monotonic,
+        hooks: Hooks | None = None,
+        key_label: Callable[[Hashable], str] = str,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+                         max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks,
+                         key_label=key_label)
+        self._runner = runner
+        self.active: list[Active[T, R]] = []
+        self.key: Hashable | None = None
+
+    def limit(self, key: Hashable) -> int:
+        """The active limit of `key`: the setting, or less after a step of this key ran out of
+        memory (`BatchSizes` learns it back up as steps at the limit fit)."""
+        return min(self.max_batch_size, self.sizes.limit(key))
+
+    async def run(self) -> None:
+        """Steps until closed and empty. Exceptions inside a step never end it."""
+        queue = self.queue
+        while True:
+            queue.wake.clear()
+            now = self._clock()
+            queue.purge(now)
+            self._expire_active(now)
+            self._drop_gone()
+            if queue.closed and queue.empty():
+                return
+            await self._admit(now)
+            if not self.active:
+                await queue.wait(queue.next_deadline())
+                continue
+            await self._step()
+            await asyncio.sleep(0)  # let clients, cancellations and submissions in
+
+    # -- between steps ---------------------------------------------------------------------
+
+    def _expire_active(self, now: float) -> None:
+        """`timeout_s` bounds queue plus generation: an item past it is answered 504 and leaves
+        at this step boundary, freeing its slot (its work so far is wasted, not finished)."""
+        for item in self.active:
+            if not item.gone and item.pending.deadline <= now:
+                item.pending.future.set_exception(QueueTimeout(
+                    f"not finished {now - item.pending.enqueued:.1f} s after admission, past "
+                    "its timeout_s"))
+                self._hooks.rejected("timeout")
+                self._hooks.wasted("timeout")
+
+    def _drop_gone(self) -> None:
+        gone = [a for a in self.active if a.gone]
+        if not gone:
+            return
+        for item in gone:
+            if item.pending.future.cancelled():
+                self._hooks.rejected("cancelled")
+                self._hooks.wasted("cancelled")
+        self._leave(gone)
+
+    def _leave(self, items: list[Active[T, R]]) -> None:
+        ids = set(map(id, items))
+        self.active = [a for a in self.active if id(a) not in ids]
+        self.queue.release([a.pending for a in items])
+        self._hooks.active_items(len(self.active))
+
+    def _starved(self, now: float) -> bool:
+        """Another key's oldest item waited `max_wait_s`: the running key stops admitting."""
+        return any(k != self.key and now - g.oldest >= self.max_wait_s
+                   for k, g in self.queue.groups.items())
+
+    def _next_key(self, now: float) -> Hashable | None:
+        """When idle: a key that waited `max_wait_s` other than the last one, else the best."""
+        due = self.queue.best(now, lambda g: now - g.oldest >= self.max_wait_s
+                              and g is not self.queue.groups.get(self.key))
+        return due if due is not None else self.queue.best(now)
+
+    async def _admit(self, now: float) -> None:
+        if self.active:
+            if self._starved(now):
+                return
+        else:
+            self.key = self._next_key(now)
+            if self.key is None:
+                return
+        limit = self.limit(self.key)
+        taken = self.queue.take(self.key, limit - len(self.active), now)
+        if not taken:
+            return
+        try:
+            states = await self._runner.prepare([p.payload for p in taken])
+        except Exception as exc:
+            self._failed_to_start(taken, exc, now)
+            return
+        joined = [Active(p, s) for p, s in zip(taken, states, strict=True)]
+        self.active += joined
+        self._hooks.active_items(len(self.active))
+        trigger = ("drain" if self.queue.closed else
+                   "full" if len(self.active) >= limit else "join")
+        self._hooks.batch_started(len(joined), trigger, [now - p.enqueued for p in taken])
+
+    def _failed_to_start(self, taken: list[Pending[T, R]], exc: Exception, now: float) -> None:
+        if isinstance(exc, EngineOutOfMemory) and self.active:
+            self.sizes.out_of_memory(self.key, len(self.active) + len(taken))
+            self.queue.requeue(taken)
+            return
+        self._fail(taken, exc)
+        self.queue.release(taken)
+
+    def _fail(self, items: list[Pending[T, R]], exc: BaseException) -> None:
+        if not isinstance(exc, BatchServeError | EngineOutOfMemory):
+            log.error("step batch of %d failed", len(items), exc_info=exc)
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(as_failure(exc))
+                self._hooks.rejected("failed")
+
+    # -- one step --------------------------------------------------------------------------
+
+    async def _step(self) -> None:
+        active = list(self.active)
+        start = self._clock()
+        for item in active:
+            if item.first_step is None:
+                item.first_step = start
+        try:
+            await self._runner.step([a.state for a in active])
+        except EngineOutOfMemory as exc:
+            self._shrink(active, exc)
+            return
+        except Exception as exc:
+            self._fail([a.pending for a in active], exc)
+            self._leave(active)
+            return
+        self._hooks.step(len(active))
+        self.sizes.fitted(self.key, len(active))
+        for item in active:
+            item.steps += 1
+            item.shared += len(active)
+        done = [a for a in active if self._runner.done(a.state)]
+        if done:
+            await self._finish(done)
+
+    def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory) -> None:
+        """Out of memory: the last joiners go back to the queue (they restart from scratch
+        later) and the key's limit drops (`BatchSizes`); alone, the item fails."""
+        self.sizes.out_of_memory(self.key, len(active))
+        if len(active) == 1:
+            self._fail([active[0].pending], exc)
+            self._leave(active)
+            return
+        keep = min(len(active) - 1, self.limit(self.key))
+        back = active[keep:]
+        log.warning("out of memory at a step of %d; requeueing the %d that joined last",
+                    len(active), len(back))
+        ids = set(map(id, back))
+        self.active = [a for a in self.active if id(a) not in ids]
+        self.queue.requeue([a.pending for a in back])
+        self._hooks.active_items(len(self.active))
+
+    async def _finish(self, done: list[Active[T, R]]) -> None:
+        """Decodes the items whose schedule ended (split in halves on out of memory) and answers
+        each part the moment it is decoded."""
+        images, longest = 0, 0.0
+
+        def deliver(part: Part[R]) -> None:
+            nonlocal images, longest
+            now = self._clock()
+            for n, index in enumerate(part.indices):
+                item = done[index]
+                future = item.pending.future
+                if future.cancelled():
+                    self._hooks.rejected("cancelled")
+                elif future.done():
+                    pass  # already failed by a drain cut-off or fail_all
+                elif part.error is not None or part.results is None:
+                    self._fail([item.pending], part.error or RuntimeError("no result"))
+                else:
+                    outcome = item.outcome(part.results[n], now)
+                    longest = max(longest, outcome.inference_s)
+                    images += 1
+                    future.set_result(outcome)
+                    self.queue.note_service_time(outcome.inference_s, self.limit(self.key))
+
+        await run_split(self._runner.finish, [(a.pending.payload, a.state) for a in done],
+                        deliver, clock=self._clock)
+        self._leave(done)
+        self._hooks.batch_finished(len(done), longest, images)

@@ -1,0 +1,112 @@
+"""`--flush-policy continuous` through the service and HTTP: headers, metrics, refusal for
+engines without the step-wise interface, and a real server's drain and backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from inprocess import in_process
+from test_shutdown import error_code, exit_code, fire, gauge, post, wait_for
+
+from batchserve.service import Service
+from batchserve.settings import Settings, SettingsError
+
+from conftest import running_server
+from fakes import FakeEngine, FakeStepEngine
+
+
+def body(seed: int, steps: int, guidance: float = 7.5) -> dict[str, object]:
+    return {"prompt": "p", "width": 64, "height": 64, "seed": seed, "inference_steps": steps,
+            "guidance_scale": guidance}
+
+
+async def eventually(predicate: object, rounds: int = 2000) -> None:
+    for _ in range(rounds):
+        if predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never became true")
+
+
+async def test_items_with_other_steps_and_guidance_share_steps() -> None:
+    gate = threading.Event()
+    engine = FakeStepEngine(gate=gate)
+    async with in_process(engine, flush_policy="continuous", max_wait_ms=10_000) as app:  # type: ignore[arg-type]
+        first = asyncio.create_task(app.client.post("/t2i", json=body(1, 3, 7.5)))
+        await eventually(engine.started.is_set)  # first's first step is running
+        second = asyncio.create_task(app.client.post("/t2i", json=body(2, 1, 1.0)))
+        await eventually(lambda: app.service.batcher.depth == 1)
+        gate.set()
+        a, b = await asyncio.gather(first, second)
+        assert engine.steps == [[1], [1, 2], [1]]
+        assert (a.status_code, b.status_code) == (200, 200)
+        assert b.headers["x-batch-size"] == "2" and a.headers["x-batch-size"] == "1"
+        assert float(b.headers["x-queue-ms"]) >= 0 and float(b.headers["x-inference-ms"]) >= 0
+        assert engine.batches == []  # never the whole-batch path
+        assert app.metric("batchserve_step_batch_size_count") == 3
+        assert app.metric("batchserve_step_batch_size_sum") == 4
+        assert app.metric("batchserve_active_items") == 0
+        assert app.metric("batchserve_images_total") == 2
+        info = (await app.client.get("/v1/info")).json()
+        assert info["batching"]["key"] == ["width", "height"]
+
+
+async def test_engine_without_step_interface_is_refused_at_start() -> None:
+    settings = Settings(model="fake", warmup="", flush_policy="continuous")
+    service = Service(settings, engine_factory=lambda _: FakeEngine())
+    reasons: list[str] = []
+    service.on_fatal = reasons.append
+    await service.start()
+    try:
+        assert await service.wait_loaded() == Service.FAILED
+        assert "--flush-policy=continuous" in reasons[0]
+        assert "step-wise interface" in reasons[0] and "--model=fake" in reasons[0]
+    finally:
+        await service.stop()
+
+
+def test_sim_per_batch_flags_are_refused_under_continuous() -> None:
+    with pytest.raises(SettingsError, match="--sim-step-ms"):
+        Settings(model="sim", flush_policy="continuous", sim_base_ms=100)
+    Settings(model="sim", flush_policy="continuous", sim_step_ms=25, sim_step_per_image_ms=15)
+
+
+def test_sigterm_drains_running_and_queued_items_then_exits_0(tmp_path: Path) -> None:
+    # 6 requests of 1 step, 2 at a time, 300 ms a step: at least 2 still queued at the signal.
+    with running_server("--model", "sim", "--flush-policy", "continuous", "--sim-step-ms", "300",
+                        "--max-batch-size", "2", tmp_path=tmp_path) as server, \
+            ThreadPoolExecutor(6) as pool:
+        accepted = fire(pool, server, 6)
+        wait_for(server, "two running, work queued", lambda: gauge(
+            server, "batchserve_active_items") == 2 and gauge(
+            server, "batchserve_queue_depth") >= 2)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(server, "/readyz to turn 503", lambda: httpx.get(
+            server.url + "/readyz", timeout=5).status_code == 503)
+        refused = post(server, 99)
+        assert refused.status_code == 503 and error_code(refused) == "draining"
+        assert [f.result(timeout=30).status_code for f in accepted] == [200] * 6
+        assert exit_code(server) == 0
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_queue_overflow_gives_429_under_continuous(tmp_path: Path) -> None:
+    with running_server("--model", "sim", "--flush-policy", "continuous", "--sim-step-ms", "100",
+                        "--max-batch-size", "2", "--max-queue", "3",
+                        tmp_path=tmp_path) as server, ThreadPoolExecutor(16) as pool:
+        responses = [f.result(timeout=60) for f in fire(pool, server, 16)]
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 429}, statuses
+        assert statuses.count(200) >= 4 and statuses.count(429) >= 1
+        for response in responses:
+            if response.status_code == 429:
+                assert error_code(response) == "queue_full"
+                assert int(response.headers["retry-after"]) >= 1
+        server.proc.send_signal(signal.SIGTERM)
+        assert exit_code(server) == 0
