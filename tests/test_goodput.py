@@ -22,10 +22,10 @@ from inprocess import InProcess, call_asgi, in_process
 from PIL import Image
 from test_batcher import FakeClock, HeldRunner, _pending, _until
 
-from batchserve.adaptive import Adaptive
 from batchserve.batcher import Batcher, Outcome
 from batchserve.engines import GenerationItem, StopCheck
 from batchserve.errors import CannotFinish, EngineOutOfMemory, Overloaded, QueueTimeout
+from batchserve.sched.adaptive import Adaptive
 
 from conftest import running_server
 from fakes import FakeEngine, Steps

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchserve.latency import BatchTimeModel
-from batchserve.patience import AimdCap, Patience
+from batchserve.sched.latency import BatchTimeModel
+from batchserve.sched.patience import AimdCap, Patience
 
 
 def test_model_fits_fixed_plus_per_image_cost() -> None:

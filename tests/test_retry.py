@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from batchserve.batchsize import BatchSizes
 from batchserve.errors import BatchServeError, EngineOutOfMemory, GenerationFailed, Interrupted
-from batchserve.retry import Part, run_split
+from batchserve.sched.batchsize import BatchSizes
+from batchserve.sched.retry import Part, run_split
 
 
 class Clock:

@@ -16,7 +16,7 @@ from batchserve.errors import (
     QueueFull,
     QueueTimeout,
 )
-from batchserve.request_queue import NullHooks, Outcome
+from batchserve.sched.request_queue import NullHooks, Outcome
 from batchserve.stepper import StepBatcher
 
 Item = tuple[str, str, int]  # (shape, name, steps)

@@ -13,8 +13,8 @@ import uvicorn
 from inprocess import in_process
 
 from batchserve.errors import EngineHung
+from batchserve.sched.watchdog import Watchdog
 from batchserve.server import Server
-from batchserve.watchdog import Watchdog
 
 from fakes import FakeEngine
 

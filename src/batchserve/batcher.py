@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .adaptive import Adaptive
-from .deadlines import Deadlines, InEngine
 from .errors import (
     BatchServeError,
     CannotFinish,
@@ -26,8 +24,10 @@ from .errors import (
     Interrupted,
     QueueTimeout,
 )
-from .request_queue import Clock, Group, Hooks, NullHooks, Outcome, Pending, QueueLoop
-from .retry import Part, run_split
+from .sched.adaptive import Adaptive
+from .sched.deadlines import Deadlines, InEngine
+from .sched.request_queue import Clock, Group, Hooks, NullHooks, Outcome, Pending, QueueLoop
+from .sched.retry import Part, run_split
 
 __all__ = ["Batcher", "Clock", "Hooks", "NullHooks", "Outcome", "Pending", "as_failure"]
 

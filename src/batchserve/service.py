@@ -15,7 +15,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__
-from .adaptive import Adaptive
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import Engine, GenerationItem, StepState, load_engine, step_engine
@@ -33,12 +32,13 @@ from .jobs.service import JobService
 from .jobs.webhooks import WebhookSender
 from .logs import KNOWN_PROMPTS
 from .metrics import Metrics
-from .request_queue import QueueLoop
 from .samplers import SAMPLERS
+from .sched.adaptive import Adaptive
+from .sched.request_queue import QueueLoop
+from .sched.watchdog import Watchdog
 from .schema import Limits
 from .settings import Settings, SettingsError
 from .stepper import StepBatcher
-from .watchdog import Watchdog
 from .worker import Worker
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from .batcher import as_failure
 from .errors import BatchServeError, EngineOutOfMemory, QueueTimeout
-from .request_queue import Clock, Hooks, Outcome, Pending, QueueLoop
-from .retry import Part, run_split
+from .sched.request_queue import Clock, Hooks, Outcome, Pending, QueueLoop
+from .sched.retry import Part, run_split
 
 T = TypeVar("T")
 R = TypeVar("R")

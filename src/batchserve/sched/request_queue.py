@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Generic, Protocol, TypeVar
 
+from ..errors import BatchServeError, Draining, QueueFull, QueueTimeout
 from .batchsize import BatchSizes
-from .errors import BatchServeError, Draining, QueueFull, QueueTimeout
 
 T = TypeVar("T")
 R = TypeVar("R")

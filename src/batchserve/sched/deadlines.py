@@ -13,8 +13,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from ..errors import CannotFinish, Overloaded
 from .adaptive import Adaptive
-from .errors import CannotFinish, Overloaded
 
 
 class Queued(Protocol):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .errors import EngineHung
+from ..errors import EngineHung
 
 T = TypeVar("T")
 Clock = Callable[[], float]

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from .errors import BatchServeError, EngineOutOfMemory, Interrupted
+from ..errors import BatchServeError, EngineOutOfMemory, Interrupted
 
 T = TypeVar("T")
 R = TypeVar("R")
