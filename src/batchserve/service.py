@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
-from .engines import Engine, GenerationItem, StepState, load_engine, step_engine
+from .engines import Engine, GenerationItem, StepState, load_engine, run_round, step_engine
 from .errors import (
     BatchServeError,
     Draining,
@@ -38,7 +38,7 @@ from .sched.request_queue import QueueLoop
 from .sched.watchdog import Watchdog
 from .schema import Limits
 from .settings import Settings, SettingsError
-from .stepper import StepBatcher
+from .stepper import Advanced, StepBatcher
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -455,6 +455,22 @@ class EngineSteps:
         except EngineHung as exc:
             service._engine_hung(exc)
             raise
+
+    async def advance(self, joining: list[Job], active: list[tuple[Job, StepState]]
+                      ) -> Advanced[asyncio.Future[bytes]]:
+        """Join, step and decode of one iteration in one engine-thread call (`run_round`)."""
+        engine = self._engine()
+        items = [j.item for j in joining]
+        states = [s for _, s in active]
+        work = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
+        ran = await self._guarded(partial(run_round, engine, items, states), work)
+        out: Advanced[asyncio.Future[bytes]] = Advanced(
+            ran.joined, ran.join_error, ran.step_error, None, ran.finish_error)
+        if ran.images is not None:
+            self.service.metrics.gpu_memory(engine.memory_bytes())
+            stepped = [*active, *zip(joining, ran.joined or (), strict=False)]
+            out.finished = self.service._encode_all(ran.images, [j for j, s in stepped if s.done])
+        return out
 
     async def prepare(self, jobs: list[Job]) -> list[StepState]:
         states: list[StepState] = await self._guarded(

@@ -7,7 +7,9 @@ through an async `StepRunner`.
 
 Between two steps, in this order: cancelled items leave; queued items of the running key join,
 highest aged priority first, up to the active limit; one step runs for all active items; items
-whose schedule is done are decoded together and answered at once.
+whose schedule is done are decoded together and answered at once. A runner that offers
+`advance` does join, step and decode of one iteration in one call (one hop to the engine
+thread per step); otherwise `advance_in_parts` makes the three calls.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from .batcher import as_failure
 from .errors import BatchServeError, EngineOutOfMemory, QueueTimeout
@@ -40,6 +43,53 @@ class StepRunner(Protocol[T, R]):
         ...
 
     def done(self, state: Any) -> bool: ...
+
+
+@dataclass(eq=False, slots=True)
+class Advanced(Generic[R]):
+    """What one iteration did: each phase's result or its error. Later phases that depended on
+    a failed one did not run; `finished` holds one result per stepped state that is done, in
+    stepping order (the active items, then the joiners)."""
+
+    joined: list[Any] | None = None  # the joiners' states; None when prepare failed
+    join_error: Exception | None = None
+    step_error: Exception | None = None
+    finished: list[R] | None = None
+    finish_error: Exception | None = None
+
+
+@runtime_checkable
+class AdvancingRunner(StepRunner[T, R], Protocol[T, R]):
+    """A runner that does one iteration (prepare the joiners, step all, finish the done) in one
+    call; `finish` stays for the smaller retries after a failed decode."""
+
+    async def advance(self, joining: list[T], active: list[tuple[T, Any]]) -> Advanced[R]: ...
+
+
+async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
+                           active: list[tuple[T, Any]]) -> Advanced[R]:
+    """`AdvancingRunner.advance` from the three separate calls."""
+    out: Advanced[R] = Advanced()
+    if joining:
+        try:
+            out.joined = await runner.prepare(joining)
+        except Exception as exc:
+            out.join_error = exc
+    pairs = [*active, *zip(joining, out.joined or (), strict=False)]
+    if not pairs:
+        return out
+    try:
+        await runner.step([s for _, s in pairs])
+    except Exception as exc:
+        out.step_error = exc
+        return out
+    done = [(p, s) for p, s in pairs if runner.done(s)]
+    if done:
+        try:
+            out.finished = await runner.finish(done)
+        except Exception as exc:
+            out.finish_error = exc
+    return out
 
 
 @dataclass(eq=False, slots=True)
@@ -88,6 +138,9 @@ class StepBatcher(QueueLoop[T, R]):
                          max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks,
                          key_label=key_label)
         self._runner = runner
+        self._advance: Callable[[list[T], list[tuple[T, Any]]], Awaitable[Advanced[R]]] = (
+            runner.advance if isinstance(runner, AdvancingRunner)
+            else partial(advance_in_parts, runner))
         self.active: list[Active[T, R]] = []
         self.key: Hashable | None = None
 
@@ -107,11 +160,11 @@ class StepBatcher(QueueLoop[T, R]):
             self._drop_gone()
             if queue.closed and queue.empty():
                 return
-            await self._admit(now)
-            if not self.active:
+            taken = self._take(now)
+            if not self.active and not taken:
                 await queue.wait(queue.next_deadline())
                 continue
-            await self._step()
+            await self._iterate(taken, now)
             await asyncio.sleep(0)  # let clients, cancellations and submissions in
 
     # -- between steps ---------------------------------------------------------------------
@@ -154,29 +207,31 @@ class StepBatcher(QueueLoop[T, R]):
                               and g is not self.queue.groups.get(self.key))
         return due if due is not None else self.queue.best(now)
 
-    async def _admit(self, now: float) -> None:
+    def _take(self, now: float) -> list[Pending[T, R]]:
+        """The queued items that join before the next step (none while another key starves)."""
         if self.active:
             if self._starved(now):
-                return
+                return []
         else:
             self.key = self._next_key(now)
             if self.key is None:
-                return
-        limit = self.limit(self.key)
-        taken = self.queue.take(self.key, limit - len(self.active), now)
-        if not taken:
-            return
-        try:
-            states = await self._runner.prepare([p.payload for p in taken])
-        except Exception as exc:
-            self._failed_to_start(taken, exc, now)
-            return
-        joined = [Active(p, s) for p, s in zip(taken, states, strict=True)]
+                return []
+        room = self.limit(self.key) - len(self.active)
+        return self.queue.take(self.key, room, now) if room > 0 else []
+
+    def _join(self, taken: list[Pending[T, R]], ran: Advanced[R], now: float
+              ) -> list[Active[T, R]]:
+        """The joiners enter the running batch (or fail / go back when prepare failed)."""
+        if ran.joined is None:
+            self._failed_to_start(taken, ran.join_error or RuntimeError("no states"), now)
+            return []
+        joined = [Active(p, s) for p, s in zip(taken, ran.joined, strict=True)]
         self.active += joined
         self._hooks.active_items(len(self.active))
         trigger = ("drain" if self.queue.closed else
-                   "full" if len(self.active) >= limit else "join")
+                   "full" if len(self.active) >= self.limit(self.key) else "join")
         self._hooks.batch_started(len(joined), trigger, [now - p.enqueued for p in taken])
+        return joined
 
     def _failed_to_start(self, taken: list[Pending[T, R]], exc: Exception, now: float) -> None:
         if isinstance(exc, EngineOutOfMemory) and self.active:
@@ -196,20 +251,33 @@ class StepBatcher(QueueLoop[T, R]):
 
     # -- one step --------------------------------------------------------------------------
 
-    async def _step(self) -> None:
+    async def _iterate(self, taken: list[Pending[T, R]], now: float) -> None:
+        """One iteration: the joiners are prepared, one step runs, the done are decoded."""
         active = list(self.active)
         start = self._clock()
+        if taken:  # the joiners run in this call: the gauge counts them while it runs
+            self._hooks.active_items(len(active) + len(taken))
+        try:
+            ran = await self._advance([p.payload for p in taken],
+                                      [(a.pending.payload, a.state) for a in active])
+        except Exception as exc:  # the call itself failed (the engine hung): nothing is known
+            self._fail([*taken, *(a.pending for a in active)], exc)
+            self.queue.release(taken)
+            self._leave(active)
+            return
+        if taken:
+            active += self._join(taken, ran, now)
+        if not active:
+            return
         for item in active:
             if item.first_step is None:
                 item.first_step = start
-        try:
-            await self._runner.step([a.state for a in active])
-        except EngineOutOfMemory as exc:
-            self._shrink(active, exc)
-            return
-        except Exception as exc:
-            self._fail([a.pending for a in active], exc)
-            self._leave(active)
+        if ran.step_error is not None:
+            if isinstance(ran.step_error, EngineOutOfMemory):
+                self._shrink(active, ran.step_error)
+            else:
+                self._fail([a.pending for a in active], ran.step_error)
+                self._leave(active)
             return
         self._hooks.step(len(active))
         self.sizes.fitted(self.key, len(active))
@@ -218,7 +286,7 @@ class StepBatcher(QueueLoop[T, R]):
             item.shared += len(active)
         done = [a for a in active if self._runner.done(a.state)]
         if done:
-            await self._finish(done)
+            await self._finish(done, ran)
 
     def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory) -> None:
         """Out of memory: the last joiners go back to the queue (they restart from scratch
@@ -237,10 +305,23 @@ class StepBatcher(QueueLoop[T, R]):
         self.queue.requeue([a.pending for a in back])
         self._hooks.active_items(len(self.active))
 
-    async def _finish(self, done: list[Active[T, R]]) -> None:
-        """Decodes the items whose schedule ended (split in halves on out of memory) and answers
-        each part the moment it is decoded."""
+    async def _finish(self, done: list[Active[T, R]], ran: Advanced[R]) -> None:
+        """Answers the items whose schedule ended with what the iteration decoded; when that
+        decode failed, retries it split in halves (as `run_split` does), answering each part
+        the moment it is decoded."""
         images, longest = 0, 0.0
+        first: list[R] | Exception | None = ran.finished
+        if first is None:
+            first = ran.finish_error or RuntimeError("no results")
+
+        async def finish(pairs: list[tuple[T, Any]]) -> list[R]:
+            nonlocal first
+            if first is None:  # a smaller retry after the iteration's decode failed
+                return await self._runner.finish(pairs)
+            ready, first = first, None  # run_split starts with all of `done`: this attempt ran
+            if isinstance(ready, Exception):
+                raise ready
+            return ready
 
         def deliver(part: Part[R]) -> None:
             nonlocal images, longest
@@ -261,7 +342,7 @@ class StepBatcher(QueueLoop[T, R]):
                     future.set_result(outcome)
                     self.queue.note_service_time(outcome.inference_s, self.limit(self.key))
 
-        await run_split(self._runner.finish, [(a.pending.payload, a.state) for a in done],
+        await run_split(finish, [(a.pending.payload, a.state) for a in done],
                         deliver, clock=self._clock)
         self._leave(done)
         self._hooks.batch_finished(len(done), longest, images)

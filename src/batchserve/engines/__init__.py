@@ -13,18 +13,21 @@ from .protocol import (
     EngineInfo,
     GenerationItem,
     StepEngine,
+    StepRound,
     StepState,
     StopCheck,
     Switch,
     key_label,
+    run_round,
     step_engine,
 )
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StepEngine", "StepState",
-           "StopCheck", "Switch", "key_label", "load_engine", "step_engine"]
+__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StepEngine", "StepRound",
+           "StepState", "StopCheck", "Switch", "key_label", "load_engine", "run_round",
+           "step_engine"]
 
 
 def load_engine(settings: Settings) -> Engine:
