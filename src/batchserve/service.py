@@ -441,17 +441,22 @@ class EngineSteps:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self._checked: tuple[object, Any] | None = None  # (engine, as StepEngine)
 
     def _engine(self) -> Any:
-        engine = step_engine(self.service.engine)
-        if engine is None:  # cannot happen: loading refuses such an engine under this policy
-            raise RuntimeError("engine has no step-wise interface")
-        return engine
+        # The runtime protocol check is slow next to a step: once per loaded engine.
+        engine = self.service.engine
+        if self._checked is None or self._checked[0] is not engine:
+            steps = step_engine(engine)
+            if steps is None:  # cannot happen: loading refuses such an engine under this policy
+                raise RuntimeError("engine has no step-wise interface")
+            self._checked = (engine, steps)
+        return self._checked[1]
 
     async def _guarded(self, call: Callable[[], T], work: float) -> T:
         service = self.service
         try:
-            return await service.watchdog.guard(service.worker.run(call), work)
+            return await service.watchdog.guard(service.worker.submit(call), work)
         except EngineHung as exc:
             service._engine_hung(exc)
             raise

@@ -23,13 +23,19 @@ class Worker:
         self._thread.start()
 
     async def run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.shield(self.submit(fn))
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Queues `fn` now and returns its future (no task to start: cheaper than `run` for a
+        caller that makes one call per denoising step). Cancelling the future does not stop
+        `fn`; its result is then dropped."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         # Whoever awaited may be gone (cancelled at shutdown) when an engine call ends in an
         # exception (an interrupted batch): mark it retrieved so asyncio does not log it.
         future.add_done_callback(_retrieve)
         self._jobs.put((fn, loop, future))
-        return await asyncio.shield(future)
+        return future
 
     def stop(self) -> None:
         self._jobs.put(None)

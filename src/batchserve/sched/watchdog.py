@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from functools import partial
+from typing import TypeVar
 
 from ..errors import EngineHung
 
@@ -29,7 +30,7 @@ class Watchdog:
         self.min_s = min_s
         self.clock = clock
         self.rate_s: float | None = None  # seconds per unit of work, smoothed
-        self._wake = asyncio.Event()
+        self._wakers: set[asyncio.Future[None]] = set()  # one per guard waiting
 
     @property
     def enabled(self) -> bool:
@@ -49,12 +50,14 @@ class Watchdog:
 
     def poke(self) -> None:
         """Re-check the clock now (tests call it after advancing an injected clock)."""
-        self._wake.set()
+        for waker in list(self._wakers):
+            _resolve(waker)
 
     async def guard(self, call: Awaitable[T], work: float) -> T:
         """Awaits `call`; raises `EngineHung` once it has run past its bound (`call` is then
         abandoned: the thread running it cannot be stopped). Measures it when it ends."""
         task = asyncio.ensure_future(call)
+        loop = asyncio.get_running_loop()
         started = self.clock()
         bound = self.bound_s(work)
         try:
@@ -65,17 +68,29 @@ class Watchdog:
                         f"the engine did not finish this batch within {bound:.0f} s; the "
                         "server is restarting", retry_after_s=5,
                     )
-                self._wake.clear()
-                waker: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
-                timeout = started + bound - now if self.enabled else None
+                # One plain future that the call's end, a poke or the bound resolves: no waker
+                # task and no `asyncio.wait` per call (`continuous` makes one call per step).
+                waker: asyncio.Future[None] = loop.create_future()
+                done = partial(_resolve, waker)
+                task.add_done_callback(done)
+                timer = (loop.call_later(started + bound - now, _resolve, waker)
+                         if self.enabled else None)
+                self._wakers.add(waker)
                 try:
-                    await asyncio.wait((task, waker), timeout=timeout,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await waker
                 finally:
-                    waker.cancel()
+                    self._wakers.discard(waker)
+                    task.remove_done_callback(done)
+                    if timer is not None:
+                        timer.cancel()
         except BaseException:
             task.cancel()
             raise
         result = task.result()
         self.measured(work, self.clock() - started)
         return result
+
+
+def _resolve(waker: asyncio.Future[None], *_: object) -> None:
+    if not waker.done():
+        waker.set_result(None)
