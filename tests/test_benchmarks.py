@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -280,3 +281,16 @@ def test_runner_goodput_smoke(tmp_path: Path) -> None:
             assert point["failures"] == 0 and point["requests"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "Impatient clients" in table and "adaptive wasted / generated" in table
+
+
+def test_lone_step_reports_serving_overhead() -> None:
+    """Lone continuous requests on an in-process sim service, 1 ms steps: a line with the
+    request's median wall time above its bare sleeps."""
+    cmd = [sys.executable, "-m", "benchmarks.lone_step", "--step-ms", "1",
+           "--step-per-image-ms", "0", "--steps", "3", "--requests", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"median ([\d.]+) ms .*bare sleeps ([\d.]+) ms", proc.stdout)
+    assert match is not None, proc.stdout
+    assert float(match[1]) > float(match[2]) >= 3.0  # 3 sleeps of 1 ms, plus serving
