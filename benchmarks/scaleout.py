@@ -224,11 +224,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| replicas | users | images/s | efficiency | p50 ms | p95 ms | mean batch | failures |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for p in results["points"]:
-        eff = f"{p['efficiency'] * 100:.1f}%" if p.get("efficiency") is not None else "-"
-        lines.append(f"| {p['replicas']} | {p['users']} | {p['images_per_s']:.2f} | {eff} | "
-                     f"{p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['mean_batch_size']:.2f} | "
-                     f"{p['failures']} |")
+    lines += [_row(p, p["replicas"]) for p in results["points"]]
     workers = results.get("workers")
     if workers:
         lines += ["", f"Async jobs: one `--role api` process and N `--role worker` processes "
@@ -238,11 +234,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "| workers | users | images/s | efficiency | p50 ms (client) | p95 ms | "
                   "mean batch | failures |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for p in workers:
-            eff = f"{p['efficiency'] * 100:.1f}%" if p.get("efficiency") is not None else "-"
-            lines.append(f"| {p['workers']} | {p['users']} | {p['images_per_s']:.2f} | {eff} | "
-                         f"{p['p50_ms']:.0f} | {p['p95_ms']:.0f} | "
-                         f"{p['mean_batch_size']:.2f} | {p['failures']} |")
+        lines += [_row(p, p["workers"]) for p in workers]
     restart = results.get("rolling_restart")
     if restart:
         lines += ["", f"Rolling restart of {restart['replicas']} replicas under "
@@ -251,6 +243,13 @@ def markdown(results: dict[str, Any]) -> str:
                       f"retried {restart['retried_by_nginx']} on another replica "
                       f"(first answer: {restart['retried_after']})."]
     return "\n".join(lines) + "\n"
+
+
+def _row(p: dict[str, Any], count: int) -> str:
+    """One table row of a measured point: `count` replicas or workers."""
+    eff = f"{p['efficiency'] * 100:.1f}%" if p.get("efficiency") is not None else "-"
+    return (f"| {count} | {p['users']} | {p['images_per_s']:.2f} | {eff} | {p['p50_ms']:.0f} | "
+            f"{p['p95_ms']:.0f} | {p['mean_batch_size']:.2f} | {p['failures']} |")
 
 
 def chart(results: dict[str, Any], out: Path) -> None:

@@ -55,6 +55,20 @@ def exit_code(server: ServerProcess, timeout_s: float = 30.0) -> int:
         raise AssertionError(f"server did not exit in {timeout_s} s:\n{server.logs()}") from None
 
 
+def overflow(pool: ThreadPoolExecutor, server: ServerProcess, n: int) -> list[int]:
+    """Fires `n` requests at once at a small queue: every answer is 200 or a 429 `queue_full`
+    with Retry-After, never a 5xx; some of each. Returns the statuses."""
+    responses = [f.result(timeout=60) for f in fire(pool, server, n)]
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 4 and statuses.count(429) >= 1
+    for response in responses:
+        if response.status_code == 429:
+            assert error_code(response) == "queue_full"
+            assert int(response.headers["retry-after"]) >= 1
+    return statuses
+
+
 def error_code(response: httpx.Response) -> str:
     assert response.headers["content-type"] == "application/json"
     return str(response.json()["error"]["code"])
@@ -133,14 +147,7 @@ def test_queue_overflow_gives_429_with_retry_after_and_never_5xx(tmp_path: Path)
     with running_server("--model", "sim", "--sim-base-ms", "200", "--max-batch-size", "2",
                         "--max-wait-ms", "0", "--max-queue", "3",
                         tmp_path=tmp_path) as server, ThreadPoolExecutor(24) as pool:
-        responses = [f.result(timeout=60) for f in fire(pool, server, 24)]
-        statuses = [r.status_code for r in responses]
-        assert set(statuses) <= {200, 429}, statuses
-        assert statuses.count(200) >= 4 and statuses.count(429) >= 1
-        for response in responses:
-            if response.status_code == 429:
-                assert error_code(response) == "queue_full"
-                assert int(response.headers["retry-after"]) >= 1
+        statuses = overflow(pool, server, 24)
         rejected = gauge(server, "batchserve_requests_rejected_total")
         assert rejected == statuses.count(429)
         assert post(server, 100).status_code == 200  # recovered once the burst passed
