@@ -221,14 +221,19 @@ def test_job_targets() -> None:
     }
 
 
-def test_runner_quick_smoke(tmp_path: Path) -> None:
-    """The runner end to end on the sim engine: every output file, no failed request."""
-    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "overhead,sim-gpu",
-           "--out", str(tmp_path)]
+def run_quick(tmp_path: Path, only: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """`python -m benchmarks --quick --only ONLY` in a subprocess (Locust never runs in the
+    pytest process); returns the finished process and its bench.json."""
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", only, "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((tmp_path / "bench.json").read_text())
+    return proc, json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_runner_quick_smoke(tmp_path: Path) -> None:
+    """The runner end to end on the sim engine: every output file, no failed request."""
+    proc, results = run_quick(tmp_path, "overhead,sim-gpu")
     parts = {(p["part"], p["arm"]) for p in results["points"]}
     assert parts == {("overhead", "bare"), ("overhead", "bare-encoding"), ("overhead", "null"),
                      ("sim-gpu", "batched")}
@@ -265,12 +270,7 @@ def test_openloop_quick_smoke(tmp_path: Path) -> None:
 
 def test_runner_goodput_smoke(tmp_path: Path) -> None:
     """The impatient-clients comparison end to end on the sim engine (figures mean nothing)."""
-    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "goodput",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((tmp_path / "bench.json").read_text())
+    _, results = run_quick(tmp_path, "goodput")
     parts = {(p["part"], p["arm"]) for p in results["points"]}
     assert parts == {("goodput", "batch1"), ("goodput", "unbatched"), ("goodput", "batched"),
                      ("goodput", "adaptive"), ("patient", "batched"), ("patient", "adaptive")}
