@@ -57,6 +57,21 @@ async def test_items_with_other_steps_and_guidance_share_steps() -> None:
         assert info["batching"]["key"] == ["width", "height"]
 
 
+@pytest.mark.parametrize("policy", ["continuous", "deadline"])
+async def test_warmup_runs_the_calls_the_policy_makes(policy: str) -> None:
+    """Under `continuous` the warm-up shapes and sizes go through prepare / step / finish (so
+    the step-path batches are tuned and compiled before ready); whole-batch policies keep the
+    engine's own `generate` warm-up."""
+    engine = FakeStepEngine()
+    async with in_process(engine, flush_policy=policy, warmup="64x64x2",  # type: ignore[arg-type]
+                          warmup_batch_sizes="1,3"):
+        if policy == "continuous":
+            assert not engine.warmed
+            assert engine.steps == [[0], [0], [0, 1, 2], [0, 1, 2]]
+        else:
+            assert engine.warmed and engine.steps == []
+
+
 async def test_engine_without_step_interface_is_refused_at_start() -> None:
     settings = Settings(model="fake", warmup="", flush_policy="continuous")
     service = Service(settings, engine_factory=lambda _: FakeEngine())

@@ -12,7 +12,7 @@ import pytest
 from inprocess import in_process
 from PIL import Image
 
-from batchserve.engines import GenerationItem, StepEngine, StepState, step_engine
+from batchserve.engines import GenerationItem, StepEngine, StepState, step_engine, warm_steps
 from batchserve.engines.diffusion import SCHEDULERS, DiffusionEngine, make_scheduler
 from batchserve.settings import Settings
 
@@ -89,6 +89,13 @@ def test_long_prompt_shares_steps_with_short_ones(engine: DiffusionEngine) -> No
     joined = run_until_done(engine, engine.prepare([short, long]), [wordy], join_after=1)
     for item in items:
         assert np.abs(joined[item] - alone[item]).max() <= 1, item
+
+
+def test_step_wise_warmup_runs_each_shape_at_each_size(engine: DiffusionEngine) -> None:
+    ran = warm_steps(engine, [(64, 64, 2), (64, 32, 1)], [1, 2])
+    assert [r[:4] for r in ran] == [(64, 64, 2, 1), (64, 64, 2, 2), (64, 32, 1, 1),
+                                    (64, 32, 1, 2)]
+    assert all(r[4] > 0 for r in ran)
 
 
 def test_finished_items_leave_while_others_continue(engine: DiffusionEngine) -> None:

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
-from .engines import Engine, GenerationItem, StepState, load_engine, run_round, step_engine
+from .engines import (
+    Engine,
+    GenerationItem,
+    StepState,
+    load_engine,
+    run_round,
+    step_engine,
+    warm_steps,
+)
 from .errors import (
     BatchServeError,
     Draining,
@@ -152,7 +160,7 @@ class Service:
                     "or eager"
                 )
             warmup_started = time.monotonic()
-            timings = await self.worker.run(engine.warmup)
+            timings = await self.worker.run(self._warmup_call(engine, info.device))
             # The first prediction the watchdog bounds batches by (lenient: it includes the
             # one-time costs of first calls).
             self.watchdog.measured(self._warmup_work(info.device),
@@ -195,6 +203,24 @@ class Service:
         self.batcher.close()
         self.batcher.fail_all(error)
         self._fail("the engine hung")
+
+    def _warmup_call(self, engine: Engine, device: str) -> Callable[[], Any]:
+        """The engine's own warm-up of `generate`, or under `continuous` the same shapes and
+        sizes through the step-wise calls (the only ones that policy makes)."""
+        steps = step_engine(engine) if self.continuous else None
+        if steps is None:
+            return engine.warmup
+
+        settings = self.settings
+
+        def warm() -> None:
+            sizes = settings.warmup_batch_sizes_on(device)
+            for w, h, n, size, seconds in warm_steps(steps, settings.warmup_shapes(), sizes,
+                                                     settings.scheduler):
+                log.info("warm-up %dx%dx%d step-wise at %d items took %.2f s", w, h, n, size,
+                         seconds)
+
+        return warm
 
     def _warmup_work(self, device: str) -> int:
         sizes = self.settings.warmup_batch_sizes_on(device)

@@ -20,6 +20,7 @@ from .protocol import (
     key_label,
     run_round,
     step_engine,
+    warm_steps,
 )
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StepEngine", "StepRound",
            "StepState", "StopCheck", "Switch", "key_label", "load_engine", "run_round",
-           "step_engine"]
+           "step_engine", "warm_steps"]
 
 
 def load_engine(settings: Settings) -> Engine:

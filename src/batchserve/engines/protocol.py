@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -188,3 +189,24 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
         except Exception as exc:
             out.finish_error = exc
     return out
+
+
+def warm_steps(engine: StepEngine, shapes: Sequence[tuple[int, int, int]],
+               sizes: Sequence[int], sampler: str = "") -> list[tuple[int, int, int, int, float]]:
+    """The warm-up of the `continuous` policy: each shape (width, height, steps) at each batch
+    size through prepare / step / finish, the calls that policy makes, so the UNet's step-path
+    batches (one row per item per guidance half) are tuned and compiled before /readyz turns
+    200. The whole-batch `Engine.warmup` would warm `generate`, which that policy never calls.
+    Returns (width, height, steps, size, seconds) for each run, for the log."""
+    ran = []
+    for width, height, steps in shapes:
+        for size in sizes:
+            items = [GenerationItem("warm-up", "", seed, width, height, steps, 7.5, sampler)
+                     for seed in range(size)]
+            started = time.perf_counter()
+            states = engine.prepare(items)
+            while not all(s.done for s in states):
+                engine.step(states)
+            engine.finish(states)
+            ran.append((width, height, steps, size, time.perf_counter() - started))
+    return ran
