@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Sequence
+from statistics import median
 
 from benchmarks.openloop import MIXES, capacity
 from benchmarks.serve import percentile
@@ -68,25 +69,49 @@ def whole(arr: list[Arrival], step: float, per: float, wait: float, cap: int = 8
     return lat
 
 
+def ratios(arr: list[Arrival], step: float, per: float) -> dict[str, float]:
+    """Continuous against the whole-batch policies on one arrival sequence: the open-loop
+    report's target ratios."""
+    runs = {"deadline": whole(arr, step, per, 0.5), "eager": whole(arr, step, per, 0.0),
+            "continuous": continuous(arr, step, per)}
+    c, d, e = runs["continuous"], runs["deadline"], runs["eager"]
+    return {"c/d p50": percentile(c, 0.5) / percentile(d, 0.5),
+            "c/e p50": percentile(c, 0.5) / percentile(e, 0.5),
+            "c/d p95": percentile(c, 0.95) / percentile(d, 0.95)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ideal", description=__doc__)
     p.add_argument("--step-ms", type=float, default=25.0)
     p.add_argument("--step-per-image-ms", type=float, default=15.0)
     p.add_argument("--loads", default="0.3,0.6,0.9")
-    p.add_argument("--arrivals", type=int, default=4000)
+    p.add_argument("--arrivals", "--requests", type=int, default=4000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--runs", type=int, default=1,
+                   help="> 1: the spread (min / median / max) of the ratios over this many "
+                        "seeds, i.e. what one run of --requests requests can tell")
     opts = p.parse_args()
     step, per = opts.step_ms, opts.step_per_image_ms
     for mix in MIXES:
         for load in map(float, opts.loads.split(",")):
-            arr = arrivals(load * capacity(mix, step, per), MIXES[mix], opts.arrivals, opts.seed)
+            rate = load * capacity(mix, step, per)
+            if opts.runs > 1:
+                draws = [ratios(arrivals(rate, MIXES[mix], opts.arrivals, opts.seed + k),
+                                step, per) for k in range(opts.runs)]
+                line = "  ".join(
+                    f"{name} {min(v):.2f} / {median(v):.2f} / {max(v):.2f}"
+                    for name in draws[0] for v in [[d[name] for d in draws]])
+                print(f"{mix:8s} {load:.0%}, {opts.arrivals} requests x {opts.runs} seeds "
+                      f"(min / median / max): {line}")
+                continue
+            arr = arrivals(rate, MIXES[mix], opts.arrivals, opts.seed)
             runs = {"deadline": whole(arr, step, per, 0.5), "eager": whole(arr, step, per, 0.0),
                     "continuous": continuous(arr, step, per)}
             q = {k: (percentile(v, 0.5), percentile(v, 0.95)) for k, v in runs.items()}
             line = "  ".join(f"{k} p50 {a:.2f} p95 {b:.2f} s" for k, (a, b) in q.items())
-            c, d, e = q["continuous"], q["deadline"], q["eager"]
-            print(f"{mix:8s} {load:.0%}: {line}  | c/d p50 {c[0] / d[0]:.2f} c/e p50 "
-                  f"{c[0] / e[0]:.2f} c/d p95 {c[1] / d[1]:.2f}")
+            r = ratios(arr, step, per)
+            print(f"{mix:8s} {load:.0%}: {line}  | "
+                  + " ".join(f"{k} {v:.2f}" for k, v in r.items()))
 
 
 if __name__ == "__main__":

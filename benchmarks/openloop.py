@@ -9,8 +9,15 @@ duration.
 One run: for each traffic mix ((a) one key; (b) steps 20/30 and guidance 7/7.5, one size) and
 each load (a fraction of the engine's batch-8 capacity), the same schedule is fired at three
 servers at once, `deadline`, `eager` and `continuous`, all `--model sim` replaying a GPU's step
-cost (`--sim-step-ms` + n x `--sim-step-per-image-ms` per step of n items). `--model tiny` runs
-the real tiny model on CPU instead (then the servers run one after another: they share the CPU).
+cost (`--sim-step-ms` + n x `--sim-step-per-image-ms` per step of n items). The two mixes run at
+the same time too, each on its own three servers: the sim engine sleeps rather than computes, so
+six servers barely load the CPU. `--model tiny` runs the real tiny model on CPU instead (then
+one server works at a time, one mix after the other: they would share the CPU).
+
+A point's percentiles need many requests: with ~80 (60 s at 60%) the ideal model's own ratio
+moves by +-0.15 between seeds (`python -m benchmarks.ideal --requests 80 --runs 40`), so the
+defaults send up to 1000 requests a point, and the report gives each ratio a block-bootstrap
+interval (`openloop_report`).
 """
 
 from __future__ import annotations
@@ -102,6 +109,8 @@ async def fire(url: str, payloads: Sequence[dict[str, Any]], times: Sequence[flo
 
 
 def figures(records: Sequence[dict[str, Any]], warm_s: float) -> dict[str, Any]:
+    """A policy's figures at one point; `lat_ms` keeps each request's latency by its index in
+    the schedule (None: in the warm-up or failed), so the report can pair the policies."""
     measured = [r for r in records if r["start"] >= warm_s]
     ok = [r for r in measured if r["ok"]]
     lat = [(r["end"] - r["start"]) * 1000 for r in ok]
@@ -113,6 +122,8 @@ def figures(records: Sequence[dict[str, Any]], warm_s: float) -> dict[str, Any]:
         "p50_ms": round(percentile(lat, 0.5), 1), "p95_ms": round(percentile(lat, 0.95), 1),
         "images_per_s": round(len(done) / span, 3) if span > 0 else 0.0,
         "mean_batch_size": round(sum(r["batch_size"] for r in ok) / len(ok), 2) if ok else 0.0,
+        "lat_ms": [round((r["end"] - r["start"]) * 1000, 1) if r["ok"] and r["start"] >= warm_s
+                   else None for r in records],
     }
 
 
@@ -149,8 +160,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="tiny: measured ms per image per step, to size the loads")
     p.add_argument("--loads", default="0.3,0.6,0.9,1.2")
     p.add_argument("--mixes", default="one-key,mixed")
-    p.add_argument("--duration-s", type=float, default=60.0)
-    p.add_argument("--max-requests", type=int, default=250)
+    p.add_argument("--duration-s", type=float, default=900.0, help="at most, per point")
+    p.add_argument("--max-requests", type=int, default=1000, help="at most, per point")
     p.add_argument("--warm-s", type=float, default=8.0)
     p.add_argument("--max-wait-ms", type=float, default=500.0)
     p.add_argument("--size", type=int, default=512)
@@ -166,28 +177,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
+async def run_mix(urls: dict[str, str], points: Sequence[Point], opts: argparse.Namespace
+                  ) -> list[dict[str, Any]]:
+    """One mix's points, one after another, on its own servers."""
+    results = []
+    for point in points:
+        started = time.perf_counter()
+        by_policy = await run_point(urls, point, opts)
+        results.append({"mix": point.mix, "load": point.load, "rate": round(point.rate, 3),
+                        "policies": by_policy})
+        line = "  ".join(f"{k}: p50 {v['p50_ms']:.0f} p95 {v['p95_ms']:.0f} "
+                         f"{v['images_per_s']:.2f}/s" for k, v in by_policy.items())
+        print(f"{point.mix:8s} {point.load:.0%} ({point.rate:.2f}/s, "
+              f"{time.perf_counter() - started:.0f} s)  {line}", flush=True)
+    return results
+
+
 async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
     logs = opts.out / "runs"  # server logs, not committed
     logs.mkdir(parents=True, exist_ok=True)
     step_ms, per_image_ms = ((opts.step_ms, opts.step_per_image_ms) if opts.model == "sim"
                              else (opts.cpu_step_ms, opts.cpu_step_per_image_ms))
-    points = [Point(mix, load, load * capacity(mix, step_ms, per_image_ms))
-              for mix in opts.mixes.split(",") for load in map(float, opts.loads.split(","))]
-    results: list[dict[str, Any]] = []
+    mixes = opts.mixes.split(",")
+    points = {mix: [Point(mix, load, load * capacity(mix, step_ms, per_image_ms))
+                    for load in map(float, opts.loads.split(","))] for mix in mixes}
     with contextlib.ExitStack() as stack:
-        urls = {policy: stack.enter_context(server(
-            batchserve_cmd(server_args(opts, policy)), logs / f"{policy}.log"))
-            for policy in POLICIES}
-        for point in points:
-            started = time.perf_counter()
-            by_policy = await run_point(urls, point, opts)
-            results.append({"mix": point.mix, "load": point.load, "rate": round(point.rate, 3),
-                            "policies": by_policy})
-            line = "  ".join(f"{k}: p50 {v['p50_ms']:.0f} p95 {v['p95_ms']:.0f} "
-                             f"{v['images_per_s']:.2f}/s" for k, v in by_policy.items())
-            print(f"{point.mix:8s} {point.load:.0%} ({point.rate:.2f}/s, "
-                  f"{time.perf_counter() - started:.0f} s)  {line}", flush=True)
-    out = {"settings": {k: str(v) for k, v in vars(opts).items()}, "points": results}
+        if opts.model == "sim":  # every mix at once, each on its own three servers
+            urls = {mix: {policy: stack.enter_context(server(
+                batchserve_cmd(server_args(opts, policy)), logs / f"{mix}-{policy}.log"))
+                for policy in POLICIES} for mix in mixes}
+            runs = await asyncio.gather(*(run_mix(urls[mix], points[mix], opts)
+                                          for mix in mixes))
+        else:  # the CPU is the engine: one mix after the other on the same three servers
+            shared = {policy: stack.enter_context(server(
+                batchserve_cmd(server_args(opts, policy)), logs / f"{policy}.log"))
+                for policy in POLICIES}
+            runs = [await run_mix(shared, points[mix], opts) for mix in mixes]
+    out = {"settings": {k: str(v) for k, v in vars(opts).items()},
+           "points": [point for run in runs for point in run]}
     (opts.out / "openloop.json").write_text(json.dumps(out, indent=1))
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import openloop, report
+from benchmarks import openloop, openloop_report, report
 from benchmarks.serve import Load, batchserve_cmd, percentile, server, summarize, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +254,24 @@ def test_poisson_schedule_is_bounded_in_count_and_time() -> None:
     assert openloop.capacity("one-key", 25.0, 15.0) == pytest.approx(8 / 2.9)
 
 
+def test_openloop_interval_pairs_requests_by_schedule() -> None:
+    """The bootstrap interval of a latency ratio: exact when one policy is a scaled copy of the
+    other, around the measured ratio otherwise, and only over requests both measured."""
+    rng = random.Random(5)
+    base = [rng.expovariate(1.0) * 1000 for _ in range(400)]
+    low, high = openloop_report.interval([x * 0.5 for x in base], base, 0.5)
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    noisy = [x * rng.uniform(0.3, 0.9) for x in base]
+    measured = percentile(noisy, 0.95) / percentile(base, 0.95)
+    low, high = openloop_report.interval(noisy, base, 0.95)
+    assert low < measured < high and high - low < 0.5
+    # a request one policy did not measure (warm-up, failure) is left out of both sides
+    gaps = [None if i % 2 else x for i, x in enumerate(base)]
+    low, high = openloop_report.interval(gaps, [x * 4 for x in base], 0.5)
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.25)
+    assert openloop_report.interval([1.0, None], [1.0, 2.0], 0.5) is None  # too few to tell
+
+
 def test_openloop_quick_smoke(tmp_path: Path) -> None:
     """The open-loop run end to end: three sim servers, one schedule, every output file."""
     cmd = [sys.executable, "-m", "benchmarks.openloop", "--quick", "--out", str(tmp_path)]
@@ -264,6 +283,8 @@ def test_openloop_quick_smoke(tmp_path: Path) -> None:
     assert set(point["policies"]) == {"deadline", "eager", "continuous"}
     for figures in point["policies"].values():
         assert figures["failures"] == 0 and figures["measured"] > 0
+    assert all(len(f["lat_ms"]) == len(point["policies"]["continuous"]["lat_ms"])
+               for f in point["policies"].values())
     assert "continuous p50 / deadline p50" in (tmp_path / "openloop.md").read_text()
     assert (tmp_path / "openloop.png").read_bytes().startswith(b"\x89PNG")
 
