@@ -234,6 +234,29 @@ async def test_unacknowledged_work_is_reclaimed_past_the_visibility_timeout(
     assert lost.attempts == 1
 
 
+async def test_renewed_work_stays_with_its_worker_past_the_visibility_timeout(
+        queue_backend: tuple[JobQueue, Backend]) -> None:
+    queue, backend = queue_backend
+    job = await queue.create(record())
+    (held,) = await queue.pull("busy", 1, 0)
+    for _ in range(3):  # held for 1.5 timeouts in all, renewed within each
+        await backend.elapse(VISIBILITY_S / 2)
+        assert await queue.renew("busy", [held]) == 1
+        assert await queue.pull("w2", 1, 0) == []
+    assert await queue.renew("w2", [held]) == 0  # only its holder renews a delivery
+    # the holder goes silent: the job moves on after the timeout, as without renewals
+    taken: list[Delivery] = []
+
+    async def reclaimed() -> bool:
+        taken.extend(await queue.pull("w2", 1, 0))
+        return bool(taken)
+
+    assert await backend.after(VISIBILITY_S, reclaimed)
+    assert [(d.job_id, d.attempts) for d in taken] == [(job.id, 2)]
+    assert await queue.renew("busy", [held]) == 0  # the woken holder renews it no more
+    assert await queue.renew("w2", taken) == 1
+
+
 async def test_waiting_and_position_follow_the_queue(queue: JobQueue) -> None:
     jobs = [await queue.create(record()) for _ in range(4)]
     assert await queue.waiting() == 4

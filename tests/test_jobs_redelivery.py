@@ -5,11 +5,14 @@ share one queue and store; the slow worker is held inside its image write."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from inprocess import in_process
 
 from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
 from batchserve.jobs.record import Status
+
+from fakes import FakeEngine
 
 
 class Clock:
@@ -71,3 +74,29 @@ async def test_a_late_second_finish_keeps_the_first_result() -> None:
     assert final is not None and final.status is Status.SUCCEEDED
     assert final.attempts == 2
     assert await store.get(job_id) == image  # same seed, same image; and still there
+
+
+async def test_a_worker_keeps_a_long_job_by_renewing_it() -> None:
+    """A job that generates for longer than the visibility timeout stays with its live worker:
+    the runner's heartbeat renews it, so a second worker finds nothing to claim and the job is
+    generated once."""
+    clock = Clock()
+    queue = MemoryQueue(ttl_s=3600, visibility_timeout_s=120, clock=clock)
+    store = MemoryResultStore(ttl_s=3600, clock=clock)
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    async with in_process(engine, backends={"queue": queue, "store": store}) as app:
+        resp = await app.client.post("/v1/jobs", json={"prompt": "a cat", "width": 64,
+                                                       "height": 64, "seed": 7})
+        job_id = resp.json()["id"]
+        await asyncio.to_thread(engine.started.wait, 10)  # generating, held by this worker
+        runner = app.service.runner
+        assert runner is not None
+        for _ in range(3):  # 3 x 80 s: twice the timeout in all, renewed within each
+            clock.now += 80
+            assert await runner.renew() == 1
+            assert await queue.pull("another-worker", 1, 0) == []
+        gate.set()
+        done = await app.service.jobs.wait(job_id, 10)
+        assert done.status is Status.SUCCEEDED and done.attempts == 1
+        assert len(engine.batches) == 1

@@ -165,6 +165,15 @@ class MemoryQueue:
             self._waiting.appendleft(delivery.job_id)
             self._arrived.set()
 
+    async def renew(self, consumer: str, deliveries: list[Delivery]) -> int:
+        now, renewed = self._clock(), 0
+        for delivery in deliveries:
+            held = self._held.get(delivery.token)
+            if held is not None and held.consumer == consumer:
+                held.since = now
+                renewed += 1
+        return renewed
+
     async def waiting(self) -> int:
         self._purge()
         return len(self._waiting)

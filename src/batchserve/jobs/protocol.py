@@ -11,6 +11,8 @@ Shared semantics (`memory.MemoryQueue` / `MemoryResultStore` are the reference, 
 - `pull` hands out a job at most once at a time: a delivery not acknowledged nor released within
   the visibility timeout goes to the next `pull` (any consumer, the same one included) with
   `attempts` + 1. The worker, not the queue, fails jobs past `--job-max-attempts`.
+- `renew` is the holder's heartbeat: the visibility timeout counts from its last renewal, so
+  only a worker that stopped renewing (dead, or its loop stuck) loses its jobs.
 - `release` puts the job back for the next `pull` at once and does not count as an attempt.
 - A job whose record is terminal (canceled while queued) may still be delivered; the worker
   checks the record and acknowledges it without running it.
@@ -69,6 +71,12 @@ class JobQueue(Protocol):
 
     async def release(self, delivery: Delivery) -> None:
         """Hands a delivery back unfinished (a draining worker), for another worker now."""
+        ...
+
+    async def renew(self, consumer: str, deliveries: list[Delivery]) -> int:
+        """`consumer` is still working on these: their visibility timeout starts again (a
+        heartbeat). Deliveries another consumer claimed meanwhile stay theirs; returns how many
+        were renewed."""
         ...
 
     async def waiting(self) -> int:

@@ -79,6 +79,21 @@ end
 return 1
 """
 
+# KEYS: stream. ARGV: group, consumer, entry ids. Restarts the idle time of each entry still
+# pending for this consumer (XCLAIM to itself, JUSTID: no delivery counted); an entry another
+# worker claimed meanwhile stays theirs. Returns how many were renewed.
+_RENEW = """
+local renewed = 0
+for i = 3, #ARGV do
+  local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #mine > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
 
 class RedisQueue:
     """`JobQueue` on a Redis Stream with a consumer group (see the module docstring)."""
@@ -98,6 +113,7 @@ class RedisQueue:
             health_check_interval=15)
         self._create_script = self._redis.register_script(_CREATE)
         self._cas_script = self._redis.register_script(_CAS)
+        self._renew_script = self._redis.register_script(_RENEW)
         self._group_ready = False
 
     # --- records -------------------------------------------------------------------------
@@ -182,6 +198,14 @@ class RedisQueue:
             await self._redis.xclaim(self._stream, GROUP, "released", 0, [delivery.token],
                                      idle=self._visibility_ms,
                                      retrycount=max(0, delivery.attempts - 1), justid=True)
+
+    async def renew(self, consumer: str, deliveries: list[Delivery]) -> int:
+        if not deliveries:
+            return 0
+        async with self._guard():
+            renewed = await self._renew_script(
+                keys=[self._stream], args=[GROUP, consumer, *(d.token for d in deliveries)])
+        return int(renewed)
 
     async def waiting(self) -> int:
         async with self._guard():

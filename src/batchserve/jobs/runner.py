@@ -12,6 +12,11 @@ record again (canceled while running: the result is discarded) -> store the imag
 job pending for another worker (at-least-once generation); the compare-and-set transitions
 mean one final result. Past `--job-max-attempts` deliveries a job fails with `worker_lost`.
 
+While it holds jobs it renews them (`JobQueue.renew`) every third of
+`--job-visibility-timeout-s`, so a job that waits in the batcher or generates for longer than the
+timeout stays this worker's: only a worker that stopped renewing (dead, or its event loop stuck)
+has its jobs handed to another one.
+
 On drain the loop stops pulling; what the batcher finishes within the grace period is stored
 and acknowledged; the rest goes back to the queue (`release`) for another worker.
 """
@@ -74,6 +79,7 @@ class JobRunner:
         self._room = asyncio.Event()
         self._pulling = True
         self._loop: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     @property
     def held(self) -> int:
@@ -81,6 +87,30 @@ class JobRunner:
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._run(), name="job-runner")
+        self._heartbeat = asyncio.create_task(self._renewing(), name="job-heartbeat")
+
+    async def _renewing(self) -> None:
+        interval = self.service.settings.job_visibility_timeout_s / 3
+        while True:
+            await asyncio.sleep(interval)  # a period, not a wait for something to happen
+            await self.renew()
+
+    async def renew(self) -> int:
+        """One heartbeat: restarts the visibility timeout of every job held here. Returns how
+        many were renewed; a job another worker claimed meanwhile (this one was silent past the
+        timeout) is left to it, and the compare-and-set transitions keep one result."""
+        held = [h.delivery for h in self._held.values()]
+        if not held:
+            return 0
+        try:
+            renewed = await self.queue.renew(self.consumer, held)
+        except Exception as exc:  # the next heartbeat tries again; pull reports readiness
+            log.warning("renewing %d held jobs failed: %s", len(held), exc)
+            return 0
+        if renewed < len(held):
+            log.warning("%d of %d held jobs were claimed by another worker meanwhile",
+                        len(held) - renewed, len(held))
+        return renewed
 
     async def _run(self) -> None:
         if await self.service.wait_loaded() != self.service.READY:
@@ -274,7 +304,7 @@ class JobRunner:
 
     async def stop(self) -> None:
         self.stop_pulling()
-        tasks = [*self._tasks, *([self._loop] if self._loop else [])]
+        tasks = [*self._tasks, *(t for t in (self._loop, self._heartbeat) if t is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
