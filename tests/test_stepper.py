@@ -67,6 +67,9 @@ class HeldSteps:
     def done(self, state: Any) -> bool:
         return bool(state.remaining <= 0)
 
+    def remaining(self, state: Any) -> int:
+        return int(state.remaining)
+
 
 @dataclass
 class Recorder(NullHooks):
@@ -247,6 +250,36 @@ async def test_running_item_past_its_timeout_leaves_at_the_next_step(clock: Fake
     h.runner.allow(10)
     assert (await other).result == "img-other"
     assert "timeout" in h.hooks.rejected_reasons
+    await h.close()
+
+
+@pytest.mark.parametrize("drop_late", [True, False])
+async def test_item_that_cannot_finish_in_time_leaves_at_once(clock: FakeClock,
+                                                             drop_late: bool) -> None:
+    """With `drop_late`, an item whose steps left take longer than its time left, even at the
+    fastest step seen, is answered 504 at the next step boundary, not at its timeout."""
+    h = Harness(clock, max_batch_size=2, drop_late=drop_late)
+    first = h.submit("a", 8)
+    await _until(lambda: len(h.runner.steps) == 1)
+    h.runner.allow(1)  # a joined in this step: prompt encoding in it, so it is not timed
+    await _until(lambda: len(h.runner.steps) == 2)
+    clock.now += 1.0  # a plain step of 1 s: the fastest seen
+    h.runner.allow(1)
+    await _until(lambda: len(h.runner.steps) == 3)
+    hopeless = h.submit("b", 5, timeout_s=3.5)  # after its first step: 4 left, >= 4 s
+    h.runner.allow(2)
+    await _until(lambda: len(h.runner.steps) == 5)
+    if drop_late:
+        with pytest.raises(QueueTimeout, match="cannot finish within its timeout_s"):
+            await asyncio.wait_for(hopeless, 5)
+        assert h.runner.steps[3:] == [["a", "b"], ["a"]]
+        assert h.hooks.rejected_reasons == ["timeout"]
+    else:
+        assert h.runner.steps[3:] == [["a", "b"], ["a", "b"]]
+        assert await _pending(hopeless)
+    feasible = h.submit("c", 2, timeout_s=3.5)  # 1 s a step: in time
+    h.runner.allow(20)
+    assert (await first).result == "img-a" and (await feasible).result == "img-c"
     await h.close()
 
 

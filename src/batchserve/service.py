@@ -109,7 +109,8 @@ class Service:
             "hooks": self.metrics, "key_label": shape_label,
         }
         self.batcher: QueueLoop[Job, asyncio.Future[bytes]] = (
-            StepBatcher(EngineSteps(self), **options) if self.continuous
+            StepBatcher(EngineSteps(self), drop_late=settings.adaptive_batch == "on",
+                        **options) if self.continuous
             else Batcher(self._run_batch, adaptive=self.adaptive, **options)
         )
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
@@ -520,6 +521,9 @@ class EngineSteps:
 
     def done(self, state: StepState) -> bool:
         return state.done
+
+    def remaining(self, state: StepState) -> int:
+        return state.remaining
 
 
 @dataclass(eq=False, slots=True)

@@ -93,7 +93,8 @@ class Settings:
     adaptive_batch: str = _opt(
         "on",
         "on: learn per shape the batch time, client patience and a batch cap; refuse at once "
-        "what cannot finish in its budget. off: batches always fill to max-batch-size",
+        "what cannot finish in its budget (continuous: answer an item 504 as soon as its steps "
+        "left cannot end before its timeout). off: batches always fill to max-batch-size",
         choices=("on", "off"),
     )
     max_queue: int = _opt(256, "queued requests admitted; beyond it 429")

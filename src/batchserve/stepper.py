@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -43,6 +44,29 @@ class StepRunner(Protocol[T, R]):
         ...
 
     def done(self, state: Any) -> bool: ...
+
+    def remaining(self, state: Any) -> int:
+        """Steps of the state's schedule still to run."""
+        ...
+
+
+class StepTimes:
+    """The fastest step seen per shape: what an item's steps left take at the least.
+
+    Only plain steps count (nobody joined, nobody finished: no prompt encoding, no decode in
+    the timed call). The fastest over every active count is a lower bound whoever leaves the
+    batch later, so a prediction from it says "cannot finish" only when even the best pace seen
+    would not do."""
+
+    def __init__(self) -> None:
+        self._fastest: dict[Hashable, float] = {}
+
+    def note(self, key: Hashable, seconds: float) -> None:
+        if seconds > 0:
+            self._fastest[key] = min(self._fastest.get(key, math.inf), seconds)
+
+    def per_step(self, key: Hashable) -> float | None:
+        return self._fastest.get(key)
 
 
 @dataclass(eq=False, slots=True)
@@ -120,6 +144,10 @@ class StepBatcher(QueueLoop[T, R]):
     starts at once; every taken item is answered exactly once. Another key is not starved: once
     its oldest item has waited `max_wait_s`, the running key stops admitting, and the other key
     runs as soon as the active items finish (at most `--max-steps` more steps).
+
+    With `drop_late` (`--adaptive-batch on`), an active item whose steps left cannot end before
+    its deadline even at the fastest step seen for its shape is answered 504 at once and leaves,
+    rather than holding a slot until its timeout passes.
     """
 
     def __init__(
@@ -133,6 +161,7 @@ class StepBatcher(QueueLoop[T, R]):
         clock: Clock = time.monotonic,
         hooks: Hooks | None = None,
         key_label: Callable[[Hashable], str] = str,
+        drop_late: bool = True,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, max_wait_s=max_wait_s,
                          max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks,
@@ -143,6 +172,8 @@ class StepBatcher(QueueLoop[T, R]):
             else partial(advance_in_parts, runner))
         self.active: list[Active[T, R]] = []
         self.key: Hashable | None = None
+        self.drop_late = drop_late
+        self.times = StepTimes()
 
     def limit(self, key: Hashable) -> int:
         """The active limit of `key`: the setting, or less after a step of this key ran out of
@@ -157,6 +188,7 @@ class StepBatcher(QueueLoop[T, R]):
             now = self._clock()
             queue.purge(now)
             self._expire_active(now)
+            self._drop_late(now)
             self._drop_gone()
             if queue.closed and queue.empty():
                 return
@@ -179,6 +211,22 @@ class StepBatcher(QueueLoop[T, R]):
                     "its timeout_s"))
                 self._hooks.rejected("timeout")
                 self._hooks.wasted("timeout")
+
+    def _drop_late(self, now: float) -> None:
+        """Goodput: an item that cannot finish in time leaves now, its slot going to one that
+        can (the work it had done is wasted either way)."""
+        per_step = self.times.per_step(self.key) if self.drop_late and self.active else None
+        if per_step is None:
+            return
+        for item in self.active:
+            left = self._runner.remaining(item.state)
+            if item.gone or now + left * per_step <= item.pending.deadline:
+                continue
+            item.pending.future.set_exception(QueueTimeout(
+                f"cannot finish within its timeout_s: {left} steps left take at least "
+                f"{left * per_step:.1f} s, {max(0.0, item.pending.deadline - now):.1f} s remain"))
+            self._hooks.rejected("timeout")  # its timeout, answered before it passes
+            self._hooks.wasted("timeout")
 
     def _drop_gone(self) -> None:
         gone = [a for a in self.active if a.gone]
@@ -265,6 +313,7 @@ class StepBatcher(QueueLoop[T, R]):
             self.queue.release(taken)
             self._leave(active)
             return
+        elapsed = self._clock() - start
         if taken:
             active += self._join(taken, ran, now)
         if not active:
@@ -287,6 +336,8 @@ class StepBatcher(QueueLoop[T, R]):
         done = [a for a in active if self._runner.done(a.state)]
         if done:
             await self._finish(done, ran)
+        elif not taken:
+            self.times.note(self.key, elapsed)
 
     def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory) -> None:
         """Out of memory: the last joiners go back to the queue (they restart from scratch

@@ -113,6 +113,11 @@ class StepState(Protocol):
         """True once every denoising step of its schedule has run."""
         ...
 
+    @property
+    def remaining(self) -> int:
+        """Denoising steps of its schedule still to run (0 once done)."""
+        ...
+
 
 @runtime_checkable
 class StepEngine(Protocol):

@@ -46,6 +46,10 @@ class DiffusionState:
     def done(self) -> bool:
         return self.index >= len(self.timesteps)
 
+    @property
+    def remaining(self) -> int:
+        return max(0, len(self.timesteps) - self.index)
+
 
 class StepwiseDiffusion:
     """Prepare / step / finish over a loaded `StableDiffusionPipeline`."""
