@@ -155,9 +155,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--step-per-image-ms", type=float, default=15.0,
                    help="sim: ms per image per step")
     p.add_argument("--cpu-step-ms", type=float, default=0.0,
-                   help="tiny: measured ms per step (fixed part), to size the loads")
+                   help="tiny: ms per step (fixed part), to size the loads; with "
+                        "--cpu-step-per-image-ms 0 both are measured first")
     p.add_argument("--cpu-step-per-image-ms", type=float, default=0.0,
-                   help="tiny: measured ms per image per step, to size the loads")
+                   help="tiny: ms per image per step, to size the loads (0: measured)")
     p.add_argument("--loads", default="0.3,0.6,0.9,1.2")
     p.add_argument("--mixes", default="one-key,mixed")
     p.add_argument("--duration-s", type=float, default=900.0, help="at most, per point")
@@ -193,9 +194,26 @@ async def run_mix(urls: dict[str, str], points: Sequence[Point], opts: argparse.
     return results
 
 
+def calibrate(size: int, steps: int = 20) -> tuple[float, float]:
+    """The tiny model's step cost on this CPU, (fixed ms, ms per image) per step, from its raw
+    pipeline at batch 1 and 8 (`benchmarks.raw`): what the loads are fractions of."""
+    from batchserve.settings import Settings
+    from benchmarks.raw import measure
+
+    runs = measure(Settings(model="tiny", warmup=""), (size, size, steps), [1, 8],
+                   repeats=3)["batches"]
+    one, eight = (runs[n]["median_s"] * 1000 / steps for n in ("1", "8"))
+    per_image = max(0.0, (eight - one) / 7)
+    return max(0.0, one - per_image), per_image
+
+
 async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
     logs = opts.out / "runs"  # server logs, not committed
     logs.mkdir(parents=True, exist_ok=True)
+    if opts.model == "tiny" and not opts.cpu_step_per_image_ms:
+        opts.cpu_step_ms, opts.cpu_step_per_image_ms = calibrate(opts.size)
+        print(f"tiny on this CPU: {opts.cpu_step_ms:.2f} ms + {opts.cpu_step_per_image_ms:.2f} "
+              "ms per image per step (raw pipeline, batch 1 and 8)", flush=True)
     step_ms, per_image_ms = ((opts.step_ms, opts.step_per_image_ms) if opts.model == "sim"
                              else (opts.cpu_step_ms, opts.cpu_step_per_image_ms))
     mixes = opts.mixes.split(",")
