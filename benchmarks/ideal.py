@@ -30,50 +30,63 @@ def arrivals(rate: float, keys: Sequence[tuple[int, float]], n: int, seed: int) 
 
 
 def continuous(arr: list[Arrival], step: float, per: float, cap: int = 8) -> list[float]:
-    now, i, queue, active, lat = 0.0, 0, list[Arrival](), list[list[float]](), []
+    """Each arrival's latency (in arrival order) under continuous batching."""
+    now, i, lat = 0.0, 0, [0.0] * len(arr)
+    queue: list[int] = []
+    active: list[list[int]] = []  # [index, steps left]
     while i < len(arr) or queue or active:
         while i < len(arr) and arr[i][0] <= now:
-            queue.append(arr[i])
+            queue.append(i)
             i += 1
         while queue and len(active) < cap:
-            at, (steps, _) = queue.pop(0)
-            active.append([at, float(steps)])
+            index = queue.pop(0)
+            active.append([index, arr[index][1][0]])
         if not active:
             now = arr[i][0]
             continue
         now += (step + per * len(active)) / 1000
         for item in active:
             item[1] -= 1
-        lat += [now - a for a, left in active if left <= 0]
+            if item[1] <= 0:
+                lat[item[0]] = now - arr[item[0]][0]
         active = [x for x in active if x[1] > 0]
     return lat
 
 
 def whole(arr: list[Arrival], step: float, per: float, wait: float, cap: int = 8) -> list[float]:
-    now, i, lat = 0.0, 0, list[float]()
-    groups: dict[tuple[int, float], list[float]] = {}
+    """Each arrival's latency (in arrival order) under whole batches of one key, due when full
+    or when the oldest waited `wait` s."""
+    now, i, lat = 0.0, 0, [0.0] * len(arr)
+    groups: dict[tuple[int, float], list[int]] = {}  # key -> indices, oldest first
     while i < len(arr) or any(groups.values()):
         while i < len(arr) and arr[i][0] <= now:
-            groups.setdefault(arr[i][1], []).append(arr[i][0])
+            groups.setdefault(arr[i][1], []).append(i)
             i += 1
-        due = [(g[0], k) for k, g in groups.items()
-               if g and (len(g) >= cap or now - g[0] >= wait - 1e-9)]
+        due = [(arr[g[0]][0], k) for k, g in groups.items()
+               if g and (len(g) >= cap or now - arr[g[0]][0] >= wait - 1e-9)]
         if not due:
-            nxt = [g[0] + wait for g in groups.values() if g]
+            nxt = [arr[g[0]][0] + wait for g in groups.values() if g]
             now = min([*nxt, *([arr[i][0]] if i < len(arr) else [])])
             continue
         _, key = min(due)
         batch, groups[key] = groups[key][:cap], groups[key][cap:]
         now += key[0] * (step + per * len(batch)) / 1000
-        lat += [now - a for a in batch]
+        for index in batch:
+            lat[index] = now - arr[index][0]
     return lat
+
+
+def policies(arr: list[Arrival], step: float, per: float, max_wait_s: float = 0.5
+             ) -> dict[str, list[float]]:
+    """Each policy's latencies, in arrival order."""
+    return {"deadline": whole(arr, step, per, max_wait_s), "eager": whole(arr, step, per, 0.0),
+            "continuous": continuous(arr, step, per)}
 
 
 def ratios(arr: list[Arrival], step: float, per: float) -> dict[str, float]:
     """Continuous against the whole-batch policies on one arrival sequence: the open-loop
     report's target ratios."""
-    runs = {"deadline": whole(arr, step, per, 0.5), "eager": whole(arr, step, per, 0.0),
-            "continuous": continuous(arr, step, per)}
+    runs = policies(arr, step, per)
     c, d, e = runs["continuous"], runs["deadline"], runs["eager"]
     return {"c/d p50": percentile(c, 0.5) / percentile(d, 0.5),
             "c/e p50": percentile(c, 0.5) / percentile(e, 0.5),
@@ -105,8 +118,7 @@ def main() -> None:
                       f"(min / median / max): {line}")
                 continue
             arr = arrivals(rate, MIXES[mix], opts.arrivals, opts.seed)
-            runs = {"deadline": whole(arr, step, per, 0.5), "eager": whole(arr, step, per, 0.0),
-                    "continuous": continuous(arr, step, per)}
+            runs = policies(arr, step, per)
             q = {k: (percentile(v, 0.5), percentile(v, 0.95)) for k, v in runs.items()}
             line = "  ".join(f"{k} p50 {a:.2f} p95 {b:.2f} s" for k, (a, b) in q.items())
             r = ratios(arr, step, per)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from benchmarks.serve import percentile
 
 POLICIES = ("deadline", "eager", "continuous")
 
@@ -14,13 +16,46 @@ POLICIES = ("deadline", "eager", "continuous")
 def _at(results: dict[str, Any], mix: str, load: float) -> dict[str, Any] | None:
     for point in results["points"]:
         if point["mix"] == mix and abs(point["load"] - load) < 1e-9:
-            policies: dict[str, Any] = point["policies"]
-            return policies
+            found: dict[str, Any] = point
+            return found
     return None
 
 
 Interval = tuple[float, float]
-Target = tuple[str, float, Interval | None, float, bool]  # name, ratio, interval, bound, met
+
+
+class Target(NamedTuple):
+    name: str
+    ratio: float  # continuous over the other policy, measured
+    interval: Interval | None  # its 90% bootstrap interval
+    bound: float
+    met: bool
+    model: float | None  # the same ratio in the ideal model, on the same arrivals
+
+
+def model(results: dict[str, Any]) -> None:
+    """Adds `model` to each point: each policy's p50 / p95 in `benchmarks.ideal`'s event model
+    (no serving overhead) on the very arrivals the run sent (same schedule, same bodies, the
+    same warm-up left out), so each measured figure has its ideal beside it."""
+    from benchmarks import ideal, openloop
+
+    settings = results["settings"]
+    cost = ("step_ms", "step_per_image_ms") if settings["model"] == "sim" else (
+        "cpu_step_ms", "cpu_step_per_image_ms")
+    step, per = (float(settings[k]) for k in cost)
+    seed, warm_s = int(settings["seed"]), float(settings["warm_s"])
+    for point in results["points"]:
+        rate = point["load"] * openloop.capacity(point["mix"], step, per)
+        times = openloop.schedule(rate, int(settings["max_requests"]),
+                                  float(settings["duration_s"]), seed)
+        bodies = openloop.bodies(point["mix"], len(times), int(settings["size"]), seed)
+        arrivals = [(t, (b["inference_steps"], b["guidance_scale"]))
+                    for t, b in zip(times, bodies, strict=True)]
+        runs = ideal.policies(arrivals, step, per, float(settings["max_wait_ms"]) / 1000)
+        point["model"] = {
+            policy: {f"p{q}_ms": percentile([lat * 1000 for (t, _), lat in zip(
+                arrivals, runs[policy], strict=True) if t >= warm_s], q / 100) for q in (50, 95)}
+            for policy in POLICIES}
 
 
 def interval(a: Sequence[float | None], b: Sequence[float | None], q: float, *,
@@ -56,14 +91,18 @@ def targets(results: dict[str, Any]) -> list[Target]:
     def ratio(name: str, mix: str, load: float, field: str, base: str, bound: float,
               at_least: bool = False) -> None:
         point = _at(results, mix, load)
-        if point is None or not point[base][field]:
+        if point is None or not point["policies"][base][field]:
             return
-        r = point["continuous"][field] / point[base][field]
+        measured = point["policies"]
+        r = measured["continuous"][field] / measured[base][field]
         q = {"p50_ms": 0.5, "p95_ms": 0.95}.get(field)
-        spread = None
-        if q is not None and "lat_ms" in point[base]:
-            spread = interval(point["continuous"]["lat_ms"], point[base]["lat_ms"], q)
-        rows.append((name, r, spread, bound, r >= bound if at_least else r <= bound))
+        spread = ideal = None
+        if q is not None and "lat_ms" in measured[base]:
+            spread = interval(measured["continuous"]["lat_ms"], measured[base]["lat_ms"], q)
+        if q is not None and "model" in point:
+            ideal = point["model"]["continuous"][field] / point["model"][base][field]
+        rows.append(Target(name, r, spread, bound, r >= bound if at_least else r <= bound,
+                           ideal))
 
     ratio("mixed 60%: continuous p50 / deadline p50", "mixed", 0.6, "p50_ms", "deadline", 0.6)
     ratio("mixed 60%: continuous p50 / eager p50", "mixed", 0.6, "p50_ms", "eager", 0.6)
@@ -79,22 +118,28 @@ def targets(results: dict[str, Any]) -> list[Target]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| traffic | load | req/s offered | policy | p50 ms | p95 ms | images/s | "
-             "mean X-Batch-Size | failures |", "|---|---|---|---|---|---|---|---|---|"]
+    """The figures of every point and policy (the ideal model's beside them when `model` ran),
+    then the targets."""
+    lines = ["| traffic | load | req/s offered | policy | measured p50 / p95 ms | model p50 / "
+             "p95 ms | images/s | mean X-Batch-Size | failures |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for point in results["points"]:
         for policy in POLICIES:
             f = point["policies"][policy]
+            m = point.get("model", {}).get(policy)
+            ideal = "-" if m is None else f"{m['p50_ms']:.0f} / {m['p95_ms']:.0f}"
             lines.append(f"| {point['mix']} | {point['load']:.0%} | {point['rate']:.2f} | "
-                         f"{policy} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | "
+                         f"{policy} | {f['p50_ms']:.0f} / {f['p95_ms']:.0f} | {ideal} | "
                          f"{f['images_per_s']:.2f} | {f['mean_batch_size']:.1f} | "
                          f"{f['failures']} |")
     rows = targets(results)
     if rows:
-        lines += ["", "| target | measured | 90% interval | bound | met |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {name} | {r:.2f} | {_span(spread)} | "
-                  f"{'>=' if 'images' in name else '<='} {bound} | {'yes' if ok else 'NO'} |"
-                  for name, r, spread, bound, ok in rows]
+        lines += ["", "| target | measured | 90% interval | ideal model | bound | met |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {t.name} | {t.ratio:.2f} | {_span(t.interval)} | "
+                  f"{'-' if t.model is None else f'{t.model:.2f}'} | "
+                  f"{'>=' if 'images' in t.name else '<='} {t.bound} | "
+                  f"{'yes' if t.met else 'NO'} |" for t in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +164,10 @@ def chart(results: dict[str, Any], path: Path) -> None:
                     color=colours[policy], label=f"{policy} p50")
             ax.plot(loads, [p["policies"][policy]["p95_ms"] / 1000 for p in points], "--",
                     color=colours[policy], label=f"{policy} p95")
+            if all("model" in p for p in points):
+                ax.plot(loads, [p["model"][policy]["p50_ms"] / 1000 for p in points], "x",
+                        color=colours[policy], markersize=9,
+                        label=f"{policy} p50, ideal model")
         ax.set_title(f"{mix}: latency vs load (open loop, Poisson)")
         ax.set_xlabel("offered load, % of batch-8 capacity")
         ax.set_ylabel("seconds")
@@ -131,7 +180,16 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], out: Path) -> None:
+    model(results)
     text = markdown(results)
     (out / "openloop.md").write_text(text)
     chart(results, out / "openloop.png")
     print(text)
+
+
+if __name__ == "__main__":  # the report again from a run's openloop.json: python -m ... DIR
+    import json
+    import sys
+
+    folder = Path(sys.argv[1])
+    write(json.loads((folder / "openloop.json").read_text()), folder)
