@@ -480,24 +480,32 @@ class EngineSteps:
             self._checked = (engine, steps)
         return self._checked[1]
 
-    async def _guarded(self, call: Callable[[], T], work: float) -> T:
+    async def _guarded(self, call: Callable[[], T], work: float,
+                       done_work: Callable[[T], float] | None = None) -> T:
         service = self.service
         try:
-            return await service.watchdog.guard(service.worker.submit(call), work)
+            return await service.watchdog.guard(service.worker.submit(call), work, done_work)
         except EngineHung as exc:
             service._engine_hung(exc)
             raise
 
-    async def advance(self, joining: list[Job], active: list[tuple[Job, StepState]]
+    async def advance(self, joining: list[Job], active: list[tuple[Job, StepState]],
+                      until: Callable[[], bool] | None = None,
                       ) -> Advanced[asyncio.Future[bytes]]:
-        """Join, step and decode of one iteration in one engine-thread call (`run_round`)."""
+        """Join, steps and decode of one iteration in one engine-thread call (`run_round`):
+        steps go on until an item is done or `until()`. The watchdog bounds the call by the
+        most steps it can run (until the first item's schedule ends) and learns from the
+        steps it ran."""
         engine = self._engine()
         items = [j.item for j in joining]
         states = [s for _, s in active]
-        work = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
-        ran = await self._guarded(partial(run_round, engine, items, states), work)
+        pixels = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
+        most = 1 if until is None else min(
+            [*(s.remaining for s in states), *(i.inference_steps for i in items)], default=1)
+        ran = await self._guarded(partial(run_round, engine, items, states, until),
+                                  pixels * max(1, most), lambda r: pixels * max(1, r.steps))
         out: Advanced[asyncio.Future[bytes]] = Advanced(
-            ran.joined, ran.join_error, ran.step_error, None, ran.finish_error)
+            ran.joined, ran.join_error, ran.steps, ran.step_error, None, ran.finish_error)
         if ran.images is not None:
             self.service.metrics.gpu_memory(engine.memory_bytes())
             stepped = [*active, *zip(joining, ran.joined or (), strict=False)]

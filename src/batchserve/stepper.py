@@ -8,8 +8,10 @@ through an async `StepRunner`.
 Between two steps, in this order: cancelled items leave; queued items of the running key join,
 highest aged priority first, up to the active limit; one step runs for all active items; items
 whose schedule is done are decoded together and answered at once. A runner that offers
-`advance` does join, step and decode of one iteration in one call (one hop to the engine
-thread per step); otherwise `advance_in_parts` makes the three calls.
+`advance` does join, steps and decode of one iteration in one call on the engine thread, and
+keeps stepping while nothing changes (no item done, nothing submitted, cancelled or past its
+deadline: `_until`), so the engine does not wait for the event loop between such steps;
+otherwise `advance_in_parts` makes the three calls for one step.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Advanced(Generic[R]):
 
     joined: list[Any] | None = None  # the joiners' states; None when prepare failed
     join_error: Exception | None = None
+    steps: int = 0  # steps that ran for every stepped state (a failed one not counted)
     step_error: Exception | None = None
     finished: list[R] | None = None
     finish_error: Exception | None = None
@@ -87,12 +90,18 @@ class AdvancingRunner(StepRunner[T, R], Protocol[T, R]):
     """A runner that does one iteration (prepare the joiners, step all, finish the done) in one
     call; `finish` stays for the smaller retries after a failed decode."""
 
-    async def advance(self, joining: list[T], active: list[tuple[T, Any]]) -> Advanced[R]: ...
+    async def advance(self, joining: list[T], active: list[tuple[T, Any]],
+                      until: Callable[[], bool] | None = None) -> Advanced[R]:
+        """Steps go on while no state is done and `until()` is false (checked after each
+        step, from the engine's thread); None: one step."""
+        ...
 
 
 async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
-                           active: list[tuple[T, Any]]) -> Advanced[R]:
-    """`AdvancingRunner.advance` from the three separate calls."""
+                           active: list[tuple[T, Any]],
+                           until: Callable[[], bool] | None = None) -> Advanced[R]:
+    """`AdvancingRunner.advance` from the three separate calls, one step a call (`until` is
+    not needed: the loop decides again after every step)."""
     out: Advanced[R] = Advanced()
     if joining:
         try:
@@ -107,6 +116,7 @@ async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
     except Exception as exc:
         out.step_error = exc
         return out
+    out.steps = 1
     done = [(p, s) for p, s in pairs if runner.done(s)]
     if done:
         try:
@@ -167,7 +177,8 @@ class StepBatcher(QueueLoop[T, R]):
                          max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks,
                          key_label=key_label)
         self._runner = runner
-        self._advance: Callable[[list[T], list[tuple[T, Any]]], Awaitable[Advanced[R]]] = (
+        self._advance: Callable[[list[T], list[tuple[T, Any]], Callable[[], bool] | None],
+                                Awaitable[Advanced[R]]] = (
             runner.advance if isinstance(runner, AdvancingRunner)
             else partial(advance_in_parts, runner))
         self.active: list[Active[T, R]] = []
@@ -299,15 +310,25 @@ class StepBatcher(QueueLoop[T, R]):
 
     # -- one step --------------------------------------------------------------------------
 
+    def _until(self, pending: list[Pending[T, R]]) -> Callable[[], bool]:
+        """When steps running back to back must stop for the loop to decide again: something
+        was submitted, cancelled or failed (the queue's wake is set), or an item's deadline
+        passed. Read from the engine's thread: an `asyncio.Event` flag and the clock."""
+        wake, clock = self.queue.wake, self._clock
+        stop_at = min((p.deadline for p in pending), default=math.inf)
+        return lambda: wake.is_set() or clock() >= stop_at
+
     async def _iterate(self, taken: list[Pending[T, R]], now: float) -> None:
-        """One iteration: the joiners are prepared, one step runs, the done are decoded."""
+        """One iteration: the joiners are prepared, steps run (until an item is done or the
+        loop has something to change), the done are decoded."""
         active = list(self.active)
         start = self._clock()
         if taken:  # the joiners run in this call: the gauge counts them while it runs
             self._hooks.active_items(len(active) + len(taken))
+        until = self._until([*taken, *(a.pending for a in active)])
         try:
             ran = await self._advance([p.payload for p in taken],
-                                      [(a.pending.payload, a.state) for a in active])
+                                      [(a.pending.payload, a.state) for a in active], until)
         except Exception as exc:  # the call itself failed (the engine hung): nothing is known
             self._fail([*taken, *(a.pending for a in active)], exc)
             self.queue.release(taken)
@@ -321,6 +342,12 @@ class StepBatcher(QueueLoop[T, R]):
         for item in active:
             if item.first_step is None:
                 item.first_step = start
+        for _ in range(ran.steps):  # the steps before any failed one all fitted
+            self._hooks.step(len(active))
+            self.sizes.fitted(self.key, len(active))
+        for item in active:
+            item.steps += ran.steps
+            item.shared += ran.steps * len(active)
         if ran.step_error is not None:
             if isinstance(ran.step_error, EngineOutOfMemory):
                 self._shrink(active, ran.step_error)
@@ -328,16 +355,11 @@ class StepBatcher(QueueLoop[T, R]):
                 self._fail([a.pending for a in active], ran.step_error)
                 self._leave(active)
             return
-        self._hooks.step(len(active))
-        self.sizes.fitted(self.key, len(active))
-        for item in active:
-            item.steps += 1
-            item.shared += len(active)
         done = [a for a in active if self._runner.done(a.state)]
         if done:
             await self._finish(done, ran)
-        elif not taken:
-            self.times.note(self.key, elapsed)
+        elif not taken and ran.steps:
+            self.times.note(self.key, elapsed / ran.steps)
 
     def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory) -> None:
         """Out of memory: the last joiners go back to the queue (they restart from scratch

@@ -158,6 +158,7 @@ class StepRound:
 
     joined: list[StepState] | None = None  # states of the joiners; None when prepare failed
     join_error: Exception | None = None
+    steps: int = 0  # steps that ran for every stepping state (a failed one not counted)
     step_error: Exception | None = None
     images: list[Image] | None = None  # one per done state, in stepping order
     finish_error: Exception | None = None
@@ -168,11 +169,17 @@ class StepRound:
 
 
 def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
-              active: Sequence[StepState]) -> StepRound:
+              active: Sequence[StepState], until: Callable[[], bool] | None = None
+              ) -> StepRound:
     """One iteration of continuous batching in ONE call on the engine thread: `joining` are
-    prepared, one step runs for `active` plus the joiners (if prepare failed, for `active`
-    alone), and the states it completed are decoded together. One hop per step instead of
-    three: each hop to the engine thread and back costs the event loop a round trip."""
+    prepared, then steps run for `active` plus the joiners (if prepare failed, for `active`
+    alone) until a state is done, a step fails, or `until()` says the scheduler has something
+    to change (checked after each step; None: one step); the done states are decoded together.
+
+    Steps run back to back while nothing changes, so the engine does not wait for the event
+    loop between them: a hop to the loop and back costs little on an idle host but a whole
+    scheduling slice when the loop's CPU is busy (HTTP, encoding), and the engine idles
+    meanwhile."""
     out = StepRound()
     if joining:
         try:
@@ -182,18 +189,22 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
     stepping = [*active, *(out.joined or ())]
     if not stepping:
         return out
-    try:
-        engine.step(stepping)
-    except Exception as exc:
-        out.step_error = exc
-        return out
-    done = [s for s in stepping if s.done]
-    if done:
+    while True:
         try:
-            out.images = engine.finish(done)
+            engine.step(stepping)
         except Exception as exc:
-            out.finish_error = exc
-    return out
+            out.step_error = exc
+            return out
+        out.steps += 1
+        done = [s for s in stepping if s.done]
+        if done:
+            try:
+                out.images = engine.finish(done)
+            except Exception as exc:
+                out.finish_error = exc
+            return out
+        if until is None or until():
+            return out
 
 
 def warm_steps(engine: StepEngine, shapes: Sequence[tuple[int, int, int]],

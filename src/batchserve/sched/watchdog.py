@@ -53,9 +53,12 @@ class Watchdog:
         for waker in list(self._wakers):
             _resolve(waker)
 
-    async def guard(self, call: Awaitable[T], work: float) -> T:
+    async def guard(self, call: Awaitable[T], work: float,
+                    done_work: Callable[[T], float] | None = None) -> T:
         """Awaits `call`; raises `EngineHung` once it has run past its bound (`call` is then
-        abandoned: the thread running it cannot be stopped). Measures it when it ends."""
+        abandoned: the thread running it cannot be stopped). Measures it when it ends, by
+        `done_work(result)` when given (a call that may stop early is bounded by the most work
+        it may do, but measured by what it did)."""
         task = asyncio.ensure_future(call)
         loop = asyncio.get_running_loop()
         started = self.clock()
@@ -87,7 +90,7 @@ class Watchdog:
             task.cancel()
             raise
         result = task.result()
-        self.measured(work, self.clock() - started)
+        self.measured(work if done_work is None else done_work(result), self.clock() - started)
         return result
 
 
