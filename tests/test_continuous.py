@@ -14,6 +14,7 @@ import pytest
 from inprocess import in_process
 from test_shutdown import error_code, exit_code, fire, gauge, overflow, post, wait_for
 
+from batchserve.engines import GenerationItem, run_round
 from batchserve.service import Service
 from batchserve.settings import Settings, SettingsError
 
@@ -24,6 +25,10 @@ from fakes import FakeEngine, FakeStepEngine
 def body(seed: int, steps: int, guidance: float = 7.5) -> dict[str, object]:
     return {"prompt": "p", "width": 64, "height": 64, "seed": seed, "inference_steps": steps,
             "guidance_scale": guidance}
+
+
+def item(seed: int, steps: int) -> GenerationItem:
+    return GenerationItem("p", "", seed, 64, 64, steps, 7.5)
 
 
 async def eventually(predicate: object, rounds: int = 2000) -> None:
@@ -70,6 +75,48 @@ async def test_warmup_runs_the_calls_the_policy_makes(policy: str) -> None:
             assert engine.steps == [[0], [0], [0, 1, 2], [0, 1, 2]]
         else:
             assert engine.warmed and engine.steps == []
+
+
+def test_run_round_steps_back_to_back_until_an_item_is_done_or_told_to_stop() -> None:
+    engine = FakeStepEngine()
+    short, long = engine.prepare([item(1, 3), item(2, 8)])
+    ran = run_round(engine, [], [short, long], until=lambda: False)
+    assert ran.steps == 3 and engine.steps == [[1, 2]] * 3  # short's schedule ended
+    assert ran.images is not None and len(ran.images) == 1 and long.remaining == 5
+    answers = iter([False, True])
+    ran = run_round(engine, [], [long], until=lambda: next(answers))
+    assert (ran.steps, ran.images, long.remaining) == (2, None, 3)  # the loop wants a say
+    assert run_round(engine, [], [long]).steps == 1  # no `until`: one step
+    calls = 0
+
+    def second_step_fails(items: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("boom")
+
+    engine.fail = second_step_fails
+    ran = run_round(engine, [], [long], until=lambda: False)
+    assert ran.steps == 1 and isinstance(ran.step_error, RuntimeError)
+
+
+async def test_a_lone_item_runs_its_steps_in_one_engine_call() -> None:
+    """Nothing changes while it runs: no hop to the event loop between its steps."""
+    engine = FakeStepEngine()
+    async with in_process(engine, flush_policy="continuous") as app:  # type: ignore[arg-type]
+        submitted = app.service.worker.submit
+        calls = 0
+
+        def counting(call: object) -> object:
+            nonlocal calls
+            calls += 1
+            return submitted(call)  # type: ignore[arg-type]
+
+        app.service.worker.submit = counting  # type: ignore[method-assign]
+        resp = await app.client.post("/t2i", json=body(1, 12))
+        assert resp.status_code == 200 and resp.headers["x-batch-size"] == "1"
+        assert engine.steps == [[1]] * 12 and calls == 1
+        assert app.metric("batchserve_step_batch_size_count") == 12
 
 
 async def test_engine_without_step_interface_is_refused_at_start() -> None:

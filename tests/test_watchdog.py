@@ -58,6 +58,10 @@ def test_guard_passes_results_through_and_measures_them() -> None:
 
         assert await dog.guard(call(), work=300) == "images"
         assert dog.rate_s == pytest.approx(0.01)
+        # a call that may stop early is bounded by the most it may do, measured by what it did
+        dog = Watchdog(factor=10, min_s=1, clock=clock)
+        assert await dog.guard(call(), work=3000, done_work=lambda result: 300) == "images"
+        assert dog.rate_s == pytest.approx(0.01)
 
     asyncio.run(scenario())
 
