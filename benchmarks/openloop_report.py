@@ -152,6 +152,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     mixes = list(dict.fromkeys(p["mix"] for p in results["points"]))
     fig, axes = plt.subplots(1, len(mixes), figsize=(6 * len(mixes), 4.2), squeeze=False)
@@ -167,11 +168,14 @@ def chart(results: dict[str, Any], path: Path) -> None:
             if all("model" in p for p in points):
                 ax.plot(loads, [p["model"][policy]["p50_ms"] / 1000 for p in points], "x",
                         color=colours[policy], markersize=9,
-                        label=f"{policy} p50, ideal model")
+                        label="p50 of the ideal model" if policy == POLICIES[-1] else None)
         ax.set_title(f"{mix}: latency vs load (open loop, Poisson)")
         ax.set_xlabel("offered load, % of batch-8 capacity")
         ax.set_ylabel("seconds")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
