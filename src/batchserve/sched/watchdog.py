@@ -72,7 +72,7 @@ class Watchdog:
                         "server is restarting", retry_after_s=5,
                     )
                 # One plain future that the call's end, a poke or the bound resolves: no waker
-                # task and no `asyncio.wait` per call (`continuous` makes one call per step).
+                # task and no `asyncio.wait` per call (`continuous` may make one call per step).
                 waker: asyncio.Future[None] = loop.create_future()
                 done = partial(_resolve, waker)
                 task.add_done_callback(done)
