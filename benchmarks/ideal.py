@@ -83,10 +83,9 @@ def policies(arr: list[Arrival], step: float, per: float, max_wait_s: float = 0.
             "continuous": continuous(arr, step, per)}
 
 
-def ratios(arr: list[Arrival], step: float, per: float) -> dict[str, float]:
-    """Continuous against the whole-batch policies on one arrival sequence: the open-loop
-    report's target ratios."""
-    runs = policies(arr, step, per)
+def ratios(runs: dict[str, list[float]]) -> dict[str, float]:
+    """Continuous against the whole-batch policies (`policies` of one arrival sequence): the
+    open-loop report's target ratios."""
     c, d, e = runs["continuous"], runs["deadline"], runs["eager"]
     return {"c/d p50": percentile(c, 0.5) / percentile(d, 0.5),
             "c/e p50": percentile(c, 0.5) / percentile(e, 0.5),
@@ -109,8 +108,9 @@ def main() -> None:
         for load in map(float, opts.loads.split(",")):
             rate = load * capacity(mix, step, per)
             if opts.runs > 1:
-                draws = [ratios(arrivals(rate, MIXES[mix], opts.arrivals, opts.seed + k),
-                                step, per) for k in range(opts.runs)]
+                draws = [ratios(policies(arrivals(rate, MIXES[mix], opts.arrivals,
+                                                  opts.seed + k), step, per))
+                         for k in range(opts.runs)]
                 line = "  ".join(
                     f"{name} {min(v):.2f} / {median(v):.2f} / {max(v):.2f}"
                     for name in draws[0] for v in [[d[name] for d in draws]])
@@ -121,7 +121,7 @@ def main() -> None:
             runs = policies(arr, step, per)
             q = {k: (percentile(v, 0.5), percentile(v, 0.95)) for k, v in runs.items()}
             line = "  ".join(f"{k} p50 {a:.2f} p95 {b:.2f} s" for k, (a, b) in q.items())
-            r = ratios(arr, step, per)
+            r = ratios(runs)
             print(f"{mix:8s} {load:.0%}: {line}  | "
                   + " ".join(f"{k} {v:.2f}" for k, v in r.items()))
 
