@@ -199,7 +199,6 @@ class StepBatcher(QueueLoop[T, R]):
             now = self._clock()
             queue.purge(now)
             self._expire_active(now)
-            self._drop_late(now)
             self._drop_gone()
             if queue.closed and queue.empty():
                 return
@@ -214,30 +213,29 @@ class StepBatcher(QueueLoop[T, R]):
 
     def _expire_active(self, now: float) -> None:
         """`timeout_s` bounds queue plus generation: an item past it is answered 504 and leaves
-        at this step boundary, freeing its slot (its work so far is wasted, not finished)."""
+        at this step boundary, freeing its slot (its work so far is wasted, not finished). With
+        `drop_late`, so is one that cannot finish in time: its slot goes to one that can."""
+        per_step = self.times.per_step(self.key) if self.drop_late else None
         for item in self.active:
-            if not item.gone and item.pending.deadline <= now:
-                item.pending.future.set_exception(QueueTimeout(
-                    f"not finished {now - item.pending.enqueued:.1f} s after admission, past "
-                    "its timeout_s"))
-                self._hooks.rejected("timeout")
+            why = None if item.gone else self._late(item, now, per_step)
+            if why is not None:
+                item.pending.future.set_exception(QueueTimeout(why))
+                self._hooks.rejected("timeout")  # past it, or answered before it passes
                 self._hooks.wasted("timeout")
 
-    def _drop_late(self, now: float) -> None:
-        """Goodput: an item that cannot finish in time leaves now, its slot going to one that
-        can (the work it had done is wasted either way)."""
-        per_step = self.times.per_step(self.key) if self.drop_late and self.active else None
+    def _late(self, item: Active[T, R], now: float, per_step: float | None) -> str | None:
+        """Why `item` cannot finish within its `timeout_s` (None: it still can)."""
+        deadline = item.pending.deadline
+        if deadline <= now:
+            return (f"not finished {now - item.pending.enqueued:.1f} s after admission, past "
+                    "its timeout_s")
         if per_step is None:
-            return
-        for item in self.active:
-            left = self._runner.remaining(item.state)
-            if item.gone or now + left * per_step <= item.pending.deadline:
-                continue
-            item.pending.future.set_exception(QueueTimeout(
-                f"cannot finish within its timeout_s: {left} steps left take at least "
-                f"{left * per_step:.1f} s, {max(0.0, item.pending.deadline - now):.1f} s remain"))
-            self._hooks.rejected("timeout")  # its timeout, answered before it passes
-            self._hooks.wasted("timeout")
+            return None
+        left = self._runner.remaining(item.state)
+        if now + left * per_step > deadline:
+            return (f"cannot finish within its timeout_s: {left} steps left take at least "
+                    f"{left * per_step:.1f} s, {deadline - now:.1f} s remain")
+        return None
 
     def _drop_gone(self) -> None:
         gone = [a for a in self.active if a.gone]
