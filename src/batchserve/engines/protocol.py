@@ -213,16 +213,19 @@ def warm_steps(engine: StepEngine, shapes: Sequence[tuple[int, int, int]],
     size through prepare / step / finish, the calls that policy makes, so the UNet's step-path
     batches (one row per item per guidance half) are tuned and compiled before /readyz turns
     200. The whole-batch `Engine.warmup` would warm `generate`, which that policy never calls.
-    Returns (width, height, steps, size, seconds) for each run, for the log."""
+    Returns (width, height, steps, size, seconds) for each run, for the log; raises what a run
+    raised."""
     ran = []
     for width, height, steps in shapes:
         for size in sizes:
             items = [GenerationItem("warm-up", "", seed, width, height, steps, 7.5, sampler)
                      for seed in range(size)]
             started = time.perf_counter()
-            states = engine.prepare(items)
-            while not all(s.done for s in states):
-                engine.step(states)
-            engine.finish(states)
+            # The very call the policy makes; the items share one schedule, so it runs them to
+            # the end together.
+            done = run_round(engine, items, [], until=lambda: False)
+            for error in (done.join_error, done.step_error, done.finish_error):
+                if error is not None:
+                    raise error
             ran.append((width, height, steps, size, time.perf_counter() - started))
     return ran
