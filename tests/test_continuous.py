@@ -9,10 +9,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 from inprocess import in_process
-from test_shutdown import error_code, exit_code, fire, gauge, overflow, post, wait_for
+from test_shutdown import exit_code, fire, gauge, overflow, sigterm_refuses_new_work, wait_for
 
 from batchserve.engines import GenerationItem, run_round
 from batchserve.service import Service
@@ -148,11 +147,7 @@ def test_sigterm_drains_running_and_queued_items_then_exits_0(tmp_path: Path) ->
         wait_for(server, "two running, work queued", lambda: gauge(
             server, "batchserve_active_items") == 2 and gauge(
             server, "batchserve_queue_depth") >= 2)
-        server.proc.send_signal(signal.SIGTERM)
-        wait_for(server, "/readyz to turn 503", lambda: httpx.get(
-            server.url + "/readyz", timeout=5).status_code == 503)
-        refused = post(server, 99)
-        assert refused.status_code == 503 and error_code(refused) == "draining"
+        sigterm_refuses_new_work(server)
         assert [f.result(timeout=30).status_code for f in accepted] == [200] * 6
         assert exit_code(server) == 0
     assert "Traceback" not in server.log_path.read_text()

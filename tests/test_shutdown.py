@@ -74,6 +74,17 @@ def error_code(response: httpx.Response) -> str:
     return str(response.json()["error"]["code"])
 
 
+def sigterm_refuses_new_work(server: ServerProcess) -> httpx.Response:
+    """SIGTERM starts the drain: /readyz turns 503 and a new request is refused with 503
+    `draining` (returned, for more checks)."""
+    server.proc.send_signal(signal.SIGTERM)
+    wait_for(server, "/readyz to turn 503", lambda: httpx.get(
+        server.url + "/readyz", timeout=5).status_code == 503)
+    refused = post(server, 99)
+    assert refused.status_code == 503 and error_code(refused) == "draining"
+    return refused
+
+
 def test_sigterm_finishes_queued_and_in_flight_work_then_exits_0(tmp_path: Path) -> None:
     # 8 requests, batches of 2, 800 ms each: with 4 queued at the signal, the drain has at least
     # 1.6 s of work left, time enough to see it refuse new work.
@@ -86,12 +97,7 @@ def test_sigterm_finishes_queued_and_in_flight_work_then_exits_0(tmp_path: Path)
             server, "batchserve_queue_wait_seconds_count") + gauge(
             server, "batchserve_queue_depth") == 8 and gauge(
             server, "batchserve_queue_depth") >= 4)
-        server.proc.send_signal(signal.SIGTERM)
-
-        wait_for(server, "/readyz to turn 503", lambda: httpx.get(
-            server.url + "/readyz", timeout=5).status_code == 503)
-        refused = post(server, 99)
-        assert refused.status_code == 503 and error_code(refused) == "draining"
+        refused = sigterm_refuses_new_work(server)
         assert int(refused.headers["retry-after"]) >= 1
         assert server.proc.poll() is None  # still draining
 
