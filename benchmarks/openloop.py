@@ -136,10 +136,17 @@ def server_args(opts: argparse.Namespace, policy: str) -> list[str]:
     return ["--model", "tiny", *args]
 
 
+def requests(point: Point, max_requests: int, duration_s: float, size: int, seed: int
+             ) -> tuple[list[float], list[dict[str, Any]]]:
+    """A point's send times and bodies: what every policy receives, and what the report's
+    ideal model replays."""
+    times = schedule(point.rate, max_requests, duration_s, seed)
+    return times, bodies(point.mix, len(times), size, seed)
+
+
 async def run_point(urls: dict[str, str], point: Point, opts: argparse.Namespace
                     ) -> dict[str, dict[str, Any]]:
-    times = schedule(point.rate, opts.max_requests, opts.duration_s, opts.seed)
-    payloads = bodies(point.mix, len(times), opts.size, opts.seed)
+    times, payloads = requests(point, opts.max_requests, opts.duration_s, opts.size, opts.seed)
     if opts.model == "sim":  # the GPU is simulated: the three servers can share the CPU
         runs = await asyncio.gather(*(fire(u, payloads, times, opts.timeout_s)
                                       for u in urls.values()))

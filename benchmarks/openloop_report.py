@@ -45,10 +45,11 @@ def model(results: dict[str, Any]) -> None:
     step, per = (float(settings[k]) for k in cost)
     seed, warm_s = int(settings["seed"]), float(settings["warm_s"])
     for point in results["points"]:
-        rate = point["load"] * openloop.capacity(point["mix"], step, per)
-        times = openloop.schedule(rate, int(settings["max_requests"]),
-                                  float(settings["duration_s"]), seed)
-        bodies = openloop.bodies(point["mix"], len(times), int(settings["size"]), seed)
+        sent = openloop.Point(point["mix"], point["load"],
+                              point["load"] * openloop.capacity(point["mix"], step, per))
+        times, bodies = openloop.requests(sent, int(settings["max_requests"]),
+                                          float(settings["duration_s"]), int(settings["size"]),
+                                          seed)
         arrivals = [(t, (b["inference_steps"], b["guidance_scale"]))
                     for t, b in zip(times, bodies, strict=True)]
         runs = ideal.policies(arrivals, step, per, float(settings["max_wait_ms"]) / 1000)
