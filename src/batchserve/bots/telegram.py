@@ -350,10 +350,10 @@ class TelegramBot:
         except TelegramError as exc:
             log.warning("could not set the command menu: %s", exc)
         await self.app.start()
-        endpoint = None
+        endpoint = serving = None
         if self.settings.webhook_url:
             endpoint = Endpoint(self.webhook_app(), self.settings.host, self.settings.port)
-            await endpoint.start_serving()
+            serving = await endpoint.start_serving()
             await self.app.bot.set_webhook(self.settings.webhook_url, allowed_updates=UPDATES,
                                            secret_token=self.webhook_secret)
             log.info("telegram bot ready: webhook on %s:%d", self.settings.host,
@@ -364,8 +364,9 @@ class TelegramBot:
             log.info("telegram bot ready: long polling")
         await stop.requested.wait()
         # No new updates: unconfirmed ones stay with Telegram for the next start.
-        if endpoint is not None:
-            endpoint.should_exit = True
+        if endpoint is not None and serving is not None:
+            endpoint.should_exit = True  # Telegram re-sends what it cannot deliver meanwhile
+            await serving
         elif self.app.updater is not None:
             await self.app.updater.stop()
         await self.core.drain(stop)
