@@ -45,8 +45,9 @@ from .record import JobRecord, Status, TransitionRefused, new_job_id
 from .webhooks import WebhookSender
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
     from ..schema import T2IRequest
-    from ..service import Service
+    from ..settings import Settings
     from .runner import JobRunner
 
 log = logging.getLogger("batchserve.jobs")
@@ -73,14 +74,20 @@ class JobService:
 
     def __init__(
         self,
-        service: Service,
+        settings: Settings,
+        metrics: Metrics,
         queue: JobQueue,
         store: ResultStore,
         *,
+        admit: Callable[[], None] = lambda: None,
         webhooks: WebhookSender | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.service = service
+        """`admit` raises the 503 that refuses a new job (not ready, draining, wrong role): the
+        process's own lifecycle, which this module is handed rather than imports."""
+        self.settings = settings
+        self.metrics = metrics
+        self._admit = admit
         self.queue = queue
         self.store = store
         self.webhooks = webhooks
@@ -88,7 +95,7 @@ class JobService:
         self._clock = clock
         # With the memory queue every change happens in this process, so waiters are woken
         # and never poll; with a shared queue other processes change records too.
-        self._local = service.settings.queue == "memory"
+        self._local = settings.queue == "memory"
         self._ended: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, int] = {}
         self._closing = False
@@ -105,7 +112,7 @@ class JobService:
         webhook: str | None = None,
         base_url: str = "",
     ) -> JobRecord:
-        self.service.check_accepting_jobs()
+        self._admit()
         record = JobRecord(
             id=new_job_id(), status=Status.QUEUED, created_at=self._clock(),
             request=req.fields(), format=fmt, owner=owner, webhook=webhook,
@@ -114,7 +121,7 @@ class JobService:
         with backend_errors():
             stored = await self.queue.create(record, idempotency_key)
         if stored.id == record.id:
-            self.service.metrics.job_status(Status.QUEUED)
+            self.metrics.job_status(Status.QUEUED)
         return stored
 
     async def get(self, job_id: str) -> JobRecord:
@@ -176,7 +183,7 @@ class JobService:
 
     async def image_redirect(self, job_id: str) -> str | None:
         """A presigned URL for the image when `--result-redirect` is on and the store has one."""
-        if not self.service.settings.result_redirect:
+        if not self.settings.result_redirect:
             return None
         await self._succeeded(job_id)
         with backend_errors():
@@ -249,7 +256,7 @@ class JobService:
         if (ended := self._ended.get(record.id)) is not None:
             ended.set()
         finished = record.completed_at if record.completed_at is not None else self._clock()
-        self.service.metrics.job_status(record.status, max(0.0, finished - record.created_at))
+        self.metrics.job_status(record.status, max(0.0, finished - record.created_at))
         if record.webhook and self.webhooks is not None:
             body = self.view(record, str(record.extra.get("base_url", "")))
             self.webhooks.send(record.webhook, record.id, body)
@@ -279,7 +286,7 @@ class JobService:
                 waiting = await self.queue.waiting()
         except (BackendUnavailable, TimeoutError):
             return
-        self.service.metrics.jobs_waiting(waiting)
+        self.metrics.jobs_waiting(waiting)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Lets webhooks in flight finish (up to `timeout_s`), then closes the backends."""
