@@ -2,7 +2,7 @@
 # Needs jq.
 URL=${BATCHSERVE_URL:-http://127.0.0.1:8000}
 job=$(curl -sS --fail-with-body "$URL/v1/jobs" -H 'content-type: application/json' \
-  -d '{"prompt": "a red cube", "width": 256, "height": 256, "seed": 1}' | jq -r .id)
+  -d '{"prompt": "a red cube", "width": 128, "height": 128, "seed": 1}' | jq -r .id)
 while :; do
   status=$(curl -sS --fail-with-body "$URL/v1/jobs/$job" | jq -r .status)
   case $status in   # queued | running | succeeded | failed | canceled

@@ -4,4 +4,4 @@
 URL=${BATCHSERVE_URL:-http://127.0.0.1:8000}
 curl -sS --fail-with-body "$URL/t2i" -H 'content-type: application/json' -o bag.png -d '{
   "prompt": "product photo of a leather bag on a marble table, soft light, 85mm",
-  "negative_prompt": "EasyNegative, blurry", "width": 256, "height": 256, "seed": 1}'
+  "negative_prompt": "EasyNegative, blurry", "width": 128, "height": 128, "seed": 1}'

@@ -8,7 +8,7 @@ url = os.environ.get("BATCHSERVE_URL", "http://127.0.0.1:8000")
 # The client wants a key: the server's --api-key when it has one, else anything.
 client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("BATCHSERVE_API_KEY", "none"))
 result = client.images.generate(
-    prompt="a red cube", n=2, size="256x256",
+    prompt="a red cube", n=2, size="128x128",
     extra_body={"seed": 1, "num_inference_steps": 20, "negative_prompt": "blurry"},
 )
 for i, image in enumerate(result.data):

@@ -189,10 +189,12 @@ def _fields(schema: dict[str, Any], prefix: str = "") -> list[list[str]]:
     for name, prop in schema.get("properties", {}).items():
         rows.append([f"`{prefix}{name}`", _type(prop), "yes" if name in required else "",
                      _rule(prop), _escape(prop.get("description", ""))])
-        if prop.get("type") == "object" and "properties" in prop:
+        kinds = prop.get("type", [])
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if "object" in kinds and "properties" in prop:  # also "object or null"
             rows += _fields(prop, f"{prefix}{name}.")
         items = prop.get("items", {})
-        if prop.get("type") == "array" and "properties" in items:
+        if "array" in kinds and "properties" in items:
             rows += _fields(items, f"{prefix}{name}[].")
     return rows
 
