@@ -24,6 +24,10 @@ class MalformedJSON(BatchServeError):
     status, code, reject_reason = 400, "malformed_json", "invalid"
 
 
+class MalformedForm(BatchServeError):
+    status, code, reject_reason = 400, "malformed_body", "invalid"
+
+
 class Unauthorized(BatchServeError):
     status, code = 401, "unauthorized"
 
