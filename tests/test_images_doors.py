@@ -7,10 +7,12 @@ families' step core; the lead adds the real-image assertions then.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +27,10 @@ from batchserve import images, schema
 from batchserve.engines import GenerationItem
 from batchserve.engines.capabilities import ALL_IMAGE_INPUTS, IMG2IMG
 from batchserve.jobs.service import input_name
+from batchserve.jobs.stores import FileResultStore
+from batchserve.service import shape_label
 
+from fakes import FakeStepEngine
 from imagedata import b64, encode, gradient, lying_png, mask, noise, png
 
 JSON = {"content-type": "application/json"}
@@ -498,3 +503,68 @@ async def test_openapi_documents_the_image_routes_and_fields(app: InProcess) -> 
     assert info["image_inputs"] == ["img2img", "inpaint"]
     assert info["limits"]["max_image_bytes"] == 256 * 1024
     assert info["limits"]["max_input_pixels"] == 4096 * 4096
+
+
+# -- batching: the start step joins the whole-batch key, not the continuous one ----------------
+
+
+async def test_whole_batches_group_image_items_by_their_start_step() -> None:
+    async with in_process(image_inputs=ALL_IMAGE_INPUTS, max_wait_ms=60_000,
+                          max_batch_size=2, **LIMITS) as env:
+        def body(seed: int, strength: float | None) -> dict[str, Any]:
+            out: dict[str, Any] = {"prompt": "x", "seed": seed, "inference_steps": 4,
+                                   "width": 64, "height": 64}
+            if strength is not None:
+                out.update(init_image=GOOD, strength=strength)
+            return out
+
+        # text (step 0) + strength 1 (step 0); two at strength 0.5 (step 2): two full batches
+        answers = await asyncio.gather(*(
+            env.client.post("/t2i", json=body(seed, strength))
+            for seed, strength in ((1, None), (2, 0.5), (3, 1.0), (4, 0.5))))
+        assert [a.status_code for a in answers] == [200] * 4
+        batches = sorted(sorted(i.seed for i in batch) for batch in env.engine.batches)
+        assert batches == [[1, 3], [2, 4]]
+        labels = {a.headers["x-seed"]: a for a in answers}
+        assert labels["2"].headers["x-batch-size"] == "2"
+    assert shape_label((64, 64, 4, 7.5, "euler", 2)) == "64x64x4x7.5@2/euler"
+    assert shape_label((64, 64, 4, 7.5, "euler")) == "64x64x4x7.5/euler"
+
+
+async def test_under_continuous_image_items_share_the_running_batch_of_their_size() -> None:
+    engine = FakeStepEngine(gate=threading.Event())
+    async with in_process(engine, image_inputs=ALL_IMAGE_INPUTS, flush_policy="continuous",
+                          max_wait_ms=0, **LIMITS) as env:
+        text = asyncio.ensure_future(env.client.post("/t2i", json={
+            "prompt": "x", "seed": 1, "inference_steps": 3, "width": 64, "height": 64}))
+        await asyncio.to_thread(engine.started.wait, 10)  # the text item is stepping
+        queued = asyncio.Event()
+        submit = env.service.batcher.submit
+
+        def noting(*args: Any, **kwargs: Any) -> Any:
+            future = submit(*args, **kwargs)
+            queued.set()
+            return future
+
+        env.service.batcher.submit = noting  # type: ignore[method-assign]
+        edit = asyncio.ensure_future(env.client.post("/t2i", json={
+            "prompt": "x", "seed": 2, "inference_steps": 3, "init_image": GOOD,
+            "strength": 0.7}))
+        await asyncio.wait_for(queued.wait(), 10)  # queued while the first step is held
+        engine.gate.set()
+        assert (await text).status_code == 200 and (await edit).status_code == 200
+    assert any(step == [1, 2] for step in engine.steps)  # one forward pass, both items
+
+
+async def test_a_file_result_store_keeps_and_deletes_a_jobs_input(tmp_path: Path) -> None:
+    store = FileResultStore(tmp_path / "results", ttl_s=3600)
+    async with in_process(image_inputs=ALL_IMAGE_INPUTS, max_wait_ms=0,
+                          backends={"store": store}, **LIMITS) as env:
+        env.engine.gate = threading.Event()  # held: the job stays queued or running
+        sent = await env.client.post("/v1/jobs", json={
+            "prompt": "x", "init_image": GOOD, "inference_steps": 2})
+        job_id = sent.json()["id"]
+        assert (tmp_path / "results" / input_name(job_id)).stat().st_size == 64 * 64 * 3
+        env.engine.gate.set()
+        assert str((await env.service.jobs.wait(job_id, 10)).status) == "succeeded"
+        assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [job_id]

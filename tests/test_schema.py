@@ -10,6 +10,7 @@ import orjson
 import pytest
 from PIL import Image
 
+from batchserve import images
 from batchserve.engines.capabilities import ALL_IMAGE_INPUTS, IMG2IMG
 from batchserve.errors import MalformedJSON, ValidationError
 from batchserve.images import MaskRule
@@ -332,3 +333,16 @@ def test_published_schema_documents_the_image_fields() -> None:
         IMAGES))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"prompt": "x", "strength": 0}, request_schema(IMAGES))
+
+
+def test_cheap_checks_refuse_before_the_image_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("decoded an image for a request refused anyway")
+
+    monkeypatch.setattr(images, "decode", never)
+    picture = b64(png(64, 64))
+    for fields, field in (({"width": 2048, "height": 2048}, "width"),
+                          ({"inference_steps": 151}, "inference_steps"),
+                          ({"strength": 2}, "strength"), ({"seed": -1}, "seed"),
+                          ({"inference_steps": 2, "strength": 0.2}, "strength")):
+        assert refusal(init_image=picture, **fields).field == field

@@ -140,12 +140,11 @@ def open_image(data: bytes, label: str, max_pixels: int) -> Image.Image:
         raise _too_large(label, (width, height), max_pixels)
     try:
         image.load()
-        upright = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when already upright
     except _DECODE_ERRORS as exc:
-        raise _unreadable(label, fmt, exc) from None
-    finally:
         image.close()
-    return upright
+        raise _unreadable(label, fmt, exc) from None
+    return image
 
 
 def _too_large(label: str, size: tuple[int, int] | None, limit: int) -> ValidationError:

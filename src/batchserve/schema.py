@@ -314,6 +314,11 @@ def validate(
     v = {name: FIELDS[name].check(value, limits, label(name)) for name, value in data.items()}
     steps = _steps(v, label)
     _check_image_fields(v, steps, limits, label)
+    # The size is known before decoding unless a side comes from the init image.
+    derived = "init_image" in v and not ("width" in v and "height" in v)
+    width, height = v.get("width", 512), v.get("height", 512)
+    if not derived:
+        _check_area(width, height, steps, limits, label, derived=False)
     decoded = None
     if "init_image" in v:
         decoded = images.decode(
@@ -323,20 +328,9 @@ def validate(
             # OpenAI's rule: an image's own transparent pixels ask for inpainting too.
             raise _cannot(label("mask_image" if "mask_image" in v else "init_image"),
                           "inpainting (a mask)")
-    width, height, derived = _size(v, decoded, limits, label)
-    if width * height > limits.max_pixels:
-        raise ValidationError(
-            f"width*height = {width * height} exceeds the limit of {limits.max_pixels} pixels"
-            + (_SIZE_HINT if derived else ""),
-            field=label("init_image" if derived else "width"),
-        )
-    cost = width * height * steps
-    if limits.max_cost and cost > limits.max_cost:
-        raise ValidationError(
-            f"width*height*inference_steps = {cost} exceeds this server's cost limit of "
-            f"{limits.max_cost}; ask for fewer steps or fewer pixels",
-            field=label("inference_steps"),
-        )
+        if derived:
+            width, height = _size_of(v, decoded, limits, label)
+            _check_area(width, height, steps, limits, label, derived=True)
     seed = v["seed"] if "seed" in v else secrets.randbelow(MAX_SEED + 2 - count)
     if seed + count - 1 > MAX_SEED:
         raise ValidationError(f"{label('seed')} + {count - 1} images exceeds {MAX_SEED}",
@@ -398,17 +392,31 @@ def image_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
     return width - width % step, height - height % step
 
 
-def _size(v: dict[str, Any], decoded: images.Decoded | None, limits: Limits,
-          label: Callable[[str], str]) -> tuple[int, int, bool]:
-    """(width, height, whether a side came from the init image). Without width or height,
-    text-to-image takes 512 and an init image its own side, rounded down (checked here like a
-    sent one)."""
-    if decoded is None:
-        return v.get("width", 512), v.get("height", 512), False
+def _check_area(width: int, height: int, steps: int, limits: Limits,
+                label: Callable[[str], str], *, derived: bool) -> None:
+    """The rules across fields: pixels, and pixels x steps. `derived`: a side came from the
+    init image, so the error names it."""
+    if width * height > limits.max_pixels:
+        raise ValidationError(
+            f"width*height = {width * height} exceeds the limit of {limits.max_pixels} pixels"
+            + (_SIZE_HINT if derived else ""),
+            field=label("init_image" if derived else "width"),
+        )
+    cost = width * height * steps
+    if limits.max_cost and cost > limits.max_cost:
+        raise ValidationError(
+            f"width*height*inference_steps = {cost} exceeds this server's cost limit of "
+            f"{limits.max_cost}; ask for fewer steps or fewer pixels",
+            field=label("inference_steps"),
+        )
+
+
+def _size_of(v: dict[str, Any], decoded: images.Decoded, limits: Limits,
+             label: Callable[[str], str]) -> tuple[int, int]:
+    """The size of a request with an init image and at most one of width and height: each
+    missing side is the image's, rounded down, and checked here like a sent one."""
     own = image_size(*decoded.image.size, limits)
     width, height = v.get("width", own[0]), v.get("height", own[1])
-    if "width" in v and "height" in v:
-        return width, height, False
     field = label("init_image")
     for side, name in ((width, "width"), (height, "height")):
         if name not in v:
@@ -418,7 +426,7 @@ def _size(v: dict[str, Any], decoded: images.Decoded | None, limits: Limits,
                     f"{field} is {decoded.image.width}x{decoded.image.height}: its {name} "
                     f"{side} (rounded down to a multiple of {limits.size_multiple}) is out of "
                     f"{_num(low)}..{_num(high)}" + _SIZE_HINT, field=field)
-    return width, height, True
+    return width, height
 
 
 def repeat(req: T2IRequest, count: int) -> list[T2IRequest]:

@@ -12,12 +12,13 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import (
+    BatchKey,
     Engine,
     GenerationItem,
     StepState,
@@ -438,7 +439,8 @@ class Service:
             "engine": self.engine.info().to_dict() if self.engine else None,
             "batching": {
                 "key": ["width", "height"] if self.continuous else
-                       ["width", "height", "inference_steps", "guidance_scale", "sampler"],
+                       ["width", "height", "inference_steps", "guidance_scale", "sampler",
+                        "start_step"],
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
                 "flush_policy": s.flush_policy,
@@ -583,7 +585,7 @@ def shape_label(key: Hashable) -> str:
     if not isinstance(key, tuple):
         return "other"
     if len(key) in (5, 6) and isinstance(key[4], str) and key[4]:
-        return key_label(key)  # type: ignore[arg-type]  # the whole-batch key
+        return key_label(cast(BatchKey, key))  # the whole-batch key
     numbers = "x".join(f"{p:g}" if isinstance(p, float) else str(p) for p in key
                        if not isinstance(p, str))
     return "/".join([numbers, *(p for p in key if isinstance(p, str))])
