@@ -469,6 +469,9 @@ async def test_a_text_body_keeps_the_text_limit_and_an_image_body_gets_its_own(
         answer = await app.client.post(path, json={"prompt": "x", "init_image": huge})
         assert answer.status_code == 413, answer.text
         assert "--max-image-bytes" in answer.json()["error"]["message"]
+    answer = await app.client.post("/sdapi/v1/img2img", json={"prompt": "x",
+                                                               "init_images": [huge]})
+    assert answer.status_code == 413 and "--max-image-bytes" in answer.json()["detail"]
     answer = await app.client.post("/v1/images/edits", data={"prompt": "x"},
                                    files={"image": ("big.png", huge.encode(), "image/png")})
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "body_too_large"
