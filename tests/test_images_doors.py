@@ -331,7 +331,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
               "init_image_bytes": encode(gradient(8, 8), "TIFF")}, "init", "a TIFF image"),
     ("svg", {"init_image": b64(b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
              "init_image_bytes": b"<svg xmlns='http://www.w3.org/2000/svg'/>"}, "init",
-     "a SVG image"),
+     "an SVG image"),
     ("over-max-input-pixels", {"init_image": b64(lying_png(5000, 5000)),
                                "init_image_bytes": lying_png(5000, 5000)}, "init",
      "5000x5000 = 25000000 pixels"),

@@ -42,9 +42,10 @@ _WHITE = (255, 255, 255)
 _DATA_URL = re.compile(r"data:[\w.+/-]*(?:;[\w.+=-]+)*?;base64,", re.IGNORECASE)
 _REMOTE = re.compile(r"\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 # Formats people send by mistake, so the refusal can say what it saw.
-_OTHER_MAGIC = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
-                (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
-                (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"%PDF", "PDF"))
+_OTHER_MAGIC = ((b"GIF87a", "a GIF image"), (b"GIF89a", "a GIF image"), (b"BM", "a BMP image"),
+                (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+                (b"\x00\x00\x01\x00", "an ICO image"), (b"8BPS", "a Photoshop file"),
+                (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"), (b"%PDF", "a PDF document"))
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # Pillow errors that mean "not a readable image": a header that lies, a truncated body, a bomb.
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
@@ -110,12 +111,12 @@ def _other_format(data: bytes) -> str | None:
         if data.startswith(magic):
             return name
     if data[4:12] in (b"ftypavif", b"ftypavis"):
-        return "AVIF"
+        return "an AVIF image"
     if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
-        return "HEIC"
+        return "a HEIC image"
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<svg", b"<?xml", b"<!doctype svg")):
-        return "SVG"
+        return "an SVG image"
     return None
 
 
@@ -125,8 +126,7 @@ def open_image(data: bytes, label: str, max_pixels: int) -> Image.Image:
     decoded."""
     fmt = sniff(data)
     if fmt is None:
-        other = _other_format(data)
-        what = f"a {other} image" if other else "not a PNG, JPEG or WebP image"
+        what = _other_format(data) or "not a PNG, JPEG or WebP image"
         raise ValidationError(f"{label} is {what}; send PNG, JPEG or WebP", field=label)
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
