@@ -30,6 +30,10 @@ class MalformedJSON(BatchServeError):
     status, code, reject_reason = 400, "malformed_json", "invalid"
 
 
+class MalformedForm(BatchServeError):
+    status, code, reject_reason = 400, "malformed_body", "invalid"
+
+
 class Unauthorized(BatchServeError):
     """`--api-key` is set and the `Authorization: Bearer` key is missing or wrong (with
     `WWW-Authenticate: Bearer`)."""

@@ -12,20 +12,23 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import (
+    BatchKey,
     Engine,
     GenerationItem,
     StepState,
+    key_label,
     load_engine,
     run_round,
     step_engine,
     warm_steps,
 )
+from .engines.capabilities import image_inputs
 from .errors import (
     BatchServeError,
     Draining,
@@ -91,12 +94,16 @@ class Service:
         self.limits = Limits(
             settings.max_pixels, settings.max_steps, settings.request_timeout_s,
             max_priority=settings.max_priority, max_cost=settings.max_cost,
-            default_sampler=settings.scheduler,
+            default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
+            image_inputs=image_inputs(settings),
         )
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
         self.watchdog = Watchdog(factor=settings.watchdog_factor, min_s=settings.watchdog_min_s)
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
+        # Requests' init images are decoded here, off the loop: as many at once as images are
+        # encoded, which bounds the memory that decoding untrusted uploads can take.
+        self.decoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="decode")
         self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
         self.adaptive = Adaptive(
@@ -275,6 +282,7 @@ class Service:
         await self.jobs.close()
         self.worker.stop()
         self.encoder.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     async def readiness(self) -> str | None:
         """None when this role can do its work now, else why not (`/readyz`). api: the queue
@@ -431,7 +439,8 @@ class Service:
             "engine": self.engine.info().to_dict() if self.engine else None,
             "batching": {
                 "key": ["width", "height"] if self.continuous else
-                       ["width", "height", "inference_steps", "guidance_scale", "sampler"],
+                       ["width", "height", "inference_steps", "guidance_scale", "sampler",
+                        "start_step"],
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
                 "flush_policy": s.flush_policy,
@@ -450,10 +459,13 @@ class Service:
                 "max_cost": s.max_cost,
                 "max_priority": s.max_priority,
                 "max_body_bytes": s.max_body_bytes,
+                "max_image_bytes": s.max_image_bytes,
+                "max_input_pixels": s.max_input_pixels,
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
             },
             "samplers": {"served": list(SAMPLERS), "default": s.scheduler},
+            "image_inputs": sorted(self.limits.image_inputs),
             "live": self.live(),
             "watchdog": {
                 "factor": s.watchdog_factor,
@@ -567,10 +579,13 @@ def _work(item: GenerationItem) -> int:
 
 
 def shape_label(key: Hashable) -> str:
-    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` (as
-    the request log writes it): numbers and names from closed sets only, never user text."""
+    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` or,
+    for items joining at step 5, `512x512x20x7.5@5/euler-a` (as the request log writes it):
+    numbers and names from closed sets only, never user text."""
     if not isinstance(key, tuple):
         return "other"
+    if len(key) in (5, 6) and isinstance(key[4], str) and key[4]:
+        return key_label(cast(BatchKey, key))  # the whole-batch key
     numbers = "x".join(f"{p:g}" if isinstance(p, float) else str(p) for p in key
                        if not isinstance(p, str))
     return "/".join([numbers, *(p for p in key if isinstance(p, str))])

@@ -201,11 +201,18 @@ class JobRunner:
                 "worker_lost", f"the job was handed to {self.max_attempts} workers and none "
                 "finished it"))
             return
-        try:
-            req = T2IRequest(**record.request)
-        except TypeError:  # written by a version with other fields: fail it, don't retry it
+        pixels = await jobs.inputs(record)  # unreachable store: left for redelivery
+        if pixels is None and record.request.get("init_image") is not None:
             await self._end(d, Status.FAILED, error=JobError(
-                "invalid_request", "the stored request does not fit this server version"))
+                "input_gone", "the job's init image expired or was deleted before it ran"))
+            return
+        try:
+            req = T2IRequest.from_fields(record.request, pixels)
+        except (TypeError, ValueError, KeyError) as exc:
+            # Written by a version with other fields, or its input image is gone: fail it,
+            # don't retry it.
+            await self._end(d, Status.FAILED, error=JobError(
+                "invalid_request", f"the stored request cannot run here: {exc}"))
             return
         try:
             held.future = self.generator.submit(req, record.format, online=False)

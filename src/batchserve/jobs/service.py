@@ -24,7 +24,13 @@ renders in the door's shape):
   `"/v1/jobs/{id}/image"`; `await jobs.position(record)` -> best-effort queue position.
 
 Every state change made in this process goes through `transition`, the one place with the side
-effects of a job ending: waking `wait`ers, metrics, the webhook.
+effects of a job ending: waking `wait`ers, metrics, the webhook, deleting its input image.
+
+A job's init image (img2img, inpainting) does not bloat its record: the record's request holds
+its size, `strength` and `mask_blur`, and the pixels (`T2IRequest.pixels()`) live in the result
+store as `input_name(job_id)` (`<job id>-input`, a name in the store's own scheme that no job id
+can take), written before the record and with the same TTL, read by the worker that runs the
+job (`inputs`), and deleted when the job ends.
 """
 
 from __future__ import annotations
@@ -54,6 +60,13 @@ log = logging.getLogger("batchserve.jobs")
 _ID = re.compile(r"job_[A-Za-z0-9_-]{22}")
 PREFER_WAIT_MAX_S = 60
 PRESIGNED_EXPIRES_S = 300
+INPUT_MEDIA_TYPE = "application/octet-stream"
+
+
+def input_name(job_id: str) -> str:
+    """Where a job's input pixels live in the result store: job ids are `job_` and 22 URL-safe
+    characters, so `<job id>-input` is never another job's name."""
+    return f"{job_id}-input"
 
 
 @contextlib.contextmanager
@@ -118,11 +131,30 @@ class JobService:
             request=req.fields(), format=fmt, owner=owner, webhook=webhook,
             priority=req.priority, extra={"base_url": base_url.rstrip("/")},
         )
-        with backend_errors():
-            stored = await self.queue.create(record, idempotency_key)
+        pixels = req.pixels()
+        if pixels is not None:  # before the record: a worker never sees a job without its input
+            with backend_errors():
+                await self.store.put(input_name(record.id), pixels, INPUT_MEDIA_TYPE)
+        try:
+            with backend_errors():
+                stored = await self.queue.create(record, idempotency_key)
+        except BaseException:
+            if pixels is not None:
+                await self._drop_input(record.id)
+            raise
         if stored.id == record.id:
             self.metrics.job_status(Status.QUEUED)
+        elif pixels is not None:  # the idempotency key named an existing job: ours is unused
+            await self._drop_input(record.id)
         return stored
+
+    async def inputs(self, record: JobRecord) -> bytes | None:
+        """The pixels of the job's init image and mask, or None for a job without one or once
+        they are gone (expired with the job, or deleted when it ended). `BackendUnavailable`
+        when the store cannot be reached."""
+        if record.request.get("init_image") is None:
+            return None
+        return await self.store.get(input_name(record.id))
 
     async def get(self, job_id: str) -> JobRecord:
         if not _ID.fullmatch(job_id):
@@ -250,7 +282,17 @@ class JobService:
             raise NotFound(f"no job {job_id} (unknown or expired)") from None
         if record.status.terminal:
             self._ended_here(record)
+            if record.request.get("init_image") is not None:
+                await self._drop_input(record.id)
         return record
+
+    async def _drop_input(self, job_id: str) -> None:
+        """Best effort: a store that cannot be reached now lets the input expire with the job."""
+        try:
+            await self.store.delete(input_name(job_id))
+        except BackendUnavailable as exc:
+            log.warning("deleting the input image of job %s failed (it expires with the job's "
+                        "TTL): %s", job_id, exc)
 
     def _ended_here(self, record: JobRecord) -> None:
         if (ended := self._ended.get(record.id)) is not None:
