@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The two commands of the README; each does its own setup on a fresh machine.
+# The README's two commands and two more; each does its own setup on a fresh machine.
 #   ./dev.sh serve [batchserve serve flags]   serve the tiny model on 127.0.0.1:8000
 #   ./dev.sh test  [pytest args]              lint, type-check and run the test suite
 #   ./dev.sh bench [runner args]              the benchmark runner (python -m benchmarks)
+#   ./dev.sh docs [gen|check|mkdocs serve args]  the user guide on 127.0.0.1:8001; `gen`
+#                                             rewrites its generated references, `check`
+#                                             checks them and builds the site strictly
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${BATCHSERVE_VENV:-.venv}
@@ -12,7 +15,7 @@ PY="$VENV/bin/python"
 if [ -t 2 ]; then log() { printf '\033[1m[dev.sh]\033[0m %s\n' "$*" >&2; }
 else log() { printf '[dev.sh] %s\n' "$*" >&2; }; fi
 
-setup_python() {  # $1: extras ("" or "dev"); $2: "loud" shows pip's own progress
+setup_python() {  # $1: extras ("", "dev" or "docs"); $2: "loud" shows pip's own progress
   local stamp="$VENV/.installed-${1:-base}-$(cat pyproject.toml | sha1sum | cut -c1-12)"
   [ -f "$stamp" ] && return 0
   local quiet=-q
@@ -41,7 +44,8 @@ setup_python() {  # $1: extras ("" or "dev"); $2: "loud" shows pip's own progres
 }
 
 # Real services the tests start on loopback ports (Debian packages): Prometheus + promtool,
-# Redis (jobs queue), nginx (scale-out), Chromium + chromedriver (the web page).
+# Redis (jobs queue), nginx (scale-out), Chromium + chromedriver (the web page); and jq, which
+# the docs' curl examples use (tests/test_docs_examples.py runs them).
 setup_debian() {
   local missing=()
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
@@ -49,6 +53,7 @@ setup_debian() {
   [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  command -v jq >/dev/null 2>&1 || missing+=(jq)
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
@@ -83,7 +88,7 @@ case "${1:-}" in
     setup_python dev
     setup_debian
     export PATH="$PWD/$VENV/node/node_modules/.bin:$PATH:/usr/sbin"
-    log "ruff";  "$VENV/bin/ruff" check src tests benchmarks deploy
+    log "ruff";  "$VENV/bin/ruff" check src tests benchmarks deploy docs/hooks.py docs/examples
     log "mypy";  "$VENV/bin/mypy"
     log "pytest"
     exec "$PY" -m pytest "$@"
@@ -93,8 +98,21 @@ case "${1:-}" in
     setup_python dev
     exec "$PY" -m benchmarks "$@"
     ;;
+  docs)
+    shift
+    setup_python docs
+    export NO_MKDOCS_2_WARNING=1  # mkdocs-material's banner about its successor, on every run
+    case "${1:-}" in
+      gen) exec "$PY" -m batchserve.docgen ;;
+      check)
+        "$PY" -m batchserve.docgen --check
+        exec "$VENV/bin/mkdocs" build --strict --site-dir "$(mktemp -d)" ;;
+      *) exec "$VENV/bin/mkdocs" serve "$@" ;;
+    esac
+    ;;
   *)
-    echo "usage: $0 serve [flags] | test [pytest args] | bench [runner args]" >&2
+    echo "usage: $0 serve [flags] | test [pytest args] | bench [runner args]" \
+         "| docs [gen | check | mkdocs serve args]" >&2
     exit 2
     ;;
 esac

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,14 +41,18 @@ class InProcess:
 
 @contextlib.asynccontextmanager
 async def in_process(
-    engine: FakeEngine | None = None, *, backends: dict[str, Any] | None = None, **overrides: Any
+    engine: FakeEngine | None = None, *, backends: dict[str, Any] | None = None,
+    image_inputs: frozenset[str] | None = None, **overrides: Any
 ) -> AsyncIterator[InProcess]:
     """`overrides` are `Settings` fields; warm-up is off and the model is named `fake`.
     `backends` are `Service` keywords replacing the job backends (`queue`, `store`,
-    `webhooks`)."""
+    `webhooks`). `image_inputs` says what the fake model takes besides a prompt (the served
+    model's `engines.capabilities.image_inputs`; none by default, like the real engine today)."""
     engine = engine or FakeEngine()
     settings = Settings(**{"model": "fake", "warmup": "", **overrides})
     service = Service(settings, engine_factory=lambda _: engine, **(backends or {}))
+    if image_inputs is not None:
+        service.limits = dataclasses.replace(service.limits, image_inputs=image_inputs)
     app = create_app(settings, service)
     await service.start()
     assert await service.wait_loaded() == Service.READY

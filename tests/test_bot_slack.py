@@ -11,6 +11,7 @@ queue nothing; the secrets never reach the log; exit 0 on SIGTERM."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import BOT_SERVER_KEY, ServerProcess, free_port
+from conftest import BOT_SERVER_KEY, ROOT, ServerProcess, free_port, require_tool
 from standins import BotProcess, jobs_queued
+from standins.render import screenshot, slack_html
 from standins.slack import SlackStandin
 
 BOT_TOKEN = "xoxb-0000000001-standin-slack-bot-token"
@@ -105,6 +107,14 @@ def test_imagine_opens_a_thread_with_the_status_and_the_image(
     updates = [c.params["text"] for c in slack.called("chat.update", ts=status["ts"])]
     assert len(updates) >= 2 and updates[0] == "Queued."
     assert slack.channels["C0GENERAL"].updates[status["ts"]] == len(updates)
+    # The conversation the guide shows (BATCHSERVE_UPDATE_SCREENSHOT=1 renders it).
+    page = slack_html(slack, "C0GENERAL", opening["ts"])
+    assert page.count("data:image/png;base64,") == 1 and "Done in" in page
+    if os.environ.get("BATCHSERVE_UPDATE_SCREENSHOT"):
+        out = ROOT / "docs" / "images" / "bot-slack.png"
+        screenshot(page, out, require_tool("chromium", "chromium-browser"), height=440)
+        with Image.open(out) as image:
+            assert image.size == (560, 440)
 
 
 def test_a_mention_is_answered_in_its_thread_once(

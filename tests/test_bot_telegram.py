@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,9 @@ from PIL import Image
 
 from batchserve.bots.chat import SENDING
 
-from conftest import BOT_SERVER_KEY, ServerProcess, free_port
+from conftest import BOT_SERVER_KEY, ROOT, ServerProcess, free_port, require_tool
 from standins import BotProcess, jobs_queued
+from standins.render import screenshot, telegram_html
 from standins.telegram import TelegramStandin
 
 TOKEN = "123456789:AAF-standin-telegram-token_0123456789"
@@ -225,3 +227,28 @@ def test_webhook_mode_takes_updates_only_with_the_secret_token(
         stop_bot(bot)
         telegram.stop()
     assert not telegram.called("sendMessage", chat_id="202")  # the forged update was dropped
+
+
+def test_screenshot_of_a_conversation(telegram: TelegramStandin, bot: BotProcess,
+                                      tmp_path: Path) -> None:
+    """The conversation the guide shows: options chosen on the keyboard, then a prompt.
+    BATCHSERVE_UPDATE_SCREENSHOT=1 also renders it in Chromium into docs/images/."""
+    chat = 107
+    telegram.say(chat, "/options")
+    menu = telegram.wait(lambda: next((m for m in telegram.bot_messages(chat)
+                                       if "reply_markup" in m), None), what="the keyboard")
+    telegram.press(chat, menu["message_id"], "size:96x64")
+    telegram.wait(lambda: "Size: 96x64" in telegram.chats[chat].messages[
+        menu["message_id"]]["text"], what="the menu showing the size")
+    telegram.say(chat, "/txt2img a lighthouse on a cliff at dusk")
+    photo_of(telegram, chat)
+    page = telegram_html(telegram, chat)
+    assert page.count("data:image/png;base64,") == 1
+    for shown in ("Size: 96x64", "• 96x64", "Done in", "seed ", "Send as file (PNG)",
+                  "a lighthouse on a cliff at dusk"):
+        assert shown in page
+    if os.environ.get("BATCHSERVE_UPDATE_SCREENSHOT"):
+        out = ROOT / "docs" / "images" / "bot-telegram.png"
+        screenshot(page, out, require_tool("chromium", "chromium-browser"), height=690)
+        with Image.open(out) as image:
+            assert image.size == (560, 690)

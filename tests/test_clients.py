@@ -18,7 +18,8 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from conftest import ServerProcess
+from conftest import ServerProcess, running_server
+from imagedata import encode, gradient, mask
 
 PROMPT = "a lighthouse at dusk"
 
@@ -171,3 +172,74 @@ def test_same_seed_same_image_through_t2i_openai_and_a1111(tiny_server: ServerPr
     for other in images[1:]:  # equal after uint8 rounding; +-1 tolerated on CPU float32
         assert np.abs(images[0] - other).max() <= 1
     assert images[0].std() > 0  # an image, not a blank
+
+
+# -- images in -------------------------------------------------------------------------------
+# The engine that starts items from an image comes with the model families' step core; until
+# then `--model sim` serves img2img as a no-op edit (it hands back the init image), so these show
+# the clients' requests crossing the doors intact, and `tiny` refuses them by name.
+
+
+@pytest.fixture(scope="module")
+def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_server("--model", "sim", "--max-wait-ms", "0",
+                        tmp_path=tmp_path_factory.mktemp("sim_server")) as server:
+        yield server
+
+
+PICTURE = gradient(96, 80)
+
+
+def stretched(width: int, height: int) -> np.ndarray:
+    resized = PICTURE.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.int16)
+
+
+def test_webuiapi_client_img2img_and_inpainting(sim_server: ServerProcess) -> None:
+    with webui(sim_server, sampler="Euler a", steps=4) as api:
+        result = api.img2img(images=[PICTURE], prompt=PROMPT, seed=5, width=64, height=72,
+                             denoising_strength=0.5, batch_size=2)
+        assert [im.size for im in result.images] == [(64, 72)] * 2
+        assert np.array_equal(np.asarray(result.images[0].convert("RGB"), dtype=np.int16),
+                              stretched(64, 72))
+        assert result.info["all_seeds"] == [5, 6] and result.info["denoising_strength"] == 0.5
+        inpainted = api.img2img(images=[PICTURE], mask_image=mask(96, 80, (0, 0, 30, 30)),
+                                prompt=PROMPT, width=64, height=64, inpainting_fill=1,
+                                inpaint_full_res=False, mask_blur=2)
+        assert inpainted.images[0].size == (64, 64) and inpainted.info["mask_blur"] == 2
+        with pytest.raises(RuntimeError) as caught:  # A1111's defaults: only masked, fill
+            api.img2img(images=[PICTURE], mask_image=mask(96, 80, (0, 0, 30, 30)),
+                        prompt=PROMPT, width=64, height=64)
+    status, text = caught.value.args
+    assert status == 422 and orjson.loads(text)["detail"].startswith("inpainting_fill")
+
+
+def test_openai_client_images_edit(sim_server: ServerProcess) -> None:
+    with oai(sim_server) as client:
+        result = client.images.edit(
+            image=("photo.png", encode(PICTURE), "image/png"), prompt=PROMPT, n=2,
+            size="64x64",  # type: ignore[arg-type]
+            extra_body={"strength": 0.5, "num_inference_steps": 4, "seed": 9})
+        own = client.images.edit(image=("photo.png", encode(PICTURE), "image/png"),
+                                 prompt=PROMPT, extra_body={"num_inference_steps": 2})
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            client.images.edit(image=("photo.gif", encode(PICTURE, "GIF"), "image/gif"),
+                               prompt=PROMPT)
+    assert result.data is not None and len(result.data) == 2
+    edited = decode_png(base64.b64decode(result.data[0].b64_json or ""))
+    assert np.array_equal(edited, stretched(64, 64))
+    assert own.data is not None
+    assert decode_png(base64.b64decode(own.data[0].b64_json or "")).shape == (80, 96, 3)
+    body: Any = caught.value.body
+    assert body["param"] == "image" and "a GIF image" in body["message"]
+
+
+def test_a_model_without_image_inputs_refuses_them_by_name(tiny_server: ServerProcess) -> None:
+    with webui(tiny_server) as api, pytest.raises(RuntimeError) as caught:
+        api.img2img(images=[PICTURE], prompt=PROMPT, width=64, height=64)
+    status, text = caught.value.args
+    assert status == 422 and "does not take an init image" in orjson.loads(text)["detail"]
+    with oai(tiny_server) as client, pytest.raises(openai.UnprocessableEntityError) as error:
+        client.images.edit(image=("p.png", encode(PICTURE), "image/png"), prompt=PROMPT)
+    assert error.value.status_code == 422
+    assert httpx.get(tiny_server.url + "/v1/info").json()["image_inputs"] == []

@@ -64,7 +64,7 @@ def test_compiled_unet_matches_eager_and_never_recompiles_after_ready(
 ) -> None:
     """Slow: compiling the tiny UNet twice (static, then dynamic in the batch) took 259 s from
     a cold inductor cache on our shared 2-core machine, 13 s from a warm one (see
-    docs/operating.md, Warm-up)."""
+    docs/guides/operating.md, Warm-up)."""
     if not _slow_selected(request.config):
         pytest.skip("compiles for minutes from a cold cache: run with `-m slow` or "
                     "BATCHSERVE_COMPILE_TEST=1")

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import hmac
 import http.server
+import io
 import json
 import signal
 import threading
@@ -25,13 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
+from PIL import Image
 
 from batchserve.jobs.record import JobRecord
 from batchserve.jobs.redis import RedisQueue
+from batchserve.jobs.service import input_name
 
 from conftest import ServerProcess, running_server
+from imagedata import b64, encode, gradient, mask
 from services import RedisServer, SeaweedS3, redis_server, seaweed_s3
 
 SECRET = "scaleout-webhook-secret"
@@ -237,3 +243,71 @@ def test_redis_down_refuses_jobs_and_unreadies_workers(backends: Backends) -> No
                  "worker not ready again after Redis came back")
         ids = submit(api.url, 2)
         assert_readable(api.url, wait_all(api.url, ids))
+
+
+def s3_client(backends: Backends) -> Any:
+    return boto3.client("s3", endpoint_url=backends.s3.endpoint_url, region_name="us-east-1",
+                        aws_access_key_id=backends.s3.env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=backends.s3.env["AWS_SECRET_ACCESS_KEY"])
+
+
+def s3_object(backends: Backends, key: str) -> bytes | None:
+    client = s3_client(backends)
+    try:
+        data: bytes = client.get_object(Bucket="results", Key=key)["Body"].read()
+        return data
+    except client.exceptions.NoSuchKey:
+        return None
+    finally:
+        client.close()
+
+
+def test_jobs_with_images_carry_their_pixels_through_redis_and_s3(backends: Backends) -> None:
+    """An init image and mask sent to the api reach the worker's engine intact (sim hands its
+    init image back), while the Redis record holds only their size; the pixels wait in S3 as
+    `<job id>-input` until the job ends, then are deleted. The doors whose clients cannot poll
+    (OpenAI edits, A1111 img2img) go through the same jobs on a --role api process."""
+    picture, painted = gradient(96, 64), mask(96, 64, (8, 8, 40, 40))
+    api = start(backends, "api", "api-images")
+    with processes(api), httpx.Client(base_url=api.url, timeout=30) as client:
+        sent = client.post("/v1/jobs", json={
+            "prompt": "x", "init_image": b64(encode(picture)), "width": 64, "height": 64,
+            "mask_image": b64(encode(painted)), "strength": 0.5, "inference_steps": 4})
+        assert sent.status_code == 202, sent.text
+        job_id = sent.json()["id"]
+        (record,) = stored_records(backends, [job_id])
+        assert len(record.dumps()) < 2000  # no base64 in Redis
+        assert record.request["init_image"] == {"width": 64, "height": 64}
+        waiting = s3_object(backends, f"jobs/{input_name(job_id)}")  # no worker yet: queued
+        assert waiting is not None and len(waiting) == 64 * 64 * 4
+        worker = start(backends, "worker", "worker-images")
+        with processes(worker):
+            (view,) = wait_all(api.url, [job_id]).values()
+            assert view["status"] == "succeeded", view
+            image = Image.open(io.BytesIO(client.get(f"/v1/jobs/{job_id}/image").content))
+            expected = picture.resize((64, 64), Image.Resampling.LANCZOS)
+            assert image.convert("RGB").tobytes() == expected.tobytes()
+            assert s3_object(backends, f"jobs/{input_name(job_id)}") is None
+            edit = client.post("/v1/images/edits", data={
+                "prompt": "x", "size": "64x64", "num_inference_steps": "2"},
+                files={"image": ("p.png", encode(picture), "image/png")})
+            assert edit.status_code == 200, edit.text
+            edited = Image.open(io.BytesIO(base64.b64decode(edit.json()["data"][0]["b64_json"])))
+            assert edited.convert("RGB").tobytes() == expected.tobytes()
+            a1111 = client.post("/sdapi/v1/img2img", json={
+                "prompt": "x", "init_images": [b64(encode(picture))], "steps": 2,
+                "width": 64, "height": 64})
+            assert a1111.status_code == 200, a1111.text
+            again = Image.open(io.BytesIO(base64.b64decode(a1111.json()["images"][0])))
+            assert again.convert("RGB").tobytes() == expected.tobytes()
+    leftovers = [k for k in _keys(backends) if k.endswith("-input")]
+    assert leftovers == []
+
+
+def _keys(backends: Backends) -> list[str]:
+    client = s3_client(backends)
+    try:
+        listing = client.list_objects_v2(Bucket="results", Prefix="jobs/")
+        return [entry["Key"] for entry in listing.get("Contents", [])]
+    finally:
+        client.close()

@@ -7,6 +7,9 @@ BATCHSERVE_UPDATE_SCREENSHOT=1 to also write docs/images/page.png (shown in the 
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import re
 import shutil
@@ -14,9 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, ServerProcess, require_tool, running_server
+from imagedata import b64, encode, gradient
 
 SHOT = ROOT / "docs" / "images" / "page.png"
 WAIT_S = 90
@@ -90,6 +96,8 @@ def test_prompt_submit_and_images_of_the_chosen_size_appear(
     open_page(browser, page_server.url)
     until(browser, lambda d: d.find_element(By.ID, "state").text == "ready")
     assert browser.find_element(By.ID, "key-field").is_displayed() is False  # no key needed
+    # tiny takes no init image (yet): the page offers none
+    assert browser.find_element(By.ID, "image-fields").is_displayed() is False
     set_value(browser, "prompt", "a lighthouse at dusk")
     Select(browser.find_element(By.ID, "size")).select_by_value("128x128")
     set_value(browser, "inference_steps", "1")
@@ -237,3 +245,66 @@ def test_page_submits_jobs_and_polls_when_the_jobs_are_shared(
         assert (image["w"], image["h"]) == (64, 64) and "seed 12" in image["caption"]
         logs = server.logs()
         assert re.search(r'"door": ?"jobs"', logs) and not re.search(r'"door": ?"t2i"', logs)
+
+
+def test_an_init_image_is_uploaded_a_mask_painted_and_both_sent(
+    browser: Any, tmp_path: Path
+) -> None:
+    """Upload an image, set the strength, paint a mask with the brush: /t2i receives the image's
+    own bytes as a data: URL, the strength, and the painted mask at the image's size (white
+    where painted); the result (sim gives back its init image) appears at the image's size."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    picture = gradient(96, 80)
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode(picture))
+    with running_server("--model", "sim", "--max-wait-ms", "0", tmp_path=tmp_path) as server:
+        open_page(browser, server.url)
+        until(browser, lambda d: d.find_element(By.ID, "image-fields").is_displayed())
+        browser.execute_script("""
+            window.sentBodies = [];
+            const fetch0 = window.fetch;
+            window.fetch = (url, options) => {
+              if (options && options.body) window.sentBodies.push([String(url), options.body]);
+              return fetch0(url, options);
+            };""")
+        set_value(browser, "prompt", "a barn at noon")
+        set_value(browser, "inference_steps", "4")
+        browser.find_element(By.ID, "init_image").send_keys(str(path))
+        until(browser, lambda d: d.find_element(By.ID, "painter").is_displayed())
+        assert browser.find_element(By.ID, "size").get_attribute("value") == "image"
+        set_value(browser, "strength", "0.5")
+        canvas = browser.find_element(By.ID, "paint")
+        shown = canvas.rect  # on screen; the canvas itself is 96x80 image pixels
+
+        def at(x: float, y: float) -> tuple[int, int]:  # image pixel -> offset from the centre
+            return (round((x / 96 - 0.5) * shown["width"]),
+                    round((y / 80 - 0.5) * shown["height"]))
+
+        start, end = at(16, 20), at(32, 20)
+        ActionChains(browser).move_to_element_with_offset(canvas, *start).click_and_hold() \
+            .move_by_offset(end[0] - start[0], 0).release().perform()  # a stroke, top left
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: len(finished_images(d)) == 1)
+        (image,) = finished_images(browser)
+        assert (image["w"], image["h"]) == (96, 80)  # the image's own size
+        ((url, text),) = browser.execute_script("return window.sentBodies")
+        browser.set_window_size(390, 844)
+        try:  # the image fields and the canvas fit a phone too
+            overflow = browser.execute_script("return document.documentElement.scrollWidth"
+                                              " - document.documentElement.clientWidth")
+            assert overflow <= 0
+        finally:
+            browser.set_window_size(1280, 900)
+    assert url == "/t2i"
+    body = json.loads(text)
+    assert body["init_image"] == "data:image/png;base64," + b64(path.read_bytes())
+    assert body["strength"] == 0.5 and body["mask_blur"] == 4
+    assert "width" not in body and "height" not in body
+    assert body["mask_image"].startswith("data:image/png;base64,")
+    painted = Image.open(io.BytesIO(base64.b64decode(body["mask_image"].split(",", 1)[1])))
+    assert painted.size == (96, 80)
+    grey = np.asarray(painted.convert("L"))
+    assert grey[20, 16] == grey[20, 32] == 255  # white along the stroke...
+    assert grey[40:, :].max() == 0 and grey[:, 48:].max() == 0  # ...black far from it

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jsonschema
 import orjson
 import pytest
+from PIL import Image
 
+from batchserve import images
+from batchserve.engines.capabilities import ALL_IMAGE_INPUTS, IMG2IMG
 from batchserve.errors import MalformedJSON, ValidationError
-from batchserve.schema import FIELDS, MAX_SEED, Limits, parse, repeat, request_schema, validate
+from batchserve.images import MaskRule
+from batchserve.schema import (
+    FIELDS,
+    MAX_SEED,
+    Limits,
+    T2IRequest,
+    image_size,
+    parse,
+    repeat,
+    request_schema,
+    validate,
+)
+
+from imagedata import b64, encode, gradient, mask, png
 
 LIMITS = Limits(max_pixels=1024 * 1024, max_steps=150, default_timeout_s=300.0)
 
@@ -188,3 +205,144 @@ def test_operator_limits_accept_what_is_within_them() -> None:
     assert parse(body(width=64, height=64, inference_steps=1, priority=-10), strict).priority == -10
     with pytest.raises(ValidationError, match="cost limit of 40960"):
         parse(body(width=64, height=64, inference_steps=11), strict)
+
+
+# -- images in: init_image, strength, mask_image, mask_blur -----------------------------------
+
+IMAGES = Limits(image_inputs=ALL_IMAGE_INPUTS)
+
+
+def edit(limits: Limits = IMAGES, **fields: Any) -> T2IRequest:
+    return validate({"prompt": "x", **fields}, limits)
+
+
+def refusal(limits: Limits = IMAGES, **fields: Any) -> ValidationError:
+    with pytest.raises(ValidationError) as caught:
+        edit(limits, **fields)
+    assert caught.value.status == 422
+    return caught.value
+
+
+def test_without_width_and_height_an_init_image_keeps_its_size_rounded_down() -> None:
+    req = edit(init_image=b64(png(100, 75)))
+    assert (req.width, req.height) == (96, 72) == image_size(100, 75, IMAGES)
+    assert req.init is not None and (req.init.width, req.init.height) == (96, 72)
+    assert req.init.strength == 0.75 and req.init.mask is None and len(req.init.rgb) == 96 * 72 * 3
+    assert image_size(100, 75, dataclasses.replace(IMAGES, size_multiple=64)) == (64, 64)
+    one_side = edit(init_image=b64(png(100, 75)), width=64)
+    assert (one_side.width, one_side.height) == (64, 72)
+
+
+def test_with_width_and_height_the_init_image_and_mask_are_stretched() -> None:
+    req = edit(init_image=b64(png(100, 75)), width=64, height=128, strength=0.4, mask_blur=0,
+               mask_image=b64(encode(mask(100, 75, (0, 0, 50, 75)))))
+    assert req.init is not None and (req.width, req.height) == (64, 128)
+    assert req.init.rgb == gradient(100, 75).resize((64, 128), Image.Resampling.LANCZOS).tobytes()
+    assert req.init.mask is not None and len(req.init.mask) == 64 * 128
+    assert req.item().init is req.init and req.init.strength == 0.4
+
+
+def test_the_batching_key_carries_the_start_step() -> None:
+    picture = b64(png(64, 64))
+    text = edit(inference_steps=20, width=64, height=64)
+    img2img = edit(init_image=picture, inference_steps=20, strength=0.75)
+    full = edit(init_image=picture, inference_steps=20, strength=1.0)
+    assert img2img.item().start_step == 5 and img2img.key == (*text.key, 5)
+    assert img2img.key_label == "64x64x20x7.5@5/dpm++2m-karras"
+    assert text.key_label == "64x64x20x7.5/dpm++2m-karras"
+    assert full.item().start_step == 0 and full.key == text.key  # strength 1: from step 0
+
+
+@pytest.mark.parametrize(("fields", "field", "says"), [
+    ({"init_image": "!!"}, "init_image", "not valid base64"),
+    ({"init_image": 5}, "init_image", "must be a base64 string"),
+    ({"init_image": b64(b"GIF89a...")}, "init_image", "a GIF image"),
+    ({"init_image": b64(png(40, 40))}, "init_image", "its width 40 (rounded down to a multiple "
+     "of 8) is out of 64..2048; send width and height"),
+    ({"init_image": b64(png(64, 2100))}, "init_image", "height 2096"),
+    ({"init_image": b64(png(1100, 1000))}, "init_image", "exceeds the limit of 1048576 pixels; "
+     "send width and height"),
+    ({"init_image": b64(png(64, 64)), "width": 2048, "height": 2048}, "width", "exceeds"),
+    ({"init_image": b64(png(64, 64)), "strength": 0}, "strength",
+     "must be greater than 0 and at most 1"),
+    ({"init_image": b64(png(64, 64)), "strength": 1.01}, "strength", "greater than 0"),
+    ({"init_image": b64(png(64, 64)), "strength": -0.5}, "strength", "greater than 0"),
+    ({"init_image": b64(png(64, 64)), "strength": "0.5"}, "strength", "must be a number"),
+    ({"init_image": b64(png(64, 64)), "strength": 0.1, "inference_steps": 5}, "strength",
+     "runs no denoising step"),
+    ({"init_image": b64(png(64, 64)), "mask_blur": 65}, "mask_blur", "between 0 and 64"),
+    ({"mask_image": b64(png(64, 64))}, "mask_image", "mask_image needs an init_image"),
+    ({"strength": 0.5}, "strength", "strength needs an init_image"),
+    ({"mask_blur": 2}, "mask_blur", "needs an init_image"),
+    ({"init_image": b64(png(64, 64)), "mask_image": b64(png(64, 32))}, "mask_image",
+     "mask_image is 64x32 but init_image is 64x64"),
+])
+def test_bad_image_fields_name_the_field(fields: dict[str, Any], field: str, says: str) -> None:
+    error = refusal(**fields)
+    assert error.field == field and says in error.message, error.message
+
+
+def test_a_model_that_cannot_take_images_refuses_them_before_decoding() -> None:
+    bomb = b64(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)  # never opened: refused before
+    error = refusal(Limits(), init_image=bomb)
+    assert error.field == "init_image" and "does not take an init image" in error.message
+    img2img_only = Limits(image_inputs=frozenset({IMG2IMG}))
+    assert edit(img2img_only, init_image=b64(png(64, 64))).init is not None
+    error = refusal(img2img_only, init_image=b64(png(64, 64)), mask_image=bomb)
+    assert error.field == "mask_image" and "does not take inpainting" in error.message
+
+
+def test_an_oversized_init_image_is_refused_by_the_limit_from_limits() -> None:
+    error = refusal(dataclasses.replace(IMAGES, max_input_pixels=64 * 64),
+                    init_image=b64(png(80, 64)), width=64, height=64)
+    assert error.field == "init_image" and "at most 4096 pixels" in error.message
+
+
+def test_door_names_reach_image_errors() -> None:
+    with pytest.raises(ValidationError) as caught:
+        validate({"prompt": "x", "init_image": b64(png(64, 64)), "mask_image": "??"}, IMAGES,
+                 {"init_image": "image", "mask_image": "mask"}, masks=MaskRule.TRANSPARENT)
+    assert caught.value.field == "mask" and caught.value.message.startswith("mask is not")
+
+
+def test_fields_describe_an_edit_without_pixels_and_rebuild_it_with_them() -> None:
+    req = edit(init_image=b64(png(64, 72)), mask_image=b64(encode(mask(64, 72, (0, 0, 9, 9)))),
+               strength=0.5, mask_blur=2, seed=9)
+    fields = req.fields()
+    assert fields["init_image"] == {"width": 64, "height": 72} == fields["mask_image"]
+    assert (fields["strength"], fields["mask_blur"]) == (0.5, 2)
+    assert len(orjson.dumps(fields)) < 1000  # a job record never holds the pixels
+    pixels = req.pixels()
+    assert pixels is not None and len(pixels) == 64 * 72 * 4
+    assert T2IRequest.from_fields(fields, pixels) == dataclasses.replace(req, timeout_given=False)
+    with pytest.raises(ValueError, match="missing or torn"):
+        T2IRequest.from_fields(fields, pixels[:-1])
+    with pytest.raises(ValueError, match="missing or torn"):
+        T2IRequest.from_fields(fields, None)
+    text = edit(seed=3)
+    assert text.pixels() is None and T2IRequest.from_fields(text.fields()) == text
+
+
+def test_published_schema_documents_the_image_fields() -> None:
+    props = request_schema(IMAGES)["properties"]
+    assert props["init_image"]["type"] == "string"
+    assert props["init_image"]["contentEncoding"] == "base64"
+    assert props["strength"]["exclusiveMinimum"] == 0 and props["strength"]["maximum"] == 1
+    assert props["mask_blur"]["default"] == 4 and props["width"]["multipleOf"] == 8
+    jsonschema.validate({"prompt": "x", "init_image": "aGk=", "strength": 1}, request_schema(
+        IMAGES))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"prompt": "x", "strength": 0}, request_schema(IMAGES))
+
+
+def test_cheap_checks_refuse_before_the_image_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("decoded an image for a request refused anyway")
+
+    monkeypatch.setattr(images, "decode", never)
+    picture = b64(png(64, 64))
+    for fields, field in (({"width": 2048, "height": 2048}, "width"),
+                          ({"inference_steps": 151}, "inference_steps"),
+                          ({"strength": 2}, "strength"), ({"seed": -1}, "seed"),
+                          ({"inference_steps": 2, "strength": 0.2}, "strength")):
+        assert refusal(init_image=picture, **fields).field == field

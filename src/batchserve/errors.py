@@ -4,6 +4,9 @@ from __future__ import annotations
 
 
 class BatchServeError(Exception):
+    """Every error answer's base; itself, a bug outside the engine or an image that could not
+    be encoded: logged with its traceback, answered without it."""
+
     status: int = 500
     code: str = "internal_error"
     reject_reason: str | None = None
@@ -21,54 +24,90 @@ class BatchServeError(Exception):
 
 
 class MalformedJSON(BatchServeError):
+    """The body is not strict JSON: `NaN`, `Infinity`, numbers that overflow a double,
+    invalid UTF-8, lone surrogates, text after the object, nesting over 1024 levels."""
+
     status, code, reject_reason = 400, "malformed_json", "invalid"
 
 
+class MalformedForm(BatchServeError):
+    status, code, reject_reason = 400, "malformed_body", "invalid"
+
+
 class Unauthorized(BatchServeError):
+    """`--api-key` is set and the `Authorization: Bearer` key is missing or wrong (with
+    `WWW-Authenticate: Bearer`)."""
+
     status, code = 401, "unauthorized"
 
 
 class NotFound(BatchServeError):
+    """No such route; for jobs, an unknown, malformed or expired job id."""
+
     status, code = 404, "not_found"
 
 
 class MethodNotAllowed(BatchServeError):
+    """The route exists but not for this method (with `Allow`)."""
+
     status, code = 405, "method_not_allowed"
 
 
 class JobNotFinished(BatchServeError):
+    """`GET /v1/jobs/{id}/image` of a job that is queued, running, failed or canceled."""
+
     status, code = 409, "job_not_succeeded"
 
 
 class Gone(BatchServeError):
+    """`GET /v1/jobs/{id}/image` after `DELETE` removed the image."""
+
     status, code = 410, "gone"
 
 
 class BodyTooLarge(BatchServeError):
+    """The body is over `--max-body-bytes`, by `Content-Length` or while streaming a chunked
+    body."""
+
     status, code, reject_reason = 413, "body_too_large", "invalid"
 
 
 class UnsupportedMediaType(BatchServeError):
+    """`Content-Type` is not `application/json` (or a `+json` type)."""
+
     status, code, reject_reason = 415, "unsupported_media_type", "invalid"
 
 
 class ValidationError(BatchServeError):
+    """A field is missing, unknown, of the wrong type or out of range; `field` names it."""
+
     status, code, reject_reason = 422, "validation_error", "invalid"
 
 
 class QueueFull(BatchServeError):
+    """`--max-queue` requests are already waiting (with `Retry-After`, from the queue depth
+    and recent batch times)."""
+
     status, code, reject_reason = 429, "queue_full", "queue_full"
 
 
 class GenerationFailed(BatchServeError):
+    """The engine failed this request (a failing batch is bisected so only the request that
+    causes the error fails); the message says so, the details are in the server log."""
+
     status, code, reject_reason = 500, "generation_failed", "failed"
 
 
 class NotReady(BatchServeError):
+    """The model is still loading, or the server has failed (with `Retry-After`)."""
+
     status, code = 503, "not_ready"
 
 
 class Draining(BatchServeError):
+    """SIGTERM received: not admitting, or the drain grace period ended before the request
+    ran (with `Retry-After`)."""
+
     status, code = 503, "draining"
 
 
@@ -85,6 +124,9 @@ class NotServedHere(BatchServeError):
 
 
 class QueueTimeout(BatchServeError):
+    """Not finished within its `timeout_s` (queue plus generation): answered at that moment,
+    queued or mid-batch."""
+
     status, code, reject_reason = 504, "timeout", "timeout"
 
 

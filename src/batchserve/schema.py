@@ -3,7 +3,9 @@ generated from the same table (so `/openapi.json` cannot drift from what the val
 
 `parse` reads `/t2i`'s JSON; `validate` is the core every door calls with a dict of OUR field
 names, after translating its own wire names (`aliases` maps ours back to the door's, so an error
-names the field the client actually sent).
+names the field the client actually sent). Image fields (`init_image`, `mask_image`) are decoded
+here too, through `images`, after every cheaper check passed; a door calls `validate` off the
+event loop when its body carries one.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from typing import Any
 
 import orjson
 
+from . import images
 from .engines import BatchKey, GenerationItem, key_label
+from .engines.capabilities import IMG2IMG, INPAINT
+from .engines.protocol import ImageInput
 from .errors import MalformedJSON, ValidationError
+from .images import MaskRule
 from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
 FORMATS = ("png", "jpeg", "webp")
@@ -36,6 +42,11 @@ class Limits:
     max_priority: int = 10  # above it: 422, not clamped (see docs/decisions.md)
     max_cost: int = 0  # width * height * inference_steps; 0: no limit beyond the two above
     default_sampler: str = DEFAULT_SAMPLER
+    max_input_pixels: int = 4096 * 4096  # an init image or mask, checked from its header
+    image_inputs: frozenset[str] = frozenset()
+    """What the served model takes besides a prompt (`engines.capabilities.image_inputs`)."""
+    size_multiple: int = 8
+    """Width and height must be multiples of it (the latent grid: VAE scale factor 8)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,8 @@ class T2IRequest:
     sampler: str = DEFAULT_SAMPLER
     timeout_given: bool = False
     """The client named its own timeout_s (else learned patience may stand in for it)."""
+    init: ImageInput | None = None
+    """img2img / inpainting: the decoded init image (and mask) at width x height."""
 
     @property
     def key(self) -> BatchKey:
@@ -64,16 +77,49 @@ class T2IRequest:
         return key_label(self.key)
 
     def fields(self) -> dict[str, Any]:
-        """The request as its fields (what a job stores and shows): `T2IRequest(**fields)`
-        rebuilds it, without the door-side `timeout_given` (a job has no waiting client)."""
-        data = dataclasses.asdict(self)
-        del data["timeout_given"]
+        """The request as its fields (what a job stores and shows), without the door-side
+        `timeout_given` (a job has no waiting client) and without pixels: an init image is
+        described by its size, `strength` and `mask_blur`; its pixels are `pixels()`, stored
+        apart. `from_fields(fields, pixels)` rebuilds the request."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("timeout_given", "init")}
+        if (init := self.init) is not None:
+            size = {"width": init.width, "height": init.height}
+            data.update(init_image=size, strength=init.strength)
+            if init.mask is not None:
+                data.update(mask_image=size, mask_blur=init.mask_blur)
         return data
+
+    def pixels(self) -> bytes | None:
+        """The init image's pixels, then the mask's, as one blob (None without an init
+        image): what a job keeps beside its record."""
+        if self.init is None:
+            return None
+        return self.init.rgb + (self.init.mask or b"")
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, Any], pixels: bytes | None = None) -> T2IRequest:
+        """The request `fields()` and `pixels()` described. Raises TypeError or ValueError
+        when they do not fit together (a record of another version, a lost or torn blob)."""
+        plain = dict(data)
+        size, mask = plain.pop("init_image", None), plain.pop("mask_image", None)
+        strength, blur = plain.pop("strength", None), plain.pop("mask_blur", 0)
+        init = None
+        if size is not None:
+            width, height = int(size["width"]), int(size["height"])
+            rgb = width * height * 3
+            expected = rgb + (width * height if mask is not None else 0)
+            if pixels is None or len(pixels) != expected:
+                raise ValueError(f"the init image's pixels are missing or torn "
+                                 f"({0 if pixels is None else len(pixels)} of {expected} bytes)")
+            init = ImageInput(width, height, pixels[:rgb], float(strength),
+                              pixels[rgb:] if mask is not None else None, int(blur))
+        return cls(**plain, init=init)
 
     def item(self) -> GenerationItem:
         return GenerationItem(
             self.prompt, self.negative_prompt, self.seed, self.width, self.height,
-            self.inference_steps, self.guidance_scale, self.sampler,
+            self.inference_steps, self.guidance_scale, self.sampler, self.init,
         )
 
 
@@ -90,32 +136,41 @@ class Field:
     attributes, so the validator and the published schema say the same thing."""
 
     name: str
-    type: str  # "string", "integer" or "number"
+    type: str  # "string", "integer", "number" or "image" (base64 in JSON, bytes in multipart)
     doc: str
     default: Any = None  # what an absent field means (documentation; `validate` applies it)
     lo: Bound = None
     hi: Bound = None
-    multiple_of: int | None = None
+    multiple_of: Bound = None
     max_length: int | None = None
     choices: tuple[str, ...] | None = None
     required: bool = False
+    lo_exclusive: bool = False  # `lo` itself is out of range (strength: 0 < s)
 
     def check(self, value: Any, limits: Limits, label: str) -> Any:
         if self.type == "string":
             return self._check_text(value, label)
+        if self.type == "image":
+            if not isinstance(value, str | bytes):
+                raise ValidationError(f"{label} must be a base64 string", field=label)
+            return value  # decoded by `validate`, once every cheaper check has passed
         if isinstance(value, bool) or not isinstance(value, int | float) or (
             self.type == "integer" and not isinstance(value, int)
         ):
             raise ValidationError(f"{label} must be {_ARTICLE[self.type]}", field=label)
         lo, hi = _bound(self.lo, limits), _bound(self.hi, limits)
-        if not math.isfinite(value) or (lo is not None and value < lo) or (
-            hi is not None and value > hi
-        ):
+        if not math.isfinite(value) or (lo is not None and (
+            value <= lo if self.lo_exclusive else value < lo
+        )) or (hi is not None and value > hi):
+            if self.lo_exclusive:
+                raise ValidationError(f"{label} must be greater than {_num(lo)} and at most "
+                                      f"{_num(hi)}", field=label)
             raise ValidationError(
                 f"{label} must be between {_num(lo)} and {_num(hi)}", field=label
             )
-        if self.multiple_of and value % self.multiple_of:
-            raise ValidationError(f"{label} must be a multiple of {self.multiple_of}", field=label)
+        multiple = _bound(self.multiple_of, limits)
+        if multiple and value % multiple:
+            raise ValidationError(f"{label} must be a multiple of {multiple}", field=label)
         return value if self.type == "integer" else float(value)
 
     def _check_text(self, value: Any, label: str) -> str:
@@ -142,14 +197,17 @@ class Field:
         """This field as JSON Schema (OpenAPI 3.1); `overrides` let a door restate its default
         or description while keeping the rules."""
         out: dict[str, Any] = {"type": self.type, "description": self.doc}
+        if self.type == "image":
+            out.update(type="string", contentEncoding="base64")
         if self.choices is not None:
             out["enum"] = list(self.choices)
-        for key, bound in (("minimum", self.lo), ("maximum", self.hi)):
+        lowest = "exclusiveMinimum" if self.lo_exclusive else "minimum"
+        for key, bound in ((lowest, self.lo), ("maximum", self.hi)):
             value = _bound(bound, limits)
             if value is not None:
                 out[key] = value
-        if self.multiple_of:
-            out["multipleOf"] = self.multiple_of
+        if multiple := _bound(self.multiple_of, limits):
+            out["multipleOf"] = multiple
         if self.max_length is not None:
             out["maxLength"] = self.max_length
             if self.required:
@@ -172,10 +230,12 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("prompt", "string", "what to draw; 1..2000 characters after strip",
           max_length=MAX_PROMPT, required=True),
     Field("negative_prompt", "string", "what to avoid", default="", max_length=MAX_PROMPT),
-    Field("width", "integer", "image width in pixels; width*height <= --max-pixels",
-          default=512, lo=64, hi=2048, multiple_of=8),
-    Field("height", "integer", "image height in pixels", default=512, lo=64, hi=2048,
-          multiple_of=8),
+    Field("width", "integer", "image width in pixels; width*height <= --max-pixels; with an "
+          "init_image and no width, its width rounded down", default=512, lo=64, hi=2048,
+          multiple_of=lambda lim: lim.size_multiple),
+    Field("height", "integer", "image height in pixels; with an init_image and no height, its "
+          "height rounded down", default=512, lo=64, hi=2048,
+          multiple_of=lambda lim: lim.size_multiple),
     Field("inference_steps", "integer", "denoising steps (<= --max-steps)", default=20, lo=1,
           hi=lambda lim: lim.max_steps),
     Field("num_inference_steps", "integer", "alias of inference_steps", lo=1,
@@ -192,8 +252,20 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           "(default and most: --request-timeout-s)", lo=0.001,
           hi=lambda lim: lim.default_timeout_s),
     Field("format", "string", "image format; default from Accept, else png", choices=FORMATS),
+    Field("init_image", "image", "img2img: the image to start from, base64 PNG, JPEG or WebP "
+          "(a data: URL prefix allowed; no remote URLs), at most --max-input-pixels; stretched "
+          "to width x height (A1111's resize_mode 0)"),
+    Field("strength", "number", "with init_image: how much of it is repainted; the item runs "
+          "the last int(steps * strength) of its steps", default=0.75, lo=0.0, hi=1.0,
+          lo_exclusive=True),
+    Field("mask_image", "image", "inpainting: a mask of init_image's size, base64 like it; "
+          "white is repainted, black kept (a mask with transparency: its opaque pixels)"),
+    Field("mask_blur", "integer", "with mask_image: Gaussian blur radius of the mask, in output "
+          "pixels", default=4, lo=0, hi=64),
 )}
 ALLOWED = tuple(FIELDS)
+IMAGE_FIELDS = ("init_image", "mask_image")
+_IMAGE_ONLY = ("strength", "mask_blur")  # meaningless without the image they shape
 
 
 def decode(body: bytes) -> dict[str, Any]:
@@ -206,6 +278,11 @@ def decode(body: bytes) -> dict[str, Any]:
     return data
 
 
+def has_images(data: Mapping[str, Any]) -> bool:
+    """Whether a body of our field names carries an image to decode."""
+    return any(name in data for name in IMAGE_FIELDS)
+
+
 def parse(body: bytes, limits: Limits) -> T2IRequest:
     """`/t2i`: raises `MalformedJSON` (400) or `ValidationError` (422) naming the field."""
     return validate(decode(body), limits)
@@ -213,12 +290,15 @@ def parse(body: bytes, limits: Limits) -> T2IRequest:
 
 def validate(
     data: Mapping[str, Any], limits: Limits, aliases: Mapping[str, str] | None = None,
-    *, count: int = 1,
+    *, count: int = 1, masks: MaskRule = MaskRule.WHITE,
 ) -> T2IRequest:
     """The core: a dict of our field names to one request; an unknown name is refused (a door
     translating its own names passes only ours). `aliases` maps our names to the door's for
     error messages. `count` > 1 reserves seeds seed..seed+count-1 (see `repeat`), so a random
-    seed is drawn where they all fit."""
+    seed is drawn where they all fit. `masks` is how the door's mask marks what to repaint.
+
+    An init image is decoded only after every other check passed (it is the costly part); it
+    blocks for as long as decoding takes, so doors call this off the event loop then."""
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ValidationError(
@@ -233,23 +313,32 @@ def validate(
         raise ValidationError(f"{label('prompt')} is required", field=label("prompt"))
     v = {name: FIELDS[name].check(value, limits, label(name)) for name, value in data.items()}
     steps = _steps(v, label)
+    _check_image_fields(v, steps, limits, label)
+    # The size is known before decoding unless a side comes from the init image.
+    derived = "init_image" in v and not ("width" in v and "height" in v)
     width, height = v.get("width", 512), v.get("height", 512)
-    if width * height > limits.max_pixels:
-        raise ValidationError(
-            f"width*height = {width * height} exceeds the limit of {limits.max_pixels} pixels",
-            field=label("width"),
-        )
-    cost = width * height * steps
-    if limits.max_cost and cost > limits.max_cost:
-        raise ValidationError(
-            f"width*height*inference_steps = {cost} exceeds this server's cost limit of "
-            f"{limits.max_cost}; ask for fewer steps or fewer pixels",
-            field=label("inference_steps"),
-        )
+    if not derived:
+        _check_area(width, height, steps, limits, label, derived=False)
+    decoded = None
+    if "init_image" in v:
+        decoded = images.decode(
+            v["init_image"], v.get("mask_image"), max_pixels=limits.max_input_pixels,
+            rule=masks, init_label=label("init_image"), mask_label=label("mask_image"))
+        if decoded.mask is not None and INPAINT not in limits.image_inputs:
+            # OpenAI's rule: an image's own transparent pixels ask for inpainting too.
+            raise _cannot(label("mask_image" if "mask_image" in v else "init_image"),
+                          "inpainting (a mask)")
+        if derived:
+            width, height = _size_of(v, decoded, limits, label)
+            _check_area(width, height, steps, limits, label, derived=True)
     seed = v["seed"] if "seed" in v else secrets.randbelow(MAX_SEED + 2 - count)
     if seed + count - 1 > MAX_SEED:
         raise ValidationError(f"{label('seed')} + {count - 1} images exceeds {MAX_SEED}",
                               field=label("seed"))
+    init = None
+    if decoded is not None:
+        init = images.fit(decoded, width, height, strength=v.get("strength", 0.75),
+                          mask_blur=v.get("mask_blur", 4))
     return T2IRequest(
         prompt=v["prompt"],
         negative_prompt=v.get("negative_prompt", ""),
@@ -263,7 +352,81 @@ def validate(
         format=v.get("format"),
         sampler=v.get("sampler", limits.default_sampler),
         timeout_given="timeout_s" in v,
+        init=init,
     )
+
+
+_SIZE_HINT = "; send width and height to resize the init image"
+
+
+def _cannot(field: str, what: str) -> ValidationError:
+    return ValidationError(f"{field}: the model served here does not take {what}; see "
+                           "image_inputs in /v1/info", field=field)
+
+
+def _check_image_fields(v: dict[str, Any], steps: int, limits: Limits,
+                        label: Callable[[str], str]) -> None:
+    """What can be judged of the image fields without decoding an image."""
+    if "init_image" not in v:
+        for name in ("mask_image", *_IMAGE_ONLY):
+            if name in v:
+                raise ValidationError(f"{label(name)} needs an {label('init_image')}",
+                                      field=label(name))
+        return
+    if IMG2IMG not in limits.image_inputs:
+        raise _cannot(label("init_image"), "an init image (img2img)")
+    if "mask_image" in v and INPAINT not in limits.image_inputs:
+        raise _cannot(label("mask_image"), "inpainting (a mask)")
+    strength = v.get("strength", 0.75)
+    if int(steps * strength) < 1:
+        raise ValidationError(
+            f"{label('strength')} {strength:g} of {steps} steps runs no denoising step "
+            f"(int(steps * strength) = 0); raise {label('strength')} or the steps",
+            field=label("strength"))
+
+
+def image_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
+    """The size an init image of width x height gives a request that names none: its own,
+    rounded down to what the model takes (`Limits.size_multiple`)."""
+    step = limits.size_multiple
+    return width - width % step, height - height % step
+
+
+def _check_area(width: int, height: int, steps: int, limits: Limits,
+                label: Callable[[str], str], *, derived: bool) -> None:
+    """The rules across fields: pixels, and pixels x steps. `derived`: a side came from the
+    init image, so the error names it."""
+    if width * height > limits.max_pixels:
+        raise ValidationError(
+            f"width*height = {width * height} exceeds the limit of {limits.max_pixels} pixels"
+            + (_SIZE_HINT if derived else ""),
+            field=label("init_image" if derived else "width"),
+        )
+    cost = width * height * steps
+    if limits.max_cost and cost > limits.max_cost:
+        raise ValidationError(
+            f"width*height*inference_steps = {cost} exceeds this server's cost limit of "
+            f"{limits.max_cost}; ask for fewer steps or fewer pixels",
+            field=label("inference_steps"),
+        )
+
+
+def _size_of(v: dict[str, Any], decoded: images.Decoded, limits: Limits,
+             label: Callable[[str], str]) -> tuple[int, int]:
+    """The size of a request with an init image and at most one of width and height: each
+    missing side is the image's, rounded down, and checked here like a sent one."""
+    own = image_size(*decoded.image.size, limits)
+    width, height = v.get("width", own[0]), v.get("height", own[1])
+    field = label("init_image")
+    for side, name in ((width, "width"), (height, "height")):
+        if name not in v:
+            low, high = _bound(FIELDS[name].lo, limits), _bound(FIELDS[name].hi, limits)
+            if (low is not None and side < low) or (high is not None and side > high):
+                raise ValidationError(
+                    f"{field} is {decoded.image.width}x{decoded.image.height}: its {name} "
+                    f"{side} (rounded down to a multiple of {limits.size_multiple}) is out of "
+                    f"{_num(low)}..{_num(high)}" + _SIZE_HINT, field=field)
+    return width, height
 
 
 def repeat(req: T2IRequest, count: int) -> list[T2IRequest]:

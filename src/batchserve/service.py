@@ -12,20 +12,23 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import __version__
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import (
+    BatchKey,
     Engine,
     GenerationItem,
     StepState,
+    key_label,
     load_engine,
     run_round,
     step_engine,
     warm_steps,
 )
+from .engines.capabilities import image_inputs
 from .errors import (
     BatchServeError,
     Draining,
@@ -91,12 +94,16 @@ class Service:
         self.limits = Limits(
             settings.max_pixels, settings.max_steps, settings.request_timeout_s,
             max_priority=settings.max_priority, max_cost=settings.max_cost,
-            default_sampler=settings.scheduler,
+            default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
+            image_inputs=image_inputs(settings),
         )
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
         self.watchdog = Watchdog(factor=settings.watchdog_factor, min_s=settings.watchdog_min_s)
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
+        # Requests' init images are decoded here, off the loop: as many at once as images are
+        # encoded, which bounds the memory that decoding untrusted uploads can take.
+        self.decoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="decode")
         self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
         self.adaptive = Adaptive(
@@ -108,7 +115,7 @@ class Service:
             "max_queue": settings.max_queue, "aging_s": settings.priority_aging_s,
             "hooks": self.metrics, "key_label": shape_label,
         }
-        self.batcher: QueueLoop[Job, asyncio.Future[bytes]] = (
+        self.batcher: QueueLoop[QueuedItem, asyncio.Future[bytes]] = (
             StepBatcher(EngineSteps(self), drop_late=settings.adaptive_batch == "on",
                         **options) if self.continuous
             else Batcher(self._run_batch, adaptive=self.adaptive, **options)
@@ -116,9 +123,11 @@ class Service:
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
             webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts())
         self.jobs = JobService(
-            self, queue or open_queue(settings), store or open_store(settings), webhooks=webhooks
+            settings, self.metrics, queue or open_queue(settings), store or open_store(settings),
+            admit=self.check_accepting_jobs, webhooks=webhooks,
         )
-        self.runner = JobRunner(self, self.jobs) if self.role != "api" else None
+        self.runner = (JobRunner(self, self.jobs, settings, self.metrics)
+                       if self.role != "api" else None)
         self.jobs.runner = self.runner
         self.on_fatal: Callable[[str], None] = lambda reason: None
         self._engine_factory = engine_factory
@@ -184,6 +193,10 @@ class Service:
                      time.monotonic() - self._started, settings.model, info.device, info.dtype,
                      settings.max_batch_size, self.batcher.max_wait_s * 1000)
         self._settled.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == self.READY
 
     async def wait_loaded(self) -> str:
         """Waits until loading ended (ready or failed); returns the state."""
@@ -269,6 +282,7 @@ class Service:
         await self.jobs.close()
         self.worker.stop()
         self.encoder.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     async def readiness(self) -> str | None:
         """None when this role can do its work now, else why not (`/readyz`). api: the queue
@@ -317,35 +331,35 @@ class Service:
                 raise Draining("worker is not accepting jobs", retry_after_s=5)
         else:
             self.check_admitting()
-        job = Job(request.item(), fmt)
+        queued = QueuedItem(request.item(), fmt)
         # Under `continuous` items of any steps and guidance share steps: the key is the shape.
         key = (request.width, request.height) if self.continuous else request.key
         future = self.batcher.submit(
-            job, key=key, priority=request.priority, timeout_s=request.timeout_s,
+            queued, key=key, priority=request.priority, timeout_s=request.timeout_s,
             explicit_timeout=request.timeout_given or not online,
         )
-        job.outcome = future
+        queued.outcome = future
         self.metrics.admitted()
         if not self.settings.log_prompts:
             # Known to the log's prompt filter until answered (and while generating, below).
-            KNOWN_PROMPTS.add(*job.texts)
-            future.add_done_callback(lambda _: KNOWN_PROMPTS.remove(*job.texts))
+            KNOWN_PROMPTS.add(*queued.texts)
+            future.add_done_callback(lambda _: KNOWN_PROMPTS.remove(*queued.texts))
         return future
 
-    async def _run_batch(self, jobs: list[Job]) -> list[asyncio.Future[bytes]]:
+    async def _run_batch(self, batch: list[QueuedItem]) -> list[asyncio.Future[bytes]]:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
         should_stop = self.batcher.should_stop()  # of the part about to run
-        texts = [t for j in jobs for t in j.texts]
+        texts = [t for q in batch for t in q.texts]
         KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
         call = self.worker.run(
-            partial(engine.generate, [j.item for j in jobs], should_stop=should_stop)
+            partial(engine.generate, [q.item for q in batch], should_stop=should_stop)
         )
         started = time.monotonic()
-        self.running = (len(jobs), started)
+        self.running = (len(batch), started)
         try:
-            images = await self.watchdog.guard(call, sum(_work(j.item) for j in jobs))
+            images = await self.watchdog.guard(call, sum(_work(q.item) for q in batch))
         except EngineHung as exc:
             self._engine_hung(exc)
             raise
@@ -354,22 +368,23 @@ class Service:
             self.last_batch_s = time.monotonic() - started
             self.running = None
         self.metrics.gpu_memory(engine.memory_bytes())
-        return self._encode_all(images, jobs)
+        return self._encode_all(images, batch)
 
-    def _encode_all(self, images: list[Image], jobs: list[Job]) -> list[asyncio.Future[bytes]]:
+    def _encode_all(self, images: list[Image], batch: list[QueuedItem]
+                    ) -> list[asyncio.Future[bytes]]:
         """Encodes a batch in at most `encode_workers` pool jobs, one thread hop each rather
         than one per image, while the engine already runs the next batch. Images of clients
         who left during the batch are not encoded (their futures are cancelled)."""
         loop = asyncio.get_running_loop()
         out: list[asyncio.Future[bytes]] = [loop.create_future() for _ in images]
-        wanted = [i for i, job in enumerate(jobs) if job.wanted]
+        wanted = [i for i, queued in enumerate(batch) if queued.wanted]
         for i in set(range(len(images))) - set(wanted):
             out[i].cancel()
         chunks = min(self.settings.encode_workers, len(wanted))
         level = self.settings.png_compress_level
         for c in range(chunks):
             picked = wanted[c::chunks]
-            work = partial(_encode_many, [(images[i], jobs[i].fmt) for i in picked], level)
+            work = partial(_encode_many, [(images[i], batch[i].fmt) for i in picked], level)
             done = loop.run_in_executor(self.encoder, work)
             done.add_done_callback(partial(self._fan_out, [out[i] for i in picked]))
         return out
@@ -424,7 +439,8 @@ class Service:
             "engine": self.engine.info().to_dict() if self.engine else None,
             "batching": {
                 "key": ["width", "height"] if self.continuous else
-                       ["width", "height", "inference_steps", "guidance_scale", "sampler"],
+                       ["width", "height", "inference_steps", "guidance_scale", "sampler",
+                        "start_step"],
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
                 "flush_policy": s.flush_policy,
@@ -443,10 +459,13 @@ class Service:
                 "max_cost": s.max_cost,
                 "max_priority": s.max_priority,
                 "max_body_bytes": s.max_body_bytes,
+                "max_image_bytes": s.max_image_bytes,
+                "max_input_pixels": s.max_input_pixels,
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
             },
             "samplers": {"served": list(SAMPLERS), "default": s.scheduler},
+            "image_inputs": sorted(self.limits.image_inputs),
             "live": self.live(),
             "watchdog": {
                 "factor": s.watchdog_factor,
@@ -489,7 +508,7 @@ class EngineSteps:
             service._engine_hung(exc)
             raise
 
-    async def advance(self, joining: list[Job], active: list[tuple[Job, StepState]],
+    async def advance(self, joining: list[QueuedItem], active: list[tuple[QueuedItem, StepState]],
                       until: Callable[[], bool] | None = None,
                       ) -> Advanced[asyncio.Future[bytes]]:
         """Join, steps and decode of one iteration in one engine-thread call (`run_round`):
@@ -497,7 +516,7 @@ class EngineSteps:
         most steps it can run (until the first item's schedule ends) and learns from the
         steps it ran."""
         engine = self._engine()
-        items = [j.item for j in joining]
+        items = [q.item for q in joining]
         states = [s for _, s in active]
         pixels = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
         most = 1 if until is None else min(
@@ -509,23 +528,24 @@ class EngineSteps:
         if ran.images is not None:
             self.service.metrics.gpu_memory(engine.memory_bytes())
             stepped = [*active, *zip(joining, ran.joined or (), strict=False)]
-            out.finished = self.service._encode_all(ran.images, [j for j, s in stepped if s.done])
+            out.finished = self.service._encode_all(ran.images, [q for q, s in stepped if s.done])
         return out
 
-    async def prepare(self, jobs: list[Job]) -> list[StepState]:
+    async def prepare(self, joining: list[QueuedItem]) -> list[StepState]:
         states: list[StepState] = await self._guarded(
-            partial(self._engine().prepare, [j.item for j in jobs]), 0)
+            partial(self._engine().prepare, [q.item for q in joining]), 0)
         return states
 
     async def step(self, states: list[StepState]) -> None:
         work = sum(s.item.width * s.item.height for s in states)
         await self._guarded(partial(self._engine().step, states), work)
 
-    async def finish(self, pairs: list[tuple[Job, StepState]]) -> list[asyncio.Future[bytes]]:
+    async def finish(self, pairs: list[tuple[QueuedItem, StepState]]
+                     ) -> list[asyncio.Future[bytes]]:
         engine = self._engine()
         images = await self._guarded(partial(engine.finish, [s for _, s in pairs]), 0)
         self.service.metrics.gpu_memory(engine.memory_bytes())
-        return self.service._encode_all(images, [j for j, _ in pairs])
+        return self.service._encode_all(images, [q for q, _ in pairs])
 
     def done(self, state: StepState) -> bool:
         return state.done
@@ -535,8 +555,9 @@ class EngineSteps:
 
 
 @dataclass(eq=False, slots=True)
-class Job:
-    """What the batcher queues: the engine's item and the image format its client wants."""
+class QueuedItem:
+    """What the batcher queues for one image: the engine's item and the format its client
+    wants. (An async job of `jobs/` becomes one of these when a worker runs it.)"""
 
     item: GenerationItem
     fmt: str
@@ -558,10 +579,13 @@ def _work(item: GenerationItem) -> int:
 
 
 def shape_label(key: Hashable) -> str:
-    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` (as
-    the request log writes it): numbers and names from closed sets only, never user text."""
+    """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` or,
+    for items joining at step 5, `512x512x20x7.5@5/euler-a` (as the request log writes it):
+    numbers and names from closed sets only, never user text."""
     if not isinstance(key, tuple):
         return "other"
+    if len(key) in (5, 6) and isinstance(key[4], str) and key[4]:
+        return key_label(cast(BatchKey, key))  # the whole-batch key
     numbers = "x".join(f"{p:g}" if isinstance(p, float) else str(p) for p in key
                        if not isinstance(p, str))
     return "/".join([numbers, *(p for p in key if isinstance(p, str))])

@@ -135,7 +135,17 @@ class Settings:
         "fails its requests (503) and ends the process, for the orchestrator to restart; 0: off"
     )
     watchdog_min_s: float = _opt(120.0, "the watchdog never fires before a batch ran this long")
-    max_body_bytes: int = _opt(65536, "request body limit (413 beyond)")
+    max_body_bytes: int = _opt(65536, "request body limit (413 beyond) of requests without "
+                               "an image")
+    max_image_bytes: int = _opt(
+        16 * 1024 * 1024, "body limit of requests that carry an image (init_image, mask_image, "
+        "A1111 init_images, OpenAI edits); 413 beyond, and for a body over --max-body-bytes "
+        "that carries none"
+    )
+    max_input_pixels: int = _opt(
+        4096 * 4096, "largest init image or mask, width*height, read from its header before "
+        "any pixel is decoded (422 beyond)"
+    )
     api_key: str | None = _opt(None, "Bearer key required on /t2i when set", secret=True)
     protect_metrics: bool = _opt(False, "require the API key on /metrics too")
     log_prompts: bool = _opt(False, "include prompts in request logs")
@@ -444,6 +454,15 @@ def _check_warmup(s: Settings) -> None:
                             f"comma-separated sizes 1..{s.max_batch_size} (--max-batch-size)")
 
 
+def _check_image_limits(s: Settings) -> None:
+    if s.max_image_bytes < s.max_body_bytes:
+        raise SettingsError(f"--max-image-bytes={s.max_image_bytes} must be >= --max-body-bytes "
+                            f"({s.max_body_bytes}): a body with an image is never held to less")
+    # Pillow refuses more than twice its own limit (89478485) as a decompression bomb anyway.
+    if not 64 * 64 <= s.max_input_pixels <= 2 * 89_478_485:
+        raise SettingsError(f"--max-input-pixels={s.max_input_pixels} must be 4096..178956970")
+
+
 _CHECKS: list[Callable[[Settings], None]] = [
     check_choices,
     _check_warmup,
@@ -464,6 +483,7 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _rule("watchdog_factor", lambda v: v == 0 or v >= 1.5, "must be 0 (off) or >= 1.5"),
     _rule("watchdog_min_s", lambda v: v >= 1, "must be >= 1"),
     _rule("max_body_bytes", lambda v: v >= 1024, "must be >= 1024"),
+    _check_image_limits,
     _rule("api_key", lambda v: v is None or len(v) >= 8, "must be at least 8 characters"),
     _rule("encode_workers", lambda v: 1 <= v <= 64, "must be 1..64"),
     _rule("png_compress_level", lambda v: 0 <= v <= 9, "must be 0..9"),

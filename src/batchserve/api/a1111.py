@@ -1,10 +1,18 @@
-"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` and the listing routes its clients call first.
+"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img`, `POST /sdapi/v1/img2img` and the listing routes
+its clients call first.
 
 A translation onto the one request. A1111 ignores fields it does not know, and clients send many
 (`url`, `auth`, `styles: []`, `override_settings`, `hr_*` with `enable_hr: false`, ...), so
 unknown fields are ignored here too; but a value that would change the picture in a way we
 cannot honour (`enable_hr: true`, `restore_faces: true`, an `alwayson_scripts` entry, ...) is
 refused with a 422 naming it, never answered with a silently different image.
+
+img2img takes what maps onto our request: one init image stretched to width x height
+(`resize_mode` 0; A1111's default 512x512 when they are absent), `denoising_strength`, and with a
+`mask` the inpainting A1111 calls "whole picture" with masked content "original"
+(`inpaint_full_res` false, `inpainting_fill` 1), `mask_blur`, `inpainting_mask_invert`. A1111's
+defaults for those two are "only masked" and "fill", so an inpainting client must send both;
+anything else is refused with a 422 that says what to send.
 
 Errors use the shape of A1111's own exception handler (a FastAPI app):
 `{"error": <class name>, "detail": <message>, "body": "", "errors": <message>}`.
@@ -13,6 +21,7 @@ Errors use the shape of A1111's own exception handler (a FastAPI app):
 from __future__ import annotations
 
 import base64
+from functools import partial
 from typing import Any
 
 import orjson
@@ -20,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import BatchServeError, ValidationError
+from ..images import MaskRule
 from ..samplers import SAMPLERS
 from ..schema import FIELDS, MAX_SEED, Limits, T2IRequest, decode, repeat, validate
 from ..service import Service
@@ -46,6 +56,11 @@ _MAPPED = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "i
 _ALIASES = {ours: theirs for theirs, ours in _MAPPED.items()}
 # Options that change the image: refused when set to anything but their neutral value.
 _REFUSED_TRUE = ("enable_hr", "restore_faces", "tiling")
+# img2img's modes, by A1111's numbers; the served one of each is the first.
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill",
+                3: "just resize (latent upscale)"}
+INPAINTING_FILLS = {1: "original", 0: "fill", 2: "latent noise", 3: "latent nothing"}
+IMAGE_FIELDS = ("init_images", "mask")
 
 
 def render_error(exc: BatchServeError) -> Response:
@@ -86,16 +101,21 @@ def sampler_for(name: Any, scheduler: Any, default: str) -> str:
     return uniform
 
 
-def _refuse_unhonourable(data: dict[str, Any], model: str, clip_skip: int) -> None:
+def _refuse(field: str, why: str) -> ValidationError:
+    return ValidationError(f"{field}: {why} is not supported here; the image would differ "
+                           "from what you asked for", field=field)
+
+
+def _refuse_unhonourable(data: dict[str, Any], model: str, clip_skip: int,
+                         img2img: bool = False) -> None:
     def refuse(field: str, why: str) -> None:
-        raise ValidationError(f"{field}: {why} is not supported here; the image would differ "
-                              "from what you asked for", field=field)
+        raise _refuse(field, why)
 
     for name in _REFUSED_TRUE:
         if data.get(name):
             refuse(name, f"{name}=true")
-    if data.get("init_images"):
-        refuse("init_images", "img2img")
+    if data.get("init_images") and not img2img:
+        refuse("init_images", "init_images on txt2img (use /sdapi/v1/img2img)")
     if data.get("alwayson_scripts"):
         refuse("alwayson_scripts", f"scripts {', '.join(map(str, data['alwayson_scripts']))}")
     if data.get("script_name"):
@@ -130,6 +150,16 @@ def translate(
 ) -> list[T2IRequest]:
     """An A1111 txt2img body to our requests, one per image (batch_size * n_iter)."""
     _refuse_unhonourable(data, model, clip_skip)
+    ours, count = _common(data, limits)
+    return repeat(validate(ours, limits, _ALIASES_ALL, count=count), count)
+
+
+_ALIASES_ALL = {**_ALIASES, "sampler": "sampler_name", "init_image": "init_images",
+                "strength": "denoising_strength", "mask_image": "mask"}
+
+
+def _common(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], int]:
+    """What txt2img and img2img share: our fields and the image count."""
     count = _count(data, "batch_size") * _count(data, "n_iter")
     if count > MAX_IMAGES:
         raise ValidationError(f"batch_size * n_iter must be at most {MAX_IMAGES}",
@@ -140,8 +170,77 @@ def translate(
         ours["seed"] = seed
     name = data.get("sampler_name") or data.get("sampler_index")
     ours["sampler"] = sampler_for(name, data.get("scheduler"), limits.default_sampler)
-    aliases = {**_ALIASES, "sampler": "sampler_name"}
-    return repeat(validate(ours, limits, aliases, count=count), count)
+    return ours, count
+
+
+def translate_img2img(
+    data: dict[str, Any], limits: Limits, model: str, clip_skip: int = 1
+) -> list[T2IRequest]:
+    """An A1111 img2img body to our requests, one per image (batch_size * n_iter). Decodes the
+    images: call it off the event loop."""
+    _refuse_unhonourable(data, model, clip_skip, img2img=True)
+    ours, count = _common(data, limits)
+    ours.setdefault("width", 512)  # A1111's default size, not the init image's
+    ours.setdefault("height", 512)
+    ours["init_image"] = _init_image(data)
+    mode = data.get("resize_mode")
+    if mode not in (None, 0):
+        raise _refuse("resize_mode", f"resize_mode {mode!r} "
+                      f"({RESIZE_MODES.get(mode, 'unknown') if isinstance(mode, int) else '?'}); "
+                      "only 0 (just resize) is served")
+    if data.get("denoising_strength") is not None:
+        ours["strength"] = data["denoising_strength"]
+    if data.get("initial_noise_multiplier") not in (None, 1, 1.0):
+        raise _refuse("initial_noise_multiplier", "initial_noise_multiplier other than 1")
+    if data.get("latent_mask"):
+        raise _refuse("latent_mask", "a latent_mask")
+    rule = MaskRule.WHITE
+    if data.get("mask"):
+        ours["mask_image"] = data["mask"]
+        ours["mask_blur"] = _mask_blur(data)
+        rule = _inpainting(data)
+    return repeat(validate(ours, limits, _ALIASES_ALL, count=count, masks=rule), count)
+
+
+def _init_image(data: dict[str, Any]) -> Any:
+    images = data.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise ValidationError("init_images must be a list holding one base64 image",
+                              field="init_images")
+    if len(images) > 1:
+        raise _refuse("init_images", f"{len(images)} init images (one per request)")
+    return images[0]
+
+
+def _mask_blur(data: dict[str, Any]) -> Any:
+    """A1111's `mask_blur` sets both `mask_blur_x` and `mask_blur_y` (default 4 each); we blur
+    the same in both directions."""
+    if data.get("mask_blur") is not None:
+        return data["mask_blur"]
+    x, y = data.get("mask_blur_x", 4), data.get("mask_blur_y", 4)
+    if x != y:
+        raise _refuse("mask_blur_x", "mask_blur_x other than mask_blur_y")
+    return x
+
+
+def _inpainting(data: dict[str, Any]) -> MaskRule:
+    """The served inpainting: whole picture, masked content from the init image. A1111's
+    defaults (only masked, fill) are refused with what to send instead."""
+    fill = data.get("inpainting_fill", 0)
+    if fill != 1:
+        name = INPAINTING_FILLS.get(fill, "unknown") if isinstance(fill, int) else "?"
+        raise _refuse("inpainting_fill", f"inpainting_fill {fill!r} ({name}); send "
+                      "inpainting_fill: 1 (original), the one served")
+    if data.get("inpaint_full_res", True) not in (False, 0):
+        raise _refuse("inpaint_full_res", "inpaint_full_res true (inpaint area: only masked); "
+                      "send inpaint_full_res: false (whole picture), the one served")
+    if data.get("mask_round", True) is False:
+        raise _refuse("mask_round", "mask_round false (a soft latent mask)")
+    invert = data.get("inpainting_mask_invert", 0)
+    if invert not in (0, 1, False, True):
+        raise ValidationError("inpainting_mask_invert must be 0 or 1",
+                              field="inpainting_mask_invert")
+    return MaskRule.BLACK if invert else MaskRule.WHITE
 
 
 def _model_title(service: Service) -> str:
@@ -164,7 +263,25 @@ class A1111Door:
                              service.settings.clip_skip)
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
-        images = await gateway.generate(request, reqs, "png", record)
+        return await self._answer(request, record, data, reqs)
+
+    async def img2img(self, request: Request, record: dict[str, Any]) -> Response:
+        gateway, service = self.gateway, self.service
+        gateway.authorize(request, basic=True)
+        gateway.check_admitting()
+        body = await gateway.read_json(request, images=IMAGE_FIELDS)
+        try:
+            data = decode(body)
+        except BatchServeError as exc:
+            raise gateway.rejecting(exc) from None
+        reqs = await gateway.validated(partial(
+            translate_img2img, data, service.limits, _model_title(service),
+            service.settings.clip_skip), images=True)
+        return await self._answer(request, record, data, reqs)
+
+    async def _answer(self, request: Request, record: dict[str, Any], data: dict[str, Any],
+                      reqs: list[T2IRequest]) -> Response:
+        images = await self.gateway.generate(request, reqs, "png", record)
         send = data.get("send_images", True) is not False
         return JSONResponse({
             "images": [base64.b64encode(g.content).decode() for g in images] if send else [],
@@ -173,14 +290,20 @@ class A1111Door:
         }, headers={"X-Seed": str(reqs[0].seed)})
 
     def _parameters(self, data: dict[str, Any], req: T2IRequest) -> dict[str, Any]:
-        """The request as A1111 echoes it: what was sent, defaults filled in (no secrets)."""
+        """The request as A1111 echoes it: what was sent, defaults filled in (no secrets); the
+        images of an img2img request only with `include_init_images`, as A1111 does."""
         sent = {k: v for k, v in data.items() if k not in ("auth", "url")}
-        return {**sent, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
-                "seed": data.get("seed", -1), "steps": req.inference_steps,
-                "cfg_scale": req.guidance_scale, "width": req.width, "height": req.height,
-                "batch_size": data.get("batch_size", 1), "n_iter": data.get("n_iter", 1),
-                "sampler_name": data.get("sampler_name") or req.sampler,
-                "scheduler": data.get("scheduler") or "automatic"}
+        out = {**sent, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+               "seed": data.get("seed", -1), "steps": req.inference_steps,
+               "cfg_scale": req.guidance_scale, "width": req.width, "height": req.height,
+               "batch_size": data.get("batch_size", 1), "n_iter": data.get("n_iter", 1),
+               "sampler_name": data.get("sampler_name") or req.sampler,
+               "scheduler": data.get("scheduler") or "automatic"}
+        if req.init is not None:
+            out["denoising_strength"] = req.init.strength
+            if not data.get("include_init_images"):
+                out.update(init_images=None, mask=None)
+        return out
 
     def _info(self, data: dict[str, Any], images: list[Generated]) -> dict[str, Any]:
         first = images[0].request
@@ -203,13 +326,21 @@ class A1111Door:
             "batchserve": {"batch_sizes": [g.batch_size for g in images],
                            "queue_ms": [g.queue_ms for g in images],
                            "inference_ms": [g.inference_ms for g in images]},
+            **({} if first.init is None else {
+                "denoising_strength": first.init.strength,
+                "mask_blur": first.init.mask_blur if first.init.mask is not None else None}),
         }
 
     def _infotext(self, req: T2IRequest) -> str:
         negative = f"\nNegative prompt: {req.negative_prompt}" if req.negative_prompt else ""
+        edit = ""
+        if req.init is not None:
+            edit = f", Denoising strength: {req.init.strength:g}"
+            if req.init.mask is not None:
+                edit += f", Mask blur: {req.init.mask_blur}"
         return (f"{req.prompt}{negative}\nSteps: {req.inference_steps}, Sampler: {req.sampler}, "
                 f"CFG scale: {req.guidance_scale:g}, Seed: {req.seed}, "
-                f"Size: {req.width}x{req.height}, Model: {_model_title(self.service)}")
+                f"Size: {req.width}x{req.height}, Model: {_model_title(self.service)}{edit}")
 
     # -- the listing routes clients call before generating ------------------------------------
 
@@ -309,11 +440,19 @@ def openapi(limits: Limits) -> dict[str, Any]:
                          "security": [{"bearer": []}, {"basic": []}, {}],
                          "responses": any_json, **extra}}
 
+    edit = _img2img_props(limits)
     return {
         "/sdapi/v1/txt2img": route(
             "post", "Generate images (A1111 txt2img; unknown fields ignored)", "a1111_txt2img",
             requestBody={"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "properties": props}}}},
+        ),
+        "/sdapi/v1/img2img": route(
+            "post", "Edit an image: img2img and inpainting (A1111 img2img; unknown fields "
+            "ignored)", "a1111_img2img",
+            requestBody={"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["init_images"],
+                "properties": {**props, **edit}}}}},
         ),
         "/sdapi/v1/sd-models": route("get", "The served model", "a1111_sd_models"),
         "/sdapi/v1/samplers": route("get", "Served samplers, by A1111 name", "a1111_samplers"),
@@ -327,6 +466,38 @@ def openapi(limits: Limits) -> dict[str, Any]:
         "/sdapi/v1/progress": route("get", "Queue and running batch", "a1111_progress"),
         "/sdapi/v1/interrupt": route("post", "No-op (batches are shared)", "a1111_interrupt"),
     }
+
+
+def _img2img_props(limits: Limits) -> dict[str, Any]:
+    """img2img's own fields; the image ones from the shared definitions."""
+    image = FIELDS["init_image"].json_schema(limits)
+    return {
+        "init_images": {"type": "array", "minItems": 1, "maxItems": 1, "items": image,
+                        "description": "one init image: " + image["description"]},
+        "mask": FIELDS["mask_image"].json_schema(
+            limits, description="inpainting mask, init image's size: white (or opaque, on a "
+            "transparent canvas) is repainted"),
+        "denoising_strength": FIELDS["strength"].json_schema(limits),
+        "mask_blur": FIELDS["mask_blur"].json_schema(limits),
+        "resize_mode": {"type": "integer", "const": 0, "default": 0,
+                        "description": "0: just resize (stretch); others are refused"},
+        "inpainting_fill": {"type": "integer", "const": 1, "description": "with a mask: 1 "
+                            "(original) is the one served; A1111's default 0 is refused"},
+        "inpaint_full_res": {"type": "boolean", "const": False, "description": "with a mask: "
+                             "false (whole picture) is the one served; A1111's default true is "
+                             "refused"},
+        "inpainting_mask_invert": {"type": "integer", "enum": [0, 1], "default": 0,
+                                   "description": "1: black is repainted"},
+        "include_init_images": {"type": "boolean", "default": False,
+                                "description": "echo the init image and mask in parameters"},
+        "width": {**_size_prop(limits, "width"), "default": 512},
+        "height": {**_size_prop(limits, "height"), "default": 512},
+    }
+
+
+def _size_prop(limits: Limits, name: str) -> dict[str, Any]:
+    return FIELDS[name].json_schema(limits, description=f"our {name}; A1111's default 512 "
+                                    "when absent (not the init image's)")
 
 
 ERROR_SCHEMA = {"type": "object", "properties": {

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+from starlette.datastructures import FormData
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..batcher import Outcome
 from ..errors import (
     BatchServeError,
-    BodyTooLarge,
     GenerationFailed,
     QueueFull,
     QueueTimeout,
@@ -36,6 +36,7 @@ from ..errors import (
 from ..jobs.record import JobRecord, Status
 from ..schema import T2IRequest
 from ..service import Service
+from . import uploads
 
 log = logging.getLogger("batchserve.access")
 X = TypeVar("X")
@@ -143,36 +144,54 @@ class Gateway:
             how = "Bearer <key>, or Basic with the key as password" if basic else "Bearer <key>"
             raise Unauthorized(f"missing or wrong API key (Authorization: {how})")
 
-    async def read_json(self, request: Request) -> bytes:
-        """The raw JSON body within `--max-body-bytes`; rejections are counted as invalid."""
+    async def read_json(self, request: Request, *, images: tuple[str, ...] = ()) -> bytes:
+        """The raw JSON body within `--max-body-bytes`, or within `--max-image-bytes` when it
+        carries one of the image fields `images` (see `uploads`); rejections are counted as
+        invalid."""
         try:
-            return await self._read_json(request)
+            return await self._read_json(request, images)
         except BatchServeError as exc:
             self.metrics.rejected(exc.reject_reason or "invalid")
             raise
 
-    async def _read_json(self, request: Request) -> bytes:
+    async def _read_json(self, request: Request, images: tuple[str, ...]) -> bytes:
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise UnsupportedMediaType(
                 f"Content-Type must be application/json, got {media or 'none'}"
             )
-        limit = self.service.settings.max_body_bytes
-        too_large = BodyTooLarge(f"request body exceeds {limit} bytes")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
+        settings = self.service.settings
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
+            return await uploads.read_json(
+                request, text_limit=settings.max_body_bytes,
+                image_limit=settings.max_image_bytes, image_fields=images)
         except ClientDisconnect:
             raise ClientGone() from None
-        return b"".join(chunks)
+
+    async def read_form(self, request: Request) -> FormData:
+        """A multipart body within `--max-image-bytes` (`uploads.read_form`); rejections are
+        counted as invalid. The caller closes it."""
+        try:
+            try:
+                return await uploads.read_form(request, self.service.settings.max_image_bytes)
+            except ClientDisconnect:
+                raise ClientGone() from None
+        except BatchServeError as exc:
+            self.metrics.rejected(exc.reject_reason or "invalid")
+            raise
+
+    async def validated(self, parse: Callable[[], X], *, images: bool) -> X:
+        """A door's translation into requests; refusals are counted. With `images` it runs in
+        the service's decode pool: decoding an init image blocks for up to a few hundred ms,
+        which the event loop (every other client's answers) must not wait for."""
+        try:
+            if not images:
+                return parse()
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.service.decoder, parse)
+        except BatchServeError as exc:
+            raise self.rejecting(exc) from None
 
     def rejecting(self, exc: BatchServeError) -> BatchServeError:
         """Counts a refused request under its reason and returns the error to raise."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -15,7 +16,7 @@ from starlette.responses import RedirectResponse, Response
 from ..errors import BackendDown, BatchServeError, ValidationError
 from ..jobs.service import PREFER_WAIT_MAX_S
 from ..jobs.webhooks import check_url
-from ..schema import decode, validate
+from ..schema import IMAGE_FIELDS, decode, has_images, validate
 from .common import Gateway, JSONResponse
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -32,16 +33,17 @@ class JobsDoor:
         gateway, service = self.gateway, self.service
         gateway.authorize(request)
         service.check_accepting_jobs()
-        body = await gateway.read_json(request)
+        body = await gateway.read_json(request, images=IMAGE_FIELDS)
         try:
             data = decode(body)
             webhook = data.pop("webhook", None)
-            req = validate(data, service.limits)
             if webhook is not None:
                 webhook = check_url(webhook, service.settings.webhook_hosts())
             key = _idempotency_key(request)
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
+        req = await gateway.validated(partial(validate, data, service.limits),
+                                      images=has_images(data))
         record.update(key=req.key_label, seed=req.seed, priority=req.priority)
         if service.settings.log_prompts:
             record.update(prompt=req.prompt, negative_prompt=req.negative_prompt)

@@ -30,7 +30,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _STATUS = {400: "malformed JSON", 401: "missing or wrong API key", 404: "no such job",
-           413: "body too large",
+           413: "body too large (--max-body-bytes; --max-image-bytes when it carries an image)",
            415: "not application/json", 422: "a field missing, unknown or out of range",
            429: "queue full (Retry-After)", 500: "generation failed",
            503: "not ready or draining (Retry-After)", 504: "waited past its timeout"}
@@ -42,7 +42,8 @@ def _t2i(limits: Limits) -> dict[str, Any]:
              "content": {media: {"schema": {"type": "string", "contentMediaType": media}}
                          for media in MEDIA_TYPES.values()}}
     return {"/t2i": {"post": {
-        "tags": ["batchserve"], "summary": "Generate one image", "operationId": "t2i",
+        "tags": ["batchserve"], "summary": "Generate one image (from a prompt, or from an "
+        "init image: img2img and inpainting)", "operationId": "t2i",
         "security": [{"bearer": []}, {}],
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/T2IRequest"}}}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -9,7 +10,7 @@ from starlette.responses import Response
 
 from ..encode import MEDIA_TYPES, negotiate
 from ..errors import BatchServeError
-from ..schema import parse
+from ..schema import IMAGE_FIELDS, decode, has_images, validate
 from .common import Gateway
 
 
@@ -22,11 +23,13 @@ class T2IDoor:
         gateway, service = self.gateway, self.service
         gateway.authorize(request)
         service.check_admitting()
-        body = await gateway.read_json(request)
+        body = await gateway.read_json(request, images=IMAGE_FIELDS)
         try:
-            req = parse(body, service.limits)
+            data = decode(body)
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
+        req = await gateway.validated(partial(validate, data, service.limits),
+                                      images=has_images(data))
         fmt = negotiate(req.format, request.headers.get("accept"))
         (image,) = await gateway.generate(request, [req], fmt, record)
         return Response(image.content, media_type=MEDIA_TYPES[fmt], headers={

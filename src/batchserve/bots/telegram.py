@@ -254,7 +254,8 @@ class TelegramBot:
         seed = "random" if options.seed is None else str(options.seed)
         negative = options.negative or "none (set one with /neg <text>)"
         return (f"Options for your next images\n\nSize: {size}\n"
-                f"Mode: {options.mode} ({steps} steps)\nSeed: {seed}\n"
+                f"Mode: {options.mode} ({steps} step{'s' if steps != 1 else ''})\n"
+                f"Seed: {seed}\n"
                 f"Negative prompt: {negative}")
 
     def _keyboard(self, options: Options) -> InlineKeyboardMarkup:

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-BatchKey = tuple[int, int, int, float, str]
-"""(width, height, inference_steps, guidance_scale, sampler): items sharing it share a forward
-pass."""
+BatchKey = tuple[int, int, int, float, str] | tuple[int, int, int, float, str, int]
+"""(width, height, inference_steps, guidance_scale, sampler[, start_step]): items sharing it
+share a forward pass. An item that starts from an init image past step 0 adds its start step
+(`GenerationItem.start_step`): a whole batch runs one schedule, so only items starting at the
+same step can share it."""
 
 StopCheck = Callable[[], bool]
 """Polled by an engine between denoising steps; true means nobody waits for the batch."""
@@ -20,10 +22,42 @@ StopCheck = Callable[[], bool]
 
 def key_label(key: BatchKey) -> str:
     """The batching key as logs and metric labels show it (no user text):
-    `512x512x20x7.5/euler-a` (no sampler part for the engine's default, "")."""
-    width, height, steps, guidance, sampler = key
+    `512x512x20x7.5/euler-a` (no sampler part for the engine's default, ""), and
+    `512x512x20x7.5@5/euler-a` for items joining at step 5 (img2img, inpainting)."""
+    width, height, steps, guidance, sampler = key[:5]
     label = f"{width}x{height}x{steps}x{guidance:g}"
+    if len(key) > 5:
+        label += f"@{key[5]}"
     return f"{label}/{sampler}" if sampler else label
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """What an item starts from instead of pure noise: an init image (img2img) and, for
+    inpainting, its mask, both decoded and already fitted to the item's width x height by
+    `batchserve.images` (oriented, RGB / L, stretched, the mask blurred). No torch here; the
+    engine turns them into tensors with `engines.inputs`.
+
+    The engine's contract: encode `rgb` with the VAE (the item's own generator), noise it to the
+    timestep of `start_step(steps)` with the item's own noise, and run the remaining steps; with
+    a `mask`, keep the unmasked region (diffusers' inpainting: the latent mask blended back at
+    every step on a 4-channel UNet, or the 9-channel inpainting UNet's own inputs)."""
+
+    width: int
+    height: int
+    rgb: bytes = field(repr=False)
+    """width * height * 3 bytes: RGB8, rows top to bottom."""
+    strength: float
+    """0 < strength <= 1: how much of the image is repainted (diffusers' and A1111's meaning)."""
+    mask: bytes | None = field(default=None, repr=False)
+    """width * height bytes (L8): 255 repaint, 0 keep; blurred by `mask_blur` already."""
+    mask_blur: int = 0
+    """The Gaussian radius the mask was blurred by (already applied; for the record)."""
+
+    def start_step(self, steps: int) -> int:
+        """The step this item joins a schedule of `steps` at: `steps - int(steps * strength)`,
+        exactly as diffusers' img2img and inpaint pipelines compute it (`get_timesteps`)."""
+        return steps - min(int(steps * self.strength), steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +71,20 @@ class GenerationItem:
     guidance_scale: float
     sampler: str = ""
     """One of `samplers.SAMPLERS`; "" is the engine's default (`--scheduler`)."""
+    init: ImageInput | None = None
+    """img2img / inpainting: what the item starts from (None: text-to-image, from noise)."""
+
+    @property
+    def start_step(self) -> int:
+        """The denoising step the item starts at (0 for text-to-image); it runs
+        `inference_steps - start_step` steps."""
+        return 0 if self.init is None else self.init.start_step(self.inference_steps)
 
     @property
     def key(self) -> BatchKey:
-        return (self.width, self.height, self.inference_steps, self.guidance_scale, self.sampler)
+        base = (self.width, self.height, self.inference_steps, self.guidance_scale, self.sampler)
+        start = self.start_step
+        return (*base, start) if start else base
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,9 @@
 """`--model sim`: a benchmark-only engine that sleeps like a GPU and draws a flat grey image.
 
+An item with an init image (img2img, inpainting) runs only its steps from its start step, as a
+real engine does, and gives back its init image unchanged: a no-op edit, which lets tests see
+that the image crossed every door, queue and store intact.
+
 Two cost models, which add up: per batch (a batch of n sleeps base + n*per_image ms) and per
 denoising step (one step of n items sleeps step + n*step_per_image ms, so a static batch of s
 steps sleeps s times that). The step model is also offered step-wise (`StepEngine`), so the
@@ -23,6 +27,17 @@ from .protocol import EngineInfo, GenerationItem, StepState, StopCheck, Switch
 @lru_cache(maxsize=16)
 def _fixed_image(width: int, height: int) -> Image.Image:
     return Image.new("RGB", (width, height), (127, 127, 127))
+
+
+def _steps(item: GenerationItem) -> int:
+    """The steps an item runs: from its start step (img2img) to the end of its schedule."""
+    return item.inference_steps - item.start_step
+
+
+def _image(item: GenerationItem) -> Image.Image:
+    if item.init is not None:
+        return Image.frombytes("RGB", (item.init.width, item.init.height), item.init.rgb)
+    return _fixed_image(item.width, item.height)
 
 
 def _sleep_ms(ms: float) -> None:
@@ -75,16 +90,16 @@ class SimEngine:
         """Sleeps its batch time in one slice per denoising step (the per-batch time spread
         over the steps, plus the step model's time), checking `should_stop` after each, as the
         diffusers engine does."""
-        n, steps = len(items), max(1, items[0].inference_steps)
+        n, steps = len(items), max(1, _steps(items[0]))
         slice_ms = (self.base_ms + self.per_image_ms * n) / steps + self._step_ms(n)
         for step in range(steps):
             _sleep_ms(slice_ms)
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after step {step + 1} of {steps}")
-        return [_fixed_image(i.width, i.height) for i in items]
+        return [_image(i) for i in items]
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
-        return [SimState(item, item.inference_steps) for item in items]
+        return [SimState(item, _steps(item)) for item in items]
 
     def step(self, states: Sequence[StepState]) -> None:
         _sleep_ms(self._step_ms(len(states)))
@@ -93,8 +108,7 @@ class SimEngine:
                 state.remaining -= 1
 
     def finish(self, states: Sequence[StepState]) -> list[Image.Image]:
-        return [_fixed_image(s.item.width, s.item.height) for s in states
-                if isinstance(s, SimState)]
+        return [_image(s.item) for s in states if isinstance(s, SimState)]
 
     def memory_bytes(self) -> tuple[int, int] | None:
         return None

@@ -31,7 +31,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..encode import MEDIA_TYPES
 from ..errors import (
@@ -48,8 +48,9 @@ from .protocol import BackendUnavailable, Delivery
 from .record import JobError, JobResult, Status, TransitionRefused
 
 if TYPE_CHECKING:
-    from ..batcher import Outcome
-    from ..service import Service
+    from ..metrics import Metrics
+    from ..sched.request_queue import Outcome
+    from ..settings import Settings
     from .service import JobService
 
 log = logging.getLogger("batchserve.jobs")
@@ -63,13 +64,35 @@ class _Held:
     future: asyncio.Future[Outcome[asyncio.Future[bytes]]] | None = None
 
 
+class Generator(Protocol):
+    """What the runner needs of the process that generates (`service.Service`): it is handed
+    this, so jobs/ never imports the service."""
+
+    @property
+    def ready(self) -> bool:
+        """The model is loaded and the process admits work."""
+        ...
+
+    async def wait_loaded(self) -> str:
+        """Returns once loading ended, ready or failed."""
+        ...
+
+    def submit(self, request: T2IRequest, fmt: str = "png", *, online: bool = True
+               ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
+        """Queues one image; the outcome's result is a future of the encoded bytes."""
+        ...
+
+
 class JobRunner:
-    def __init__(self, service: Service, jobs: JobService, *, block_s: float = 1.0) -> None:
-        self.service = service
+    def __init__(self, generator: Generator, jobs: JobService, settings: Settings,
+                 metrics: Metrics, *, block_s: float = 1.0) -> None:
+        self.generator = generator
         self.jobs = jobs
+        self.settings = settings
+        self.metrics = metrics
         self.queue = jobs.queue
-        self.capacity = 2 * service.settings.max_batch_size
-        self.max_attempts = service.settings.job_max_attempts
+        self.capacity = 2 * settings.max_batch_size
+        self.max_attempts = settings.job_max_attempts
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.block_s = block_s
         self.problem: str | None = None
@@ -90,7 +113,7 @@ class JobRunner:
         self._heartbeat = asyncio.create_task(self._renewing(), name="job-heartbeat")
 
     async def _renewing(self) -> None:
-        interval = self.service.settings.job_visibility_timeout_s / 3
+        interval = self.settings.job_visibility_timeout_s / 3
         while True:
             await asyncio.sleep(interval)  # a period, not a wait for something to happen
             await self.renew()
@@ -113,7 +136,8 @@ class JobRunner:
         return renewed
 
     async def _run(self) -> None:
-        if await self.service.wait_loaded() != self.service.READY:
+        await self.generator.wait_loaded()
+        if not self.generator.ready:
             return
         backoff = 0.5
         while self._pulling:
@@ -177,14 +201,21 @@ class JobRunner:
                 "worker_lost", f"the job was handed to {self.max_attempts} workers and none "
                 "finished it"))
             return
-        try:
-            req = T2IRequest(**record.request)
-        except TypeError:  # written by a version with other fields: fail it, don't retry it
+        pixels = await jobs.inputs(record)  # unreachable store: left for redelivery
+        if pixels is None and record.request.get("init_image") is not None:
             await self._end(d, Status.FAILED, error=JobError(
-                "invalid_request", "the stored request does not fit this server version"))
+                "input_gone", "the job's init image expired or was deleted before it ran"))
             return
         try:
-            held.future = self.service.submit(req, record.format, online=False)
+            req = T2IRequest.from_fields(record.request, pixels)
+        except (TypeError, ValueError, KeyError) as exc:
+            # Written by a version with other fields, or its input image is gone: fail it,
+            # don't retry it.
+            await self._end(d, Status.FAILED, error=JobError(
+                "invalid_request", f"the stored request cannot run here: {exc}"))
+            return
+        try:
+            held.future = self.generator.submit(req, record.format, online=False)
         except (Draining, NotReady, QueueFull, Overloaded):  # not now: another time or worker
             await self.queue.release(d)
             return
@@ -270,7 +301,7 @@ class JobRunner:
 
     def _unreachable(self, exc: Exception, retry_s: float | None) -> None:
         self.problem = f"job queue unreachable: {exc}"
-        self.service.metrics.ready(False)
+        self.metrics.ready(False)
         when = f"retrying in {retry_s:g} s" if retry_s is not None else "left for redelivery"
         log.warning("%s; %s", self.problem, when)
 
@@ -278,8 +309,8 @@ class JobRunner:
         if self.problem is not None:
             log.info("job queue reachable again")
             self.problem = None
-            if self.service.state == self.service.READY:
-                self.service.metrics.ready(True)
+            if self.generator.ready:
+                self.metrics.ready(True)
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -294,7 +325,7 @@ class JobRunner:
         if self._loop is not None:
             # A pull blocks up to `block_s`. Cancelling one in flight is harmless in memory but
             # could strand a Redis delivery until the visibility timeout: let it return.
-            patience = 0.0 if self.service.settings.queue == "memory" else self.block_s + 1
+            patience = 0.0 if self.settings.queue == "memory" else self.block_s + 1
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._loop), patience)
             self._loop.cancel()

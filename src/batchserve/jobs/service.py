@@ -24,7 +24,13 @@ renders in the door's shape):
   `"/v1/jobs/{id}/image"`; `await jobs.position(record)` -> best-effort queue position.
 
 Every state change made in this process goes through `transition`, the one place with the side
-effects of a job ending: waking `wait`ers, metrics, the webhook.
+effects of a job ending: waking `wait`ers, metrics, the webhook, deleting its input image.
+
+A job's init image (img2img, inpainting) does not bloat its record: the record's request holds
+its size, `strength` and `mask_blur`, and the pixels (`T2IRequest.pixels()`) live in the result
+store as `input_name(job_id)` (`<job id>-input`, a name in the store's own scheme that no job id
+can take), written before the record and with the same TTL, read by the worker that runs the
+job (`inputs`), and deleted when the job ends.
 """
 
 from __future__ import annotations
@@ -45,14 +51,22 @@ from .record import JobRecord, Status, TransitionRefused, new_job_id
 from .webhooks import WebhookSender
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
     from ..schema import T2IRequest
-    from ..service import Service
+    from ..settings import Settings
     from .runner import JobRunner
 
 log = logging.getLogger("batchserve.jobs")
 _ID = re.compile(r"job_[A-Za-z0-9_-]{22}")
 PREFER_WAIT_MAX_S = 60
 PRESIGNED_EXPIRES_S = 300
+INPUT_MEDIA_TYPE = "application/octet-stream"
+
+
+def input_name(job_id: str) -> str:
+    """Where a job's input pixels live in the result store: job ids are `job_` and 22 URL-safe
+    characters, so `<job id>-input` is never another job's name."""
+    return f"{job_id}-input"
 
 
 @contextlib.contextmanager
@@ -73,14 +87,20 @@ class JobService:
 
     def __init__(
         self,
-        service: Service,
+        settings: Settings,
+        metrics: Metrics,
         queue: JobQueue,
         store: ResultStore,
         *,
+        admit: Callable[[], None] = lambda: None,
         webhooks: WebhookSender | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.service = service
+        """`admit` raises the 503 that refuses a new job (not ready, draining, wrong role): the
+        process's own lifecycle, which this module is handed rather than imports."""
+        self.settings = settings
+        self.metrics = metrics
+        self._admit = admit
         self.queue = queue
         self.store = store
         self.webhooks = webhooks
@@ -88,7 +108,7 @@ class JobService:
         self._clock = clock
         # With the memory queue every change happens in this process, so waiters are woken
         # and never poll; with a shared queue other processes change records too.
-        self._local = service.settings.queue == "memory"
+        self._local = settings.queue == "memory"
         self._ended: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, int] = {}
         self._closing = False
@@ -105,17 +125,36 @@ class JobService:
         webhook: str | None = None,
         base_url: str = "",
     ) -> JobRecord:
-        self.service.check_accepting_jobs()
+        self._admit()
         record = JobRecord(
             id=new_job_id(), status=Status.QUEUED, created_at=self._clock(),
             request=req.fields(), format=fmt, owner=owner, webhook=webhook,
             priority=req.priority, extra={"base_url": base_url.rstrip("/")},
         )
-        with backend_errors():
-            stored = await self.queue.create(record, idempotency_key)
+        pixels = req.pixels()
+        if pixels is not None:  # before the record: a worker never sees a job without its input
+            with backend_errors():
+                await self.store.put(input_name(record.id), pixels, INPUT_MEDIA_TYPE)
+        try:
+            with backend_errors():
+                stored = await self.queue.create(record, idempotency_key)
+        except BaseException:
+            if pixels is not None:
+                await self._drop_input(record.id)
+            raise
         if stored.id == record.id:
-            self.service.metrics.job_status(Status.QUEUED)
+            self.metrics.job_status(Status.QUEUED)
+        elif pixels is not None:  # the idempotency key named an existing job: ours is unused
+            await self._drop_input(record.id)
         return stored
+
+    async def inputs(self, record: JobRecord) -> bytes | None:
+        """The pixels of the job's init image and mask, or None for a job without one or once
+        they are gone (expired with the job, or deleted when it ended). `BackendUnavailable`
+        when the store cannot be reached."""
+        if record.request.get("init_image") is None:
+            return None
+        return await self.store.get(input_name(record.id))
 
     async def get(self, job_id: str) -> JobRecord:
         if not _ID.fullmatch(job_id):
@@ -176,7 +215,7 @@ class JobService:
 
     async def image_redirect(self, job_id: str) -> str | None:
         """A presigned URL for the image when `--result-redirect` is on and the store has one."""
-        if not self.service.settings.result_redirect:
+        if not self.settings.result_redirect:
             return None
         await self._succeeded(job_id)
         with backend_errors():
@@ -243,13 +282,23 @@ class JobService:
             raise NotFound(f"no job {job_id} (unknown or expired)") from None
         if record.status.terminal:
             self._ended_here(record)
+            if record.request.get("init_image") is not None:
+                await self._drop_input(record.id)
         return record
+
+    async def _drop_input(self, job_id: str) -> None:
+        """Best effort: a store that cannot be reached now lets the input expire with the job."""
+        try:
+            await self.store.delete(input_name(job_id))
+        except BackendUnavailable as exc:
+            log.warning("deleting the input image of job %s failed (it expires with the job's "
+                        "TTL): %s", job_id, exc)
 
     def _ended_here(self, record: JobRecord) -> None:
         if (ended := self._ended.get(record.id)) is not None:
             ended.set()
         finished = record.completed_at if record.completed_at is not None else self._clock()
-        self.service.metrics.job_status(record.status, max(0.0, finished - record.created_at))
+        self.metrics.job_status(record.status, max(0.0, finished - record.created_at))
         if record.webhook and self.webhooks is not None:
             body = self.view(record, str(record.extra.get("base_url", "")))
             self.webhooks.send(record.webhook, record.id, body)
@@ -279,7 +328,7 @@ class JobService:
                 waiting = await self.queue.waiting()
         except (BackendUnavailable, TimeoutError):
             return
-        self.service.metrics.jobs_waiting(waiting)
+        self.metrics.jobs_waiting(waiting)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Lets webhooks in flight finish (up to `timeout_s`), then closes the backends."""

@@ -1,13 +1,15 @@
 // batchserve page: a client of the public API, nothing more. It reads /v1/info for the live
 // state and for what the server offers, submits through the jobs API when the server's jobs are
 // shared (and polls it, as web-queue-worker products do), else through /t2i (see useJobs);
-// every image of a submit is sent at once so they can share a batch.
+// every image of a submit is sent at once so they can share a batch. An init image (and a mask,
+// uploaded or painted on a canvas) is sent as a data: URL in init_image / mask_image.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "batchserve.api_key";
 const FIELDS = ["prompt", "negative_prompt", "width", "height", "inference_steps",
-                "guidance_scale", "sampler", "seed", "count", "api_key"];
+                "guidance_scale", "sampler", "seed", "count", "api_key", "init_image",
+                "strength", "mask_image", "mask_blur"];
 const MAX_COUNT = 8;
 const POLL_MS = [250, 250, 500, 500, 1000];  // jobs polling backoff, then every second
 
@@ -44,6 +46,7 @@ function showLive(data) {
   $("model").textContent = engine.model ? `${engine.model} on ${engine.device}` : "";
   $("key-field").hidden = !(data.auth && data.auth.t2i);
   fillSamplers(data.samplers);
+  showImageFields(data.image_inputs || []);
 }
 
 function setState(text, ready) {
@@ -85,14 +88,142 @@ function showError(field, message) {
 function readForm() {
   const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value };
   // Numbers are sent as typed; the server judges them, so its messages show here unchanged.
-  for (const name of ["width", "height", "inference_steps", "guidance_scale"]) {
+  const numbers = ["inference_steps", "guidance_scale"];
+  // With the init image's own size chosen, the server takes it (rounded down to a multiple of 8).
+  if ($("size").value !== "image") numbers.push("width", "height");
+  if (painting.dataUrl) numbers.push("strength");
+  if (painting.dataUrl && (painting.maskUrl || painting.strokes)) numbers.push("mask_blur");
+  for (const name of numbers) {
     const raw = $(name).value.trim();
     if (raw !== "") body[name] = Number.isNaN(Number(raw)) ? raw : Number(raw);
   }
   if ($("sampler").value) body.sampler = $("sampler").value;
+  if (painting.dataUrl) {
+    body.init_image = painting.dataUrl;
+    if (painting.maskUrl) body.mask_image = painting.maskUrl;
+    else if (painting.strokes) body.mask_image = painting.mask.toDataURL("image/png");
+  }
   const seed = $("seed").value.trim();
   const count = Number($("count").value || "1");
   return { body, seed, count };
+}
+
+// -- an init image and its mask --------------------------------------------------------------
+
+// The uploaded image as the data: URL sent (its own bytes: the server orients and converts it),
+// and the mask painted over it: white strokes on black at the image's pixel size (`mask`), shown
+// as a red veil (`veil`) over the image on the visible canvas.
+const painting = { dataUrl: null, image: null, mask: null, veil: null, maskUrl: null,
+                   strokes: false, last: null };
+
+function showImageFields(inputs) {
+  $("image-fields").hidden = !inputs.includes("img2img");
+  for (const el of document.querySelectorAll("[data-inpaint]")) {
+    el.hidden = !inputs.includes("inpaint") || (el.id === "painter" && !painting.image);
+  }
+}
+
+function readAsDataUrl(file) {
+  return new Promise((done, fail) => {
+    const reader = new FileReader();
+    reader.onload = () => done(reader.result);
+    reader.onerror = () => fail(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function onInitImage() {
+  const file = $("init_image").files[0];
+  if (!file) return clearImage();
+  painting.dataUrl = await readAsDataUrl(file);
+  const image = new Image();
+  image.onload = () => startPainting(image);
+  image.onerror = () => { painting.image = null; };  // the server will say what is wrong
+  image.src = painting.dataUrl;
+}
+
+function startPainting(image) {
+  painting.image = image;
+  const [w, h] = [image.naturalWidth, image.naturalHeight];  // upright, as the server sees it
+  for (const name of ["mask", "veil"]) {
+    painting[name] = document.createElement("canvas");
+    painting[name].width = w;
+    painting[name].height = h;
+  }
+  clearMask();
+  const canvas = $("paint");
+  canvas.width = w;
+  canvas.height = h;
+  $("size").querySelector('option[value="image"]').disabled = false;
+  $("size").value = "image";
+  ownSize();
+  showImageFields((info && info.image_inputs) || []);
+  redraw();
+}
+
+function ownSize() {  // shown only: with this choice the server takes the image's own size
+  const [w, h] = [painting.image.naturalWidth, painting.image.naturalHeight];
+  $("width").value = String(w - (w % 8));
+  $("height").value = String(h - (h % 8));
+}
+
+function clearMask() {
+  if (!painting.mask) return;
+  const mask = painting.mask.getContext("2d");
+  mask.fillStyle = "#000";
+  mask.fillRect(0, 0, painting.mask.width, painting.mask.height);
+  painting.veil.getContext("2d").clearRect(0, 0, painting.veil.width, painting.veil.height);
+  painting.strokes = false;
+  redraw();
+}
+
+function clearImage() {
+  Object.assign(painting, { dataUrl: null, image: null, mask: null, veil: null, strokes: false,
+                            maskUrl: null });
+  $("init_image").value = "";
+  $("mask_image").value = "";
+  $("size").querySelector('option[value="image"]').disabled = true;
+  if ($("size").value === "image") {
+    $("size").value = "512x512";
+    onSizeChange();
+  }
+  showImageFields((info && info.image_inputs) || []);
+}
+
+function redraw() {
+  if (!painting.image) return;
+  const ctx = $("paint").getContext("2d");
+  ctx.drawImage(painting.image, 0, 0);
+  ctx.globalAlpha = 0.5;
+  ctx.drawImage(painting.veil, 0, 0);
+  ctx.globalAlpha = 1;
+}
+
+function paintAt(event) {
+  const canvas = $("paint");
+  const box = canvas.getBoundingClientRect();
+  const scale = canvas.width / box.width;  // brush size is in screen pixels
+  const point = [(event.clientX - box.left) * scale, (event.clientY - box.top) * scale];
+  const width = Math.max(1, Number($("brush").value) || 32) * scale;
+  const from = painting.last || point;
+  for (const [target, color] of [[painting.mask, "#fff"], [painting.veil, "#e02424"]]) {
+    const ctx = target.getContext("2d");
+    ctx.strokeStyle = color;
+    ctx.lineWidth = width;
+    ctx.lineCap = "round";
+    ctx.beginPath();
+    ctx.moveTo(...from);
+    ctx.lineTo(...point);
+    ctx.stroke();
+  }
+  painting.last = point;
+  painting.strokes = true;
+  redraw();
+}
+
+async function onMaskFile() {
+  const file = $("mask_image").files[0];
+  painting.maskUrl = file ? await readAsDataUrl(file) : null;
 }
 
 function headers() {
@@ -184,8 +315,10 @@ function fill(card, body, done) {
   const img = document.createElement("img");
   img.src = url;
   img.alt = `${body.prompt} (seed ${done.seed})`;
-  img.width = body.width || 512;
-  img.height = body.height || 512;
+  if (body.width && body.height) {  // else the init image's size: the image's own
+    img.width = body.width;
+    img.height = body.height;
+  }
   card.querySelector(".pending").replaceWith(img);
   const caption = figure.querySelector("figcaption");
   caption.replaceChildren();
@@ -278,6 +411,10 @@ function onSizeChange() {
     $("width").focus();
     return;
   }
+  if (value === "image") {
+    if (painting.image) ownSize();
+    return;
+  }
   const [w, h] = value.split("x");
   $("width").value = w;
   $("height").value = h;
@@ -295,6 +432,20 @@ document.addEventListener("DOMContentLoaded", () => {
   $("size").addEventListener("change", onSizeChange);
   $("width").addEventListener("input", onDimensionInput);
   $("height").addEventListener("input", onDimensionInput);
+  $("init_image").addEventListener("change", onInitImage);
+  $("mask_image").addEventListener("change", onMaskFile);
+  $("clear-mask").addEventListener("click", clearMask);
+  $("clear-image").addEventListener("click", clearImage);
+  const canvas = $("paint");
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    painting.last = null;
+    paintAt(event);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (canvas.hasPointerCapture(event.pointerId)) paintAt(event);
+  });
+  canvas.addEventListener("pointerup", () => { painting.last = null; });
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();

@@ -20,9 +20,13 @@ function rules(s) {
   const out = [];
   if (s.enum) out.push(`one of ${s.enum.join(", ")}`);
   if (s.const !== undefined) out.push(`must be ${JSON.stringify(s.const)}`);
-  if (s.minimum !== undefined || s.maximum !== undefined) {
+  if (s.exclusiveMinimum !== undefined) {
+    out.push(`> ${s.exclusiveMinimum}` + (s.maximum !== undefined ? ` and <= ${s.maximum}` : ""));
+  } else if (s.minimum !== undefined || s.maximum !== undefined) {
     out.push(`${s.minimum ?? "…"}..${s.maximum ?? "…"}`);
   }
+  if (s.contentEncoding) out.push(s.contentEncoding);
+  if (s.format === "binary") out.push("a file");
   if (s.multipleOf) out.push(`multiple of ${s.multipleOf}`);
   if (s.maxLength !== undefined) out.push(`at most ${s.maxLength} characters`);
   if (s.pattern) out.push(s.pattern === "\\S" ? "not blank" : `matches ${s.pattern}`);
