@@ -4,6 +4,7 @@ process imports no torch."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import subprocess
@@ -20,11 +21,15 @@ from batchserve.settings import Settings, SettingsError, env_name, flag_name, lo
 TOKEN = "123456789:AAF-secret-token-value"
 
 
-def help_of(*path: str) -> str:
+def parser_of(*path: str) -> argparse.ArgumentParser:
     parser = build_parser()
     for name in path:
         parser = parser._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
-    return parser.format_help()
+    return parser
+
+
+def help_of(*path: str) -> str:
+    return parser_of(*path).format_help()
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("telegram", TelegramSettings),
@@ -93,3 +98,14 @@ def test_a_bot_imports_no_torch_and_no_server_code() -> None:
     done = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True,
                           timeout=120, check=True)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"heavy": [], "server": []}
+
+
+def test_the_bot_settings_reference_lists_every_flag() -> None:
+    from batchserve import docgen
+
+    table = docgen.bot_settings_page()
+    for kind in ("telegram", "slack"):
+        flags = {s for a in parser_of("bot", kind)._actions for s in a.option_strings
+                 if s not in ("-h", "--help")}
+        assert "--telegram-token-file" in flags or "--slack-bot-token-file" in flags
+        assert [flag for flag in flags if f"`{flag}`" not in table] == [], kind

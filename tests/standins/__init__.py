@@ -110,7 +110,8 @@ class Standin:
                     return result
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    seen = "\n".join(f"  {c.method} {c.params}" for c in self.calls[-30:])
+                    seen = "\n".join(f"  {c.method} {str(c.params)[:300]} -> {str(c.answer)[:200]}"
+                                     for c in self.calls[-30:] if c.method != "getUpdates")
                     raise AssertionError(f"timed out waiting for {what}; last calls:\n{seen}")
                 self.changed.wait(left)
 
