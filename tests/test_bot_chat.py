@@ -186,3 +186,14 @@ async def test_cancel_by_the_user_cancels_on_the_server() -> None:
     await asyncio.gather(*asyncio.all_tasks() - {asyncio.current_task()})
     assert api.jobs[next(iter(api.jobs))]["status"] == "canceled"
     assert jobs.on_the_way("chat") == 0 and await jobs.cancel("chat") == 0
+
+
+async def test_a_drain_timeout_of_zero_cancels_at_once() -> None:
+    api = FakeJobsAPI()
+    jobs, _ = await jobs_for(api)
+    reply = Recorder()
+    jobs.start("chat", "ada", "a cat", Options(), reply)
+    await reply.until("Queued")
+    assert await jobs.drain(0) == (0, 1)
+    assert reply.statuses[-1] == STOPPING
+    assert api.jobs[next(iter(api.jobs))]["status"] == "canceled"

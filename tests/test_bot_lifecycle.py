@@ -1,8 +1,8 @@
-"""The bots' slow-job cases, shown through the Telegram bot (the cancel, drain and retry code
-is the bots' shared `chat` and `client`): a server that is down gets a polite answer and the bot
-lives on until it is back; /cancel cancels the job on the server; SIGTERM lets the image on the
-way finish, a second SIGTERM cancels what is left on the server and tells its chat, and the
-process exits 0.
+"""The bots' slow-job cases, shown through the Telegram bot (the limits, cancel, drain and retry
+code is the bots' shared `chat` and `client`): a server that is down gets a polite answer and
+the bot lives on until it is back; a second prompt while one runs is refused; /cancel cancels
+the job on the server; SIGTERM lets the image on the way finish, a second SIGTERM cancels what
+is left on the server and tells its chat, and the process exits 0.
 
 Slow jobs come from `--model sim` (100 ms per denoising step, `continuous`, so a cancelled job
 leaves the batch at the next step); it starts in a second and draws grey images."""
@@ -81,7 +81,7 @@ def test_a_server_down_gets_a_polite_answer_and_the_bot_lives_on(
     assert "could not read the server's /v1/info" in bot.logs()
 
 
-def test_cancel_then_sigterm_finishes_one_image_and_cancels_the_other(
+def test_one_at_a_time_cancel_then_sigterm_finishes_one_image_and_cancels_the_other(
         telegram: TelegramStandin, slow_server: ServerProcess, tmp_path: Path) -> None:
     # fast: 30 steps (3 s); quality: 600 steps (a minute): a drain cannot wait for it.
     bot = start_bot(telegram, slow_server.url, tmp_path, "--fast-steps", "30",
@@ -99,9 +99,11 @@ def test_cancel_then_sigterm_finishes_one_image_and_cancels_the_other(
             telegram.wait(lambda menu=menu, chat=chat: "Mode: quality" in
                           telegram.chats[chat].messages[menu["message_id"]]["text"])
 
-        # /cancel: the job is cancelled on the server and the status says so.
+        # One image at a time per chat; /cancel cancels it on the server, the status says so.
         telegram.say(302, "a slow cathedral")
         cancelled = generating(telegram, 302)
+        telegram.say(302, "another one, too soon")
+        said(telegram, 302, r"^You already have an image on the way\. .*/cancel")
         telegram.say(302, "/cancel")
         said(telegram, 302, "^Cancelling your image.$")
         telegram.wait(lambda: any(c.params["text"] == "Cancelled." for c in telegram.called(

@@ -64,7 +64,6 @@ class TelegramStandin(Standin):
         self.token = token
         self.chats: dict[int, Chat] = {}
         self.webhook: dict[str, Any] | None = None
-        self.holds: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
@@ -116,13 +115,6 @@ class TelegramStandin(Standin):
         }})
         return query_id
 
-    def hold(self, method: str) -> threading.Event:
-        """The next call of `method` waits (recorded) until the returned event is set."""
-        gate = threading.Event()
-        with self._lock:
-            self.holds[method] = gate
-        return gate
-
     def bot_messages(self, chat_id: int) -> list[dict[str, Any]]:
         with self._lock:
             chat = self.chats.get(chat_id)
@@ -170,10 +162,6 @@ class TelegramStandin(Standin):
         params, files = await read_params(request, JSON_FIELDS)
         call = Call(method, params, files)
         self.record(call)
-        with self._lock:
-            gate = self.holds.pop(method, None)
-        if gate is not None:
-            await asyncio.to_thread(gate.wait, 60)
         handler = getattr(self, "m_" + method, None)
         try:
             if handler is None:

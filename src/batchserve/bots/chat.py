@@ -245,28 +245,24 @@ class ChatJobs:
         """Stops taking prompts; lets the images on the way finish for `timeout_s` (or until
         `hurry` is set), then cancels the rest. Returns (finished, cancelled)."""
         self.stopping = True
-        pending = {run.task for run in self._runs if run.task is not None}
-        total = len(pending)
-        if pending:
-            waiters: set[asyncio.Future[Any]] = set(pending)
-            hurried = asyncio.ensure_future(hurry.wait()) if hurry is not None else None
-            if hurried is not None:
-                waiters.add(hurried)
-            deadline = self._clock() + timeout_s
-            while pending and self._clock() < deadline and not (hurry and hurry.is_set()):
-                await asyncio.wait(waiters, timeout=deadline - self._clock(),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                pending = {task for task in pending if not task.done()}
-                waiters = {*pending, *([hurried] if hurried is not None else [])}
-            if hurried is not None:
-                hurried.cancel()
+        tasks = {run.task for run in self._runs if run.task is not None}
+        if tasks:
+            # Waiting on `asyncio.wait(tasks)` (not on the tasks) so that giving up on the
+            # wait leaves the tasks running until they are cancelled below, each telling its
+            # chat.
+            waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.wait(tasks))]
+            if hurry is not None:
+                waiters.append(asyncio.ensure_future(hurry.wait()))
+            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
         left = [run for run in self._runs if run.task is not None and not run.task.done()]
         for run in left:
             run.why_cancelled = STOPPING
             assert run.task is not None
             run.task.cancel()
         await asyncio.gather(*(run.task for run in left if run.task), return_exceptions=True)
-        return total - len(left), len(left)
+        return len(tasks) - len(left), len(left)
 
     async def _run(self, run: _Run) -> None:
         accepted = False
