@@ -46,8 +46,9 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m batchserve serve` on 127.0.0.1; `url` once /readyz answers 200."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = log.open("wb")
@@ -86,8 +87,8 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def running_server(*args: str, tmp_path: Path, env: dict[str, str] | None = None,
-                   name: str = "server") -> Iterator[ServerProcess]:
-    server = ServerProcess(*args, env=env, log=tmp_path / f"{name}.log")
+                   name: str = "server", port: int | None = None) -> Iterator[ServerProcess]:
+    server = ServerProcess(*args, env=env, log=tmp_path / f"{name}.log", port=port)
     try:
         server.wait_ready()
         yield server
@@ -100,4 +101,17 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     """One tiny-model server for the end-to-end tests (a long wait so batches fill by size)."""
     tmp = tmp_path_factory.mktemp("tiny_server")
     with running_server("--model", "tiny", "--max-wait-ms", "2000", tmp_path=tmp) as server:
+        yield server
+
+
+BOT_SERVER_KEY = "bots-test-key-0001"
+
+
+@pytest.fixture(scope="session")
+def bot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny server the chat bots' tests talk to: an API key, no batching wait, and sizes
+    kept small (--max-pixels 8192: 64x64 by default, 96x64 and 64x96 offered)."""
+    tmp = tmp_path_factory.mktemp("bot_server")
+    with running_server("--model", "tiny", "--max-wait-ms", "0", "--max-pixels", "8192",
+                        "--api-key", BOT_SERVER_KEY, tmp_path=tmp) as server:
         yield server

@@ -3,7 +3,8 @@
 Four references cannot drift from the code because they are generated from it, from the very
 objects a default `batchserve serve` uses:
 
-- settings: the fields of `settings.Settings` (the same source as `batchserve serve --help`);
+- settings: the fields of `settings.Settings` (the same source as `batchserve serve --help`),
+  and of the bots' `bots.settings` classes (`batchserve bot telegram|slack --help`);
 - metrics: the Prometheus registry of a default app (`batchserve_*` and the `http_*` series);
 - error codes: every `errors.BatchServeError` subclass (HTTP status, code, rejection reason);
 - HTTP API: the OpenAPI document the app serves at `/openapi.json`.
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from . import errors
-from .settings import Settings, env_name, field_type, flag_name
+from .bots.settings import BotSettings, SlackSettings, TelegramSettings
+from .settings import Settings, env_name, field_type, flag_name, is_secret
 
 DEFAULT_OUT = Path("docs/reference")
 REGENERATE = "./dev.sh docs gen"  # or: python -m batchserve.docgen (from the repository root)
@@ -61,20 +63,40 @@ def _default(value: Any) -> str:
     return f"`{value!r}`" if value == "" else f"`{value}`"
 
 
+def _setting_row(f: dataclasses.Field[Any]) -> list[str]:
+    """flag, variable, type, default, meaning; a secret also names its `-file` flag and
+    variable."""
+    flag = flag_name(f.name)
+    kind = field_type(f)
+    shown = f"`{flag}`, `--no-{flag[2:]}`" if kind is bool else f"`{flag}`"
+    variable = f"`{env_name(f.name)}`"
+    if is_secret(f):
+        shown += f", `{flag}-file`"
+        variable += f", `{env_name(f.name)}_FILE`"
+    choices = f.metadata.get("choices")
+    meaning = _escape(f.metadata["help"])
+    if choices:
+        meaning += "; one of " + ", ".join(f"`{c}`" for c in choices)
+    return [f'<a id="{flag[2:]}"></a>{shown}', variable, kind.__name__, _default(f.default),
+            meaning]
+
+
+_SETTINGS_HEAD = ["flag", "environment variable", "type", "default", "meaning"]
+
+
 def settings_page() -> str:
     """One row per `Settings` field, in definition order: flag, variable, default, meaning."""
-    rows = []
-    for f in dataclasses.fields(Settings):
-        flag = flag_name(f.name)
-        kind = field_type(f)
-        shown = f"`{flag}`, `--no-{flag[2:]}`" if kind is bool else f"`{flag}`"
-        choices = f.metadata.get("choices")
-        meaning = _escape(f.metadata["help"])
-        if choices:
-            meaning += "; one of " + ", ".join(f"`{c}`" for c in choices)
-        rows.append([f'<a id="{flag[2:]}"></a>{shown}', f"`{env_name(f.name)}`",
-                     kind.__name__, _default(f.default), meaning])
-    return _table(["flag", "environment variable", "type", "default", "meaning"], rows)
+    return _table(_SETTINGS_HEAD, [_setting_row(f) for f in dataclasses.fields(Settings)])
+
+
+def bot_settings_page() -> str:
+    """The bots' settings: those both share, then each bot's own, in definition order."""
+    shared = [f.name for f in dataclasses.fields(BotSettings)]
+    rows = [[*_setting_row(f), "both"] for f in dataclasses.fields(BotSettings)]
+    for bot, cls in (("telegram", TelegramSettings), ("slack", SlackSettings)):
+        rows += [[*_setting_row(f), bot] for f in dataclasses.fields(cls)
+                 if f.name not in shared]
+    return _table([*_SETTINGS_HEAD, "bot"], rows)
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -271,6 +293,7 @@ def render() -> dict[str, str]:
     document = openapi_document(app)
     return {
         "settings.md": settings_page(),
+        "bot-settings.md": bot_settings_page(),
         "metrics.md": metrics_page(app),
         "errors.md": errors_page(),
         "http-api.md": http_api_page(document),

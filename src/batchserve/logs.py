@@ -106,6 +106,26 @@ class PromptFilter(logging.Filter):
         return True
 
 
+class SecretFilter(logging.Filter):
+    """Replaces each secret value (a bot token, an API key) wherever a record carries it: a
+    library may log a URL with one in it (the Telegram Bot API puts the token in every path)."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.secrets = tuple(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        for secret in self.secrets:
+            message = message.replace(secret, REDACTED)
+            if record.exc_text:
+                record.exc_text = record.exc_text.replace(secret, REDACTED)
+        record.msg, record.args = message, None
+        return True
+
+
 def redact_quotes(text: str) -> str:
     for pattern in LIBRARY_QUOTES:
         text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
@@ -131,18 +151,25 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
-def configure_logging(level: str, *, log_prompts: bool = False) -> None:
-    """Root handler with the JSON formatter (and, unless `log_prompts`, the prompt filter);
-    Python warnings go through logging; library loggers already imported are adopted (engines
-    call `adopt_library_loggers` again once they have imported theirs)."""
-    handler: dict[str, Any] = {"class": "logging.StreamHandler", "formatter": "json"}
+def configure_logging(
+    level: str, *, log_prompts: bool = False, secrets: tuple[str, ...] = ()
+) -> None:
+    """Root handler with the JSON formatter (and, unless `log_prompts`, the prompt filter;
+    with `secrets`, the filter that keeps them out); Python warnings go through logging; library
+    loggers already imported are adopted (engines call `adopt_library_loggers` again once they
+    have imported theirs)."""
+    handler: dict[str, Any] = {"class": "logging.StreamHandler", "formatter": "json",
+                               "filters": []}
     if not log_prompts:
-        handler["filters"] = ["prompts"]
+        handler["filters"].append("prompts")
+    if secrets:
+        handler["filters"].append("secrets")
     logging.config.dictConfig({
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JSONFormatter}},
-        "filters": {"prompts": {"()": PromptFilter}},
+        "filters": {"prompts": {"()": PromptFilter},
+                    "secrets": {"()": SecretFilter, "secrets": secrets}},
         "handlers": {"stderr": handler},
         "root": {"handlers": ["stderr"], "level": level.upper()},
         "loggers": {"uvicorn.access": {"level": "WARNING"}},

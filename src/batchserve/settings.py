@@ -1,4 +1,9 @@
-"""One frozen settings object; its field metadata drives CLI flags, env vars and `--help`."""
+"""One frozen settings object; its field metadata drives CLI flags, env vars and `--help`.
+
+The machinery (`setting`, `load`, `coerce`, `rule`, `check_choices`, `public_view`, and
+`cli.add_settings_arguments`) serves any frozen dataclass whose fields are made by `setting`:
+the server's `Settings` here, the bots' in `bots.settings`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
@@ -20,8 +26,20 @@ class SettingsError(ValueError):
     """An invalid setting; the message names the setting and the rule."""
 
 
-def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+T = TypeVar("T")
+
+
+def setting(
+    default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False
+) -> Any:
+    """One setting: its default, its `--help` text and its allowed values. A `secret` is kept
+    out of `repr`, error messages and `public_view`, and may also be read from a file
+    (`--NAME-file PATH` / `BATCHSERVE_NAME_FILE`), as container secrets are mounted."""
+    return field(default=default, repr=not secret,
+                 metadata={"help": help, "choices": choices, "secret": secret})
+
+
+_opt = setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +146,7 @@ class Settings:
         4096 * 4096, "largest init image or mask, width*height, read from its header before "
         "any pixel is decoded (422 beyond)"
     )
-    api_key: str | None = _opt(None, "Bearer key required on /t2i when set")
+    api_key: str | None = _opt(None, "Bearer key required on /t2i when set", secret=True)
     protect_metrics: bool = _opt(False, "require the API key on /metrics too")
     log_prompts: bool = _opt(False, "include prompts in request logs")
     log_level: str = _opt(
@@ -167,7 +185,9 @@ class Settings:
         120.0, "a job held this long by a worker that stopped answering goes to another worker"
     )
     job_max_attempts: int = _opt(3, "deliveries of one job before it fails with worker_lost")
-    webhook_secret: str | None = _opt(None, "HMAC-SHA256 key signing webhook bodies")
+    webhook_secret: str | None = _opt(
+        None, "HMAC-SHA256 key signing webhook bodies", secret=True
+    )
     webhook_allow_hosts: str = _opt(
         "", "hosts webhooks may be sent to, comma separated; empty: webhooks refused"
     )
@@ -197,9 +217,7 @@ class Settings:
 
     def public(self) -> dict[str, Any]:
         """Settings safe to show (no secrets)."""
-        data = dataclasses.asdict(self)
-        data["api_key"] = "set" if self.api_key else None
-        data["webhook_secret"] = "set" if self.webhook_secret else None
+        data = public_view(self)
         data["queue"] = _without_password(self.queue)
         return data
 
@@ -213,14 +231,63 @@ class Settings:
         cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
     ) -> Settings:
         """Defaults < environment (`BATCHSERVE_*`) < explicit overrides (CLI flags)."""
-        values: dict[str, Any] = {}
-        env = os.environ if env is None else env
-        for f in dataclasses.fields(cls):
-            raw = env.get(env_name(f.name))
-            if raw is not None:
-                values[f.name] = coerce(f, raw)
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls(**values)
+        return load(cls, overrides, env)
+
+
+def load(
+    cls: type[T], overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> T:
+    """An instance of the settings dataclass `cls` from defaults < environment (`BATCHSERVE_*`)
+    < explicit overrides (CLI flags; None means not given). A secret may come from a file
+    instead: `NAME_file` in the overrides, `BATCHSERVE_NAME_FILE` in the environment."""
+    env = os.environ if env is None else env
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    known = {f.name for f in fields} | {f.name + "_file" for f in fields if is_secret(f)}
+    if unknown := sorted(set(given) - known):
+        raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for f in fields:
+        raw = env.get(env_name(f.name))
+        if raw is not None:
+            values[f.name] = coerce(f, raw)
+        if is_secret(f):
+            _secret_file(values, f, env.get(env_name(f.name) + "_FILE"), env_name(f.name),
+                         env_name(f.name) + "_FILE", also=raw is not None)
+    for f in fields:
+        if f.name in given:
+            values[f.name] = given[f.name]
+        if is_secret(f):
+            _secret_file(values, f, given.get(f.name + "_file"), flag_name(f.name),
+                         flag_name(f.name) + "-file", also=f.name in given)
+    return cls(**values)
+
+
+def _secret_file(values: dict[str, Any], f: dataclasses.Field[Any], path: str | None,
+                 name: str, file_name: str, *, also: bool) -> None:
+    """Reads a secret's file into `values` (stripped: files end with a newline)."""
+    if path is None:
+        return
+    if also:
+        raise SettingsError(f"{name} and {file_name} are both set: give one")
+    try:
+        values[f.name] = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise SettingsError(f"{file_name}={path!r}: cannot read it ({reason})") from None
+
+
+def is_secret(f: dataclasses.Field[Any]) -> bool:
+    return bool(f.metadata.get("secret"))
+
+
+def public_view(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as a dict safe to show: each secret as "set" or None."""
+    data = dataclasses.asdict(settings)
+    for f in dataclasses.fields(settings):
+        if is_secret(f):
+            data[f.name] = "set" if data[f.name] else None
+    return data
 
 
 def env_name(name: str) -> str:
@@ -286,13 +353,20 @@ def parse_loras(text: str) -> list[tuple[str, float]]:
     return specs
 
 
-def _rule(name: str, ok: Callable[[Any], bool], rule: str) -> Callable[[Settings], None]:
-    def check(s: Settings) -> None:
+def rule(name: str, ok: Callable[[Any], bool], text: str) -> Callable[[Any], None]:
+    """A check of one field of a settings dataclass; a secret's value is never quoted."""
+
+    def check(s: Any) -> None:
         value = getattr(s, name)
         if not ok(value):
-            raise SettingsError(f"{flag_name(name)}={value!r}: {rule}")
+            secret = any(is_secret(f) for f in dataclasses.fields(s) if f.name == name)
+            shown = "<hidden>" if secret else repr(value)
+            raise SettingsError(f"{flag_name(name)}={shown}: {text}")
 
     return check
+
+
+_rule = rule
 
 
 def _without_password(url: str) -> str:
@@ -344,7 +418,8 @@ def _check_webhooks(s: Settings) -> None:
         )
 
 
-def _check_choices(s: Settings) -> None:
+def check_choices(s: Any) -> None:
+    """Every field with `choices` holds one of them (any settings dataclass)."""
     for f in dataclasses.fields(s):
         choices = f.metadata.get("choices")
         if choices and getattr(s, f.name) not in choices:
@@ -389,7 +464,7 @@ def _check_image_limits(s: Settings) -> None:
 
 
 _CHECKS: list[Callable[[Settings], None]] = [
-    _check_choices,
+    check_choices,
     _check_warmup,
     _check_sim_steps,
     _check_lora,
