@@ -57,6 +57,19 @@ class Settings:
     lora: str | None = _opt(
         None, "LoRA files fused into the weights at load: PATH[:SCALE], comma separated"
     )
+    lora_dir: str | None = _opt(
+        None, "folder of LoRA files requests pick per request (field loras, A1111's "
+        "<lora:NAME:SCALE>); name = file stem; rescanned as it changes"
+    )
+    max_loras_per_request: int = _opt(4, "most LoRAs one request may name (1..16)")
+    lora_rescan_s: float = _opt(
+        5.0, "--lora-dir is listed again when its listing is older than this (a request naming "
+        "an unseen file rescans at once)"
+    )
+    lora_cache_mb: int = _opt(
+        1024, "device memory kept for per-request LoRA weights (LRU; least recently used "
+        "adapters leave first)"
+    )
     embeddings: str | None = _opt(
         None, "textual-inversion embeddings: a file or a folder of them; token = file name"
     )
@@ -442,6 +455,16 @@ def _check_lora(s: Settings) -> None:
         raise SettingsError(f"--lora={s.lora!r}: names no file (PATH[:SCALE], comma separated)")
 
 
+def _check_lora_dir(s: Settings) -> None:
+    if s.lora_dir is not None and not Path(s.lora_dir).is_dir():
+        raise SettingsError(f"--lora-dir={s.lora_dir!r}: no such folder")
+    if s.lora_dir is not None and s.compile:
+        # Hooks come and go as adapters load and leave: a compiled graph would recompile (or
+        # ignore them) each time.
+        raise SettingsError("--lora-dir does not work with --compile yet: per-request LoRA "
+                            "adds and removes layer hooks that a compiled UNet does not see")
+
+
 def _check_warmup(s: Settings) -> None:
     for w, h, _ in parse_shapes(s.warmup):
         if w % 8 or h % 8:
@@ -468,6 +491,10 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _check_warmup,
     _check_sim_steps,
     _check_lora,
+    _check_lora_dir,
+    _rule("max_loras_per_request", lambda v: 1 <= v <= 16, "must be 1..16"),
+    _rule("lora_rescan_s", lambda v: v > 0, "must be > 0"),
+    _rule("lora_cache_mb", lambda v: v >= 1, "must be >= 1"),
     _rule("port", lambda v: 0 <= v <= 65535, "must be 0..65535"),
     _rule("clip_skip", lambda v: 1 <= v <= 24, "must be 1..24 (1 = last layer)"),
     _rule("max_batch_size", lambda v: 1 <= v <= 256, "must be 1..256"),

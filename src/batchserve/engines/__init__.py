@@ -12,6 +12,7 @@ from .protocol import (
     Engine,
     EngineInfo,
     GenerationItem,
+    LoraPick,
     StepEngine,
     StepRound,
     StepState,
@@ -26,8 +27,8 @@ from .protocol import (
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "StepEngine", "StepRound",
-           "StepState", "StopCheck", "Switch", "key_label", "load_engine", "run_round",
+__all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "LoraPick", "StepEngine",
+           "StepRound", "StepState", "StopCheck", "Switch", "key_label", "load_engine", "run_round",
            "step_engine", "warm_steps"]
 
 

@@ -7,12 +7,13 @@ the startup log and `/v1/info` show.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,9 @@ from ..errors import EngineOutOfMemory, Interrupted
 from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
 from . import checkpoints
+from .lora.library import LoraLibrary
+from .lora.rows import Choice
+from .lora.runtime import LoraRuntime
 from .prompts import PromptEncoder
 from .protocol import BatchKey, EngineInfo, GenerationItem, StepState, StopCheck, Switch
 from .stepwise import StepwiseDiffusion
@@ -172,7 +176,12 @@ class DiffusionEngine:
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
         self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
-        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.prompts)
+        # Per-request LoRA: hooks on the layers adapters touch, only once one is loaded.
+        self.lora = (LoraRuntime(pipe, plan.device, pipe.unet.dtype) if settings.lora_dir
+                     else None)
+        self.prompts.lora = self.lora
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.prompts,
+                                        self.lora)
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
@@ -191,6 +200,13 @@ class DiffusionEngine:
                  time.perf_counter() - started)
         checkpoints.log_addons(addons, settings)
         return cls(pipe, plan, settings, addons, base_config)
+
+    def use_loras(self, library: LoraLibrary) -> None:
+        """Serves the LoRA files of `library` per request: judges them against this model."""
+        if self.lora is None:
+            self.lora = LoraRuntime(self.pipe, self.plan.device, self.pipe.unet.dtype)
+            self.prompts.lora = self._steps.lora = self.lora
+        self.lora.attach(library)
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -241,7 +257,9 @@ class DiffusionEngine:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
         try:
-            with torch.inference_mode(), self.prompts.conditioning(items) as text:
+            loras = self.lora.choices(items) if self.lora is not None else None
+            with torch.inference_mode(), self.prompts.conditioning(items, loras) as text, \
+                    self._unet_rows(loras, guided=text.negative_embeds is not None):
                 out = self.pipe(
                     prompt_embeds=text.prompt_embeds,
                     negative_prompt_embeds=text.negative_embeds,
@@ -263,6 +281,15 @@ class DiffusionEngine:
         del generators
         self._free_cache()
         raise EngineOutOfMemory(message)
+
+    @contextlib.contextmanager
+    def _unet_rows(self, loras: list[Choice] | None, *, guided: bool) -> Iterator[None]:
+        """The pipeline's UNet rows: [negatives..., prompts...] with guidance, as it batches."""
+        if self.lora is None or loras is None:
+            yield
+            return
+        with self.lora.unet_rows(loras + loras if guided else loras):
+            yield
 
     # -- the step-wise interface (`--flush-policy continuous`) ----------------------------
 

@@ -20,11 +20,15 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .protocol import GenerationItem
+
+if TYPE_CHECKING:
+    from .lora.rows import Choice
+    from .lora.runtime import LoraRuntime
 
 CHUNK = 75  # content tokens per CLIP sequence; +2 for the begin and end tokens
 
@@ -56,6 +60,7 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.unet = unet  # gets the padding mask (`conditioning`)
+        self.lora: LoraRuntime | None = None  # per-request LoRA's text-encoder part
         self.chunked = long_prompts == "chunk"
         self.clip_skip = clip_skip
         # The tokenizer matches added tokens case-insensitively and inside words; so does this.
@@ -75,17 +80,24 @@ class PromptEncoder:
                    clip_skip=clip_skip, expansions=expansions)
 
     def encode(self, prompts: Sequence[str], negatives: Sequence[str], *,
-               guidance: bool) -> Encoded:
+               guidance: bool, loras: Sequence[Choice] | None = None) -> Encoded:
         """`guidance`: classifier-free guidance is on (diffusers: guidance_scale > 1), so the
-        negative prompts are encoded too. Run it under `torch.inference_mode()`."""
+        negative prompts are encoded too. `loras`: each prompt's adapters (per-request LoRA),
+        applied to its prompt's and negative prompt's rows. Run it under
+        `torch.inference_mode()`."""
         texts = list(prompts) + (list(negatives) if guidance else [])
         chunked = [self._chunks(ids) for ids in self._token_ids(texts)]
         longest = max(len(c) for c in chunked)
         padded = longest > 1 and any(len(c) < longest for c in chunked)
         rows = [chunk for chunks in chunked for chunk in chunks]
+        choices = None
+        if loras is not None:
+            n = len(prompts)
+            choices = [loras[t % n] for t, chunks in enumerate(chunked) for _ in chunks]
         if padded:
-            rows.append([])  # the empty prompt, to pad with
-        hidden = self._encode_rows(rows)
+            rows.append([])  # the empty prompt, to pad with (masked: no LoRA needed)
+            choices = None if choices is None else [*choices, ()]
+        hidden = self._encode_rows(rows, choices)
         embeds, masks, at = [], [], 0
         for chunks in chunked:
             own = hidden[at:at + len(chunks)]
@@ -104,14 +116,15 @@ class PromptEncoder:
         return Encoded(stacked[:n], stacked[n:] if guidance else None, mask)
 
     @contextmanager
-    def conditioning(self, items: Sequence[GenerationItem]) -> Iterator[Encoded]:
+    def conditioning(self, items: Sequence[GenerationItem],
+                     loras: Sequence[Choice] | None = None) -> Iterator[Encoded]:
         """A whole-batch engine's conditioning for `items` (one batch key): encoded, with the
         padding mask handed to the UNet inside the block. Enter it under `inference_mode()`."""
         first = items[0]
         # When diffusers' pipeline applies classifier-free guidance (its own rule).
         guidance = first.guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
         text = self.encode([i.prompt for i in items], [i.negative_prompt for i in items],
-                           guidance=guidance)
+                           guidance=guidance, loras=loras)
         with cross_attention_mask(self.unet, text.attention_mask):
             yield text
 
@@ -129,8 +142,13 @@ class PromptEncoder:
             return [ids[:CHUNK]]
         return [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)]
 
-    def _encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
-        """[rows, 77, D]: each row as `[BOS] tokens [EOS] pad...`, as diffusers tokenizes."""
+    def _encode_rows(self, rows: list[list[int]],
+                     choices: Sequence[Choice] | None = None) -> torch.Tensor:
+        """[rows, 77, D]: each row as `[BOS] tokens [EOS] pad...`, as diffusers tokenizes;
+        `choices`: each row's LoRA adapters."""
+        if choices is not None and self.lora is not None:
+            with self.lora.text_rows(choices):
+                return self._encode_rows(rows)
         tok = self.tokenizer
         length = CHUNK + 2
         batch = [[tok.bos_token_id, *r, tok.eos_token_id] for r in rows]

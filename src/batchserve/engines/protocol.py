@@ -61,6 +61,14 @@ class ImageInput:
 
 
 @dataclass(frozen=True, slots=True)
+class LoraPick:
+    """One adapter a request asked for: a file of `--lora-dir` by name, at a scale."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationItem:
     prompt: str
     negative_prompt: str
@@ -73,6 +81,8 @@ class GenerationItem:
     """One of `samplers.SAMPLERS`; "" is the engine's default (`--scheduler`)."""
     init: ImageInput | None = None
     """img2img / inpainting: what the item starts from (None: text-to-image, from noise)."""
+    loras: tuple[LoraPick, ...] = ()
+    """Per-request LoRA, applied to this item's rows only; never part of the batching key."""
 
     @property
     def start_step(self) -> int:

@@ -23,6 +23,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
+from .lora.rows import Choice
+from .lora.runtime import LoraRuntime
 from .prompts import PromptEncoder
 from .protocol import GenerationItem, StepState
 
@@ -41,6 +43,8 @@ class DiffusionState:
     timesteps: torch.Tensor
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
+    lora: Choice = ()
+    """Its per-request LoRA (resident adapter keys and scales), for each of its rows."""
 
     @property
     def done(self) -> bool:
@@ -55,21 +59,29 @@ class StepwiseDiffusion:
     """Prepare / step / finish over a loaded `StableDiffusionPipeline`."""
 
     def __init__(self, pipe: Any, device: str, scheduler_for: SchedulerFactory,
-                 prompts: PromptEncoder) -> None:
+                 prompts: PromptEncoder, lora: LoraRuntime | None = None) -> None:
         self.pipe = pipe
         self.device = torch.device(device)
         self.scheduler_for = scheduler_for
         self.prompts = prompts
+        self.lora = lora
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
         with torch.inference_mode(), _oom_guard(self):
-            return [self._prepare_one(item, self._encode(item)) for item in items]
+            states: list[StepState] = []
+            for item in items:
+                # A joiner brings its adapters: resolved (loaded if need be) as it joins.
+                lora = self.lora.choice(item) if self.lora is not None and item.loras else ()
+                states.append(self._prepare_one(item, self._encode(item, lora), lora))
+            return states
 
-    def _encode(self, item: GenerationItem) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _encode(self, item: GenerationItem, lora: Choice = ()
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The item's rows, encoded alone by the engine's one `PromptEncoder` (long prompts,
-        clip skip, embeddings as in `generate`); padding across items happens per step."""
+        clip skip, embeddings, LoRA as in `generate`); padding across items happens per step."""
         guided = self._guided(item)
-        text = self.prompts.encode([item.prompt], [item.negative_prompt], guidance=guided)
+        text = self.prompts.encode([item.prompt], [item.negative_prompt], guidance=guided,
+                                   loras=[lora] if lora else None)
         mask = text.attention_mask  # [2, L] negatives first, or [1, L]; None when unpadded
         if text.negative_embeds is None:
             return [(text.prompt_embeds, None if mask is None else mask[0])]
@@ -81,7 +93,8 @@ class StepwiseDiffusion:
         return item.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
 
     def _prepare_one(
-        self, item: GenerationItem, rows: list[tuple[torch.Tensor, torch.Tensor | None]]
+        self, item: GenerationItem, rows: list[tuple[torch.Tensor, torch.Tensor | None]],
+        lora: Choice = (),
     ) -> DiffusionState:
         pipe = self.pipe
         scheduler = self.scheduler_for(item)
@@ -100,7 +113,7 @@ class StepwiseDiffusion:
         return DiffusionState(
             item=item, scheduler=scheduler, generator=generator,
             latents=latents * scheduler.init_noise_sigma, rows=rows,
-            timesteps=scheduler.timesteps, step_kwargs=kwargs,
+            timesteps=scheduler.timesteps, step_kwargs=kwargs, lora=lora,
         )
 
     def step(self, states: Sequence[StepState]) -> None:
@@ -126,10 +139,14 @@ class StepwiseDiffusion:
             rows += state.rows
         embeds, mask = _pad_rows(rows)
         kwargs = {} if mask is None else {"encoder_attention_mask": mask}
-        out = self.pipe.unet(
-            torch.cat(samples), torch.stack(times), encoder_hidden_states=embeds,
-            return_dict=False, **kwargs,
-        )[0]
+        choices = [s.lora for s in states for _ in s.rows]
+        with contextlib.ExitStack() as stack:
+            if self.lora is not None and any(choices):
+                stack.enter_context(self.lora.unet_rows(choices))
+            out = self.pipe.unet(
+                torch.cat(samples), torch.stack(times), encoder_hidden_states=embeds,
+                return_dict=False, **kwargs,
+            )[0]
         preds, row = [], 0
         for state in states:
             if len(state.rows) == 1:
