@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from types import FrameType
 from typing import Any
 
@@ -84,6 +85,14 @@ def run(settings: Settings) -> int:
     )
     server = Server(config, service)
     server.run()
-    if server.exit_code == 0 and not server.started:
-        return 1  # could not bind, or startup failed
-    return server.exit_code
+    code = server.exit_code
+    if code == 0 and not server.started:
+        code = 1  # could not bind, or startup failed
+    service.worker.stop()  # ended already after a normal stop; a no-op then
+    if not service.worker.join(1.0):
+        # A hung engine call (the watchdog's case, or one that did not reach its next step
+        # in time): finalizing the interpreter under running native code aborts (SIGABRT), so
+        # leave without it, non-zero on purpose.
+        logging.shutdown()
+        os._exit(code or 1)
+    return code

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,8 @@ class Service:
         )
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
+        # Set at stop: the engine's running call ends at its next step (see `stop`).
+        self.stopping = threading.Event()
         self.watchdog = Watchdog(factor=settings.watchdog_factor, min_s=settings.watchdog_min_s)
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         # Requests' init images are decoded here, off the loop: as many at once as images are
@@ -280,9 +283,24 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.jobs.close()
-        self.worker.stop()
+        await self._stop_engine()
         self.encoder.shutdown(wait=False, cancel_futures=True)
         self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop_engine(self) -> None:
+        """Interrupts the engine between two steps and waits for its thread to end, so no
+        native code runs when the interpreter exits (that aborts the process with SIGABRT).
+        A batch nobody waits for any more (its clients left) may still be running after the
+        drain. A hung engine is the watchdog's case: the process then exits non-zero without
+        waiting (see `server.run`)."""
+        self.stopping.set()
+        self.worker.stop()
+        if self.state == self.FAILED and not self.worker.join(0):
+            return
+        bound_s = max(self.settings.drain_timeout_s, 5.0)
+        if not await asyncio.to_thread(self.worker.join, bound_s):
+            log.critical("the engine thread did not stop within %g s", bound_s)
+            self._fail("engine thread did not stop")
 
     async def readiness(self) -> str | None:
         """None when this role can do its work now, else why not (`/readyz`). api: the queue
@@ -350,7 +368,12 @@ class Service:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
-        should_stop = self.batcher.should_stop()  # of the part about to run
+        batch_stop = self.batcher.should_stop()  # of the part about to run
+        stopping = self.stopping.is_set
+
+        def should_stop() -> bool:
+            return batch_stop() or stopping()
+
         texts = [t for q in batch for t in q.texts]
         KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
         call = self.worker.run(
@@ -516,6 +539,9 @@ class EngineSteps:
         most steps it can run (until the first item's schedule ends) and learns from the
         steps it ran."""
         engine = self._engine()
+        if until is not None:  # the server stopping ends the round at the next step too
+            wanted, stopping = until, self.service.stopping.is_set
+            until = lambda: stopping() or wanted()  # noqa: E731
         items = [q.item for q in joining]
         states = [s for _, s in active]
         pixels = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
