@@ -152,7 +152,7 @@ def test_second_sigterm_ends_the_drain_with_503s_and_still_exits_0(tmp_path: Pat
 
 def test_queue_overflow_gives_429_with_retry_after_and_never_5xx(tmp_path: Path) -> None:
     with running_server("--model", "sim", "--sim-base-ms", "200", "--max-batch-size", "2",
-                        "--max-wait-ms", "0", "--max-queue", "3",
+                        "--max-wait-ms", "0", "--max-queue", "3", "--refusal-hold-s", "0",
                         tmp_path=tmp_path) as server, ThreadPoolExecutor(24) as pool:
         statuses = overflow(pool, server, 24)
         rejected = gauge(server, "batchserve_requests_rejected_total")

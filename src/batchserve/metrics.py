@@ -108,6 +108,15 @@ class Metrics:
             "batchserve_requests_rejected", "Requests not answered with an image, by reason",
             ["reason"], registry=r,
         )
+        self._held = Gauge(
+            "batchserve_refusals_held", "Refused requests held for a place now "
+            "(--refusal-hold-s)", registry=r,
+        )
+        self._room = Counter(
+            "batchserve_refusals_held_ended", "Held requests by how their hold ended: admitted "
+            "(a place freed) or refused (the hold passed, or too many held)",
+            ["outcome"], registry=r,
+        )
         self._gpu_alloc = Gauge(
             "batchserve_gpu_memory_allocated_bytes",
             "Peak torch.cuda memory allocated during the last batch (max_memory_allocated)",
@@ -137,6 +146,8 @@ class Metrics:
             self._rejected.labels(reason)
         for reason in WASTE_REASONS:
             self._wasted.labels(reason)
+        for outcome in ("admitted", "refused"):
+            self._room.labels(outcome)
 
     @_never_raise
     def queue_depth(self, depth: int) -> None:
@@ -179,6 +190,14 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         if reason in REJECT_REASONS:
             self._rejected.labels(reason).inc()
+
+    @_never_raise
+    def held(self, n: int) -> None:
+        self._held.set(n)
+
+    @_never_raise
+    def left_room(self, outcome: str) -> None:
+        self._room.labels(outcome).inc()
 
     @_never_raise
     def wasted(self, reason: str) -> None:

@@ -47,6 +47,7 @@ from .metrics import Metrics
 from .samplers import SAMPLERS
 from .sched.adaptive import Adaptive
 from .sched.request_queue import QueueLoop
+from .sched.waiting_room import WaitingRoom
 from .sched.watchdog import Watchdog
 from .schema import Limits
 from .settings import Settings, SettingsError
@@ -123,6 +124,8 @@ class Service:
                         **options) if self.continuous
             else Batcher(self._run_batch, adaptive=self.adaptive, **options)
         )
+        self.waiting_room = WaitingRoom(hold_s=settings.refusal_hold_s,
+                                        max_held=settings.refusal_hold_max, hooks=self.metrics)
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
             webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts())
         self.jobs = JobService(
@@ -381,6 +384,7 @@ class Service:
         )
         started = time.monotonic()
         self.running = (len(batch), started)
+        self.waiting_room.opened()  # the batch left the queue: places freed
         try:
             images = await self.watchdog.guard(call, sum(_work(q.item) for q in batch))
         except EngineHung as exc:
@@ -390,6 +394,7 @@ class Service:
             KNOWN_PROMPTS.remove(*texts)
             self.last_batch_s = time.monotonic() - started
             self.running = None
+            self.waiting_room.opened()
         self.metrics.gpu_memory(engine.memory_bytes())
         return self._encode_all(images, batch)
 
@@ -549,6 +554,7 @@ class EngineSteps:
             [*(s.remaining for s in states), *(i.inference_steps for i in items)], default=1)
         ran = await self._guarded(partial(run_round, engine, items, states, until),
                                   pixels * max(1, most), lambda r: pixels * max(1, r.steps))
+        self.service.waiting_room.opened()  # joiners left the queue, finished items the batch
         out: Advanced[asyncio.Future[bytes]] = Advanced(
             ran.joined, ran.join_error, ran.steps, ran.step_error, None, ran.finish_error)
         if ran.images is not None:

@@ -116,6 +116,18 @@ class Settings:
         choices=("on", "off"),
     )
     max_queue: int = _opt(256, "queued requests admitted; beyond it 429")
+    refusal_hold_s: float = _opt(
+        10.0, "a request refused because the queue is full or overloaded is held up to this "
+        "long for a place before its 429/503 (clients that retry at once then wait instead "
+        "of spinning); 0: refuse at once"
+    )
+    refusal_hold_max: int = _opt(
+        256, "most requests held at once by --refusal-hold-s; beyond it refused at once"
+    )
+    log_refusals_per_s: float = _opt(
+        5.0, "request-log lines per second for refused requests (429/503); the others are "
+        "counted in the next line's suppressed field (every accepted request keeps its line)"
+    )
     request_timeout_s: float = _opt(
         300.0, "default timeout_s: max time from admission to image (queue + generation), "
         "and the most a request may ask for"
@@ -481,6 +493,9 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _rule("max_cost", lambda v: v >= 0, "must be >= 0"),
     _rule("max_priority", lambda v: -10 <= v <= 10, "must be -10..10"),
     _rule("watchdog_factor", lambda v: v == 0 or v >= 1.5, "must be 0 (off) or >= 1.5"),
+    _rule("refusal_hold_s", lambda v: 0 <= v <= 300, "must be 0..300"),
+    _rule("refusal_hold_max", lambda v: v >= 0, "must be >= 0"),
+    _rule("log_refusals_per_s", lambda v: v >= 0, "must be >= 0"),
     _rule("watchdog_min_s", lambda v: v >= 1, "must be >= 1"),
     _rule("max_body_bytes", lambda v: v >= 1024, "must be >= 1024"),
     _check_image_limits,
