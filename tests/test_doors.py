@@ -216,6 +216,11 @@ A1111_BAD = [
     ({"tiling": True}, "tiling"),
     ({"init_images": ["aGk="]}, "init_images"),
     ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": 5}, "alwayson_scripts"),  # was a 500 (iterating an int)
+    ({"alwayson_scripts": True}, "alwayson_scripts"),
+    ({"alwayson_scripts": ["controlnet"]}, "alwayson_scripts"),
+    ({"override_settings": [1]}, "override_settings"),
+    ({"styles": 5}, "styles"),
     ({"subseed_strength": 0.5}, "subseed_strength"),
     ({"styles": ["cinematic"]}, "styles"),
     ({"script_name": "x/y/z plot"}, "script_name"),
