@@ -127,7 +127,8 @@ class Service:
         self.waiting_room = WaitingRoom(hold_s=settings.refusal_hold_s,
                                         max_held=settings.refusal_hold_max, hooks=self.metrics)
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
-            webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts())
+            webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts(),
+                                     allow_private=settings.webhook_allow_private)
         self.jobs = JobService(
             settings, self.metrics, queue or open_queue(settings), store or open_store(settings),
             admit=self.check_accepting_jobs, webhooks=webhooks,

@@ -201,7 +201,12 @@ class Settings:
         None, "HMAC-SHA256 key signing webhook bodies", secret=True
     )
     webhook_allow_hosts: str = _opt(
-        "", "hosts webhooks may be sent to, comma separated; empty: webhooks refused"
+        "", "where webhooks may be sent, comma separated: HOST (ports 80 and 443 only) or "
+        "HOST:PORT; empty: webhooks refused"
+    )
+    webhook_allow_private: bool = _opt(
+        False, "send webhooks to hosts that resolve to private, loopback or link-local "
+        "addresses (refused by default: a webhook must not reach the internal network)"
     )
 
     def __post_init__(self) -> None:
@@ -428,6 +433,16 @@ def _check_webhooks(s: Settings) -> None:
         raise SettingsError(
             "--webhook-allow-hosts is set but --webhook-secret is not: webhooks are always signed"
         )
+    for entry in s.webhook_hosts():
+        if not _ALLOW_ENTRY.fullmatch(entry):
+            raise SettingsError(
+                f"--webhook-allow-hosts: {entry!r} must be HOST or HOST:PORT (port 1..65535; "
+                "an IPv6 address in brackets: [::1]:8080)")
+
+
+_ALLOW_ENTRY = re.compile(
+    r"(?:[a-z0-9._-]+|\[[0-9a-f:.]+\])"
+    r"(?::(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}))?")
 
 
 def check_choices(s: Any) -> None:
