@@ -24,6 +24,8 @@ log = logging.getLogger("batchserve.engine")
 # from the internet is still the classic way in, so these need an explicit --allow-pickle.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+_SINGLE_FILE_PIPELINES = {"sd1": ("StableDiffusionPipeline", "SD 1.x"),
+                          "sdxl": ("StableDiffusionXLPipeline", "SDXL")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +94,19 @@ def _reason(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {head}" if head else type(exc).__name__
 
 
-def load_single_file(settings: Settings, torch_dtype: torch.dtype) -> Any:
+def load_single_file(settings: Settings, torch_dtype: torch.dtype, family: str = "sd1") -> Any:
     """An original-layout checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
-    `cond_stage_model.transformer.*`); `--model-config` names the diffusers layout to fill."""
-    from diffusers import StableDiffusionPipeline
+    `cond_stage_model.transformer.*`, SDXL's `conditioner.embedders.*`); `--model-config`
+    names the diffusers layout to fill."""
+    import diffusers
+
+    pipeline = getattr(diffusers, _SINGLE_FILE_PIPELINES[family][0])
 
     file = checked_file("--model", settings.model, allow_pickle=settings.allow_pickle,
                         what="checkpoint file")
     config = settings.model_config
     try:
-        return StableDiffusionPipeline.from_single_file(
+        return pipeline.from_single_file(
             str(file), torch_dtype=torch_dtype, config=config,
             # A local config folder means offline: never reach for the hub behind its back.
             local_files_only=config is not None and Path(config).is_dir(),
@@ -109,7 +114,8 @@ def load_single_file(settings: Settings, torch_dtype: torch.dtype) -> Any:
     except Exception as exc:
         hint = "" if config else "; --model-config can name its diffusers folder or hub id"
         raise SettingsError(
-            f"--model={settings.model!r}: cannot load it as a single-file SD 1.x checkpoint "
+            f"--model={settings.model!r}: cannot load it as a single-file "
+            f"{_SINGLE_FILE_PIPELINES[family][1]} checkpoint "
             f"({_reason(exc)}){hint}"
         ) from None
 
