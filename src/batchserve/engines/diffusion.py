@@ -46,6 +46,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 """Each served family's diffusers pipeline."""
+HUB_PRESETS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+"""`--model` names for real checkpoints on the hub."""
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _GPU_ONLY = "needs CUDA; off on this machine"
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # the same on CPU (inductor's C++ backend) and CUDA
@@ -150,16 +152,19 @@ def load_pipeline(settings: Settings, torch_dtype: torch.dtype, family: str = "s
     import diffusers
 
     model = settings.model
-    if model in ("tiny", "sd15"):
-        preset = importlib.import_module(f".{model}", __package__)
+    if model in ("tiny", "sd15", "tiny-sdxl"):
+        preset = importlib.import_module(f".{model.replace('-', '_')}", __package__)
         pipe = preset.build_pipeline()
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     if model.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
         return checkpoints.load_single_file(settings, torch_dtype, family)
     pipeline = getattr(diffusers, PIPELINES[family])
-    return pipeline.from_pretrained(
-        model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    extra: dict[str, Any] = (
+        {"add_watermarker": False} if family == "sdxl"
+        else {"safety_checker": None, "requires_safety_checker": False}
     )
+    return pipeline.from_pretrained(HUB_PRESETS.get(model, model), torch_dtype=torch_dtype,
+                                    **extra)
 
 
 class DiffusionEngine:
@@ -169,11 +174,8 @@ class DiffusionEngine:
         self.plan = plan
         self.settings = settings
         self.addons = addons or checkpoints.Addons()
-        self.prompts = PromptEncoder.for_pipeline(
-            pipe, long_prompts=settings.long_prompts, clip_skip=settings.clip_skip,
-            expansions=self.addons.expansions(),
-        )
-        self.family: Family = _family_for(pipe, self.prompts)
+        self.family: Family = _family_for(pipe, settings, self.addons)
+        self.prompts: PromptEncoder = self.family.prompts  # the (first) text encoder's
         # The checkpoint's own scheduler config: a batch's sampler is built from it (cheap),
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
@@ -206,9 +208,10 @@ class DiffusionEngine:
             dtype=self.plan.dtype,
             attention=self.plan.attention,
             scheduler=self.settings.scheduler,
-            demo=self.settings.model in ("tiny", "sd15"),
+            demo=self.settings.model in ("tiny", "sd15", "tiny-sdxl"),
             tuning=self.plan.switches,
-            extra={"vae_scale_factor": int(self.pipe.vae_scale_factor),
+            extra={"family": self.family.name,
+                   "vae_scale_factor": int(self.pipe.vae_scale_factor),
                    "schedulers": sorted(SCHEDULERS),
                    **checkpoints.describe(self.addons, self.settings)},
         )
@@ -298,11 +301,17 @@ class DiffusionEngine:
             torch.cuda.empty_cache()
 
 
-def _family_for(pipe: Any, prompts: PromptEncoder) -> Family:
-    """The family of a loaded pipeline (its class tells, whatever `--model` was)."""
+def _family_for(pipe: Any, settings: Settings, addons: checkpoints.Addons) -> Family:
+    """The family of a loaded pipeline: SDXL's has a second text encoder."""
     from .families.sd1 import SD1
+    from .families.sdxl import SDXL
 
-    return SD1(prompts)
+    options: dict[str, Any] = {"long_prompts": settings.long_prompts,
+                               "clip_skip": settings.clip_skip,
+                               "expansions": addons.expansions()}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXL.for_pipeline(pipe, **options)
+    return SD1(PromptEncoder.for_pipeline(pipe, **options))
 
 
 def _stop_between_steps(should_stop: StopCheck) -> Any:

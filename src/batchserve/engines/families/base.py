@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from ..prompts import PromptEncoder
     from ..protocol import GenerationItem
 
 
@@ -56,6 +57,12 @@ class Family(Protocol):
 
     name: str
     sizes: Sizes
+
+    @property
+    def prompts(self) -> PromptEncoder:
+        """The (first) text encoder's prompt encoder: its tokenizer is the one embeddings and
+        long-prompt counting see."""
+        ...
 
     def rows(self, item: GenerationItem, *, guided: bool) -> list[Row]:
         """The item's UNet rows, encoded alone: (negative, prompt) with classifier-free

@@ -1,0 +1,102 @@
+"""SDXL (`tiny-sdxl`): the family's conditioning equals diffusers' own SDXL pipeline, and an item's
+image does not depend on who shares its batch or its steps, under every policy."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from inprocess import in_process
+from PIL import Image
+from test_stepwise import pixels, run_until_done
+
+from batchserve.engines import GenerationItem
+from batchserve.engines.diffusion import DiffusionEngine
+from batchserve.engines.families.sdxl import SDXL
+from batchserve.settings import Settings
+
+CAT = GenerationItem("a red cat", "", 1, 64, 64, 4, 7.5)
+DOG = GenerationItem("a blue dog", "blurry", 2, 64, 64, 3, 5.0, "euler-a")
+LAMP = GenerationItem("a lamp", "", 3, 64, 64, 2, 1.0)  # no guidance: one UNet row
+WORDY = GenerationItem("a lighthouse on a cliff at dusk, " * 6, "", 4, 64, 64, 3, 6.0)
+
+
+@pytest.fixture(scope="module")
+def engine() -> DiffusionEngine:
+    return DiffusionEngine.load(Settings(model="tiny-sdxl", warmup=""))
+
+
+def diff(a: object, b: object) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def test_tiny_sdxl_is_served_by_the_sdxl_family(engine: DiffusionEngine) -> None:
+    assert isinstance(engine.family, SDXL)
+    assert type(engine.pipe).__name__ == "StableDiffusionXLPipeline"
+    assert engine.info().to_dict()["family"] == "sdxl"
+
+
+@pytest.mark.parametrize("item", [CAT, DOG, LAMP], ids=["empty-negative", "negative", "no-cfg"])
+def test_equals_diffusers_own_pipeline_on_the_prompt_text(engine: DiffusionEngine,
+                                                          item: GenerationItem) -> None:
+    """Both encoders, the pooled embedding, the zeroed empty negative prompt and the time ids
+    are diffusers' own: its pipeline given the text makes the same image."""
+    ours = engine.generate([item])[0]
+    engine.pipe.scheduler = engine._scheduler_for(item)
+    theirs = engine.pipe(
+        prompt=item.prompt, negative_prompt=item.negative_prompt or None, width=item.width,
+        height=item.height, num_inference_steps=item.inference_steps,
+        guidance_scale=item.guidance_scale, generator=torch.Generator().manual_seed(item.seed),
+    ).images[0]
+    engine.sampler = ""  # the engine's sampler bookkeeping: rebuilt on the next batch
+    assert diff(ours, theirs) <= 1
+
+
+def test_alone_equals_in_a_batch_of_strangers(engine: DiffusionEngine) -> None:
+    stranger = GenerationItem("something else entirely", "ugly", 9, 64, 64, 4, 7.5)
+    wordy = replace(WORDY, inference_steps=4, guidance_scale=7.5)
+    alone = [engine.generate([i])[0] for i in (CAT, wordy)]
+    together = engine.generate([CAT, stranger, wordy])
+    assert diff(alone[0], together[0]) <= 1
+    assert diff(alone[1], together[2]) <= 1
+    assert diff(together[0], together[1]) > 10  # images differ: the check can fail
+
+
+def test_joined_part_way_equals_alone(engine: DiffusionEngine) -> None:
+    alone = {item: pixels(engine.generate([item])[0]) for item in (CAT, DOG, LAMP, WORDY)}
+    joined = run_until_done(engine, engine.prepare([CAT]), [DOG, LAMP, WORDY], join_after=1)
+    for item, image in alone.items():
+        assert np.abs(joined[item] - image).max() <= 1, item
+
+
+def test_micro_conditioning_is_each_items_own(engine: DiffusionEngine) -> None:
+    """Each item's rows carry the time ids diffusers makes for it alone."""
+    wide = GenerationItem("a wide view", "", 5, 128, 64, 2, 7.5)
+    for item in (CAT, wide):
+        (state,) = engine.prepare([item])
+        expected = engine.pipe._get_add_time_ids(
+            (item.height, item.width), (0, 0), (item.height, item.width), dtype=torch.float32,
+            text_encoder_projection_dim=engine.pipe.text_encoder_2.config.projection_dim)
+        for row in state.rows:  # type: ignore[attr-defined]
+            assert torch.equal(row.added["time_ids"], expected)
+
+
+@pytest.mark.parametrize("policy", ["deadline", "eager", "continuous"])
+async def test_served_under_every_policy_equals_alone(engine: DiffusionEngine,
+                                                      policy: str) -> None:
+    items = (CAT, DOG, replace(CAT, prompt="another cat", seed=7))
+    async with in_process(engine, flush_policy=policy,  # type: ignore[arg-type]
+                          max_wait_ms=50) as app:
+        responses = await asyncio.gather(*(app.client.post("/t2i", json={
+            "prompt": i.prompt, "negative_prompt": i.negative_prompt, "seed": i.seed,
+            "width": i.width, "height": i.height, "inference_steps": i.inference_steps,
+            "guidance_scale": i.guidance_scale, **({"sampler": i.sampler} if i.sampler else {}),
+        }) for i in items))
+    for item, response in zip(items, responses, strict=True):
+        assert response.status_code == 200, response.text
+        served = Image.open(io.BytesIO(response.content)).convert("RGB")
+        assert diff(served, engine.generate([item])[0]) <= 1
