@@ -85,3 +85,41 @@ def test_the_engine_refuses_a_mismatch_before_loading() -> None:
 
     with pytest.raises(SettingsError, match=r"^--model-family=sdxl: --model=.tiny. is a sd1"):
         DiffusionEngine.load(Settings(model="tiny", model_family="sdxl", warmup=""))
+
+
+async def test_sdxl_defaults_and_sizes_reach_every_door() -> None:
+    """Served as SDXL (the family from the settings alone): /v1/info says which sizes, a request
+    without a size gets 1024x1024 through /t2i and OpenAI, the OpenAPI defaults say so."""
+    from inprocess import in_process
+
+    from fakes import FakeEngine
+
+    engine = FakeEngine()
+    async with in_process(engine, model_family="sdxl") as app:
+        info = (await app.client.get("/v1/info")).json()
+        assert info["sizes"]["default"] == "1024x1024"
+        assert "832x1216" in info["sizes"]["presets"]
+        assert info["sizes"]["multiple_of"] == 8
+        assert (await app.client.post("/t2i", json={"prompt": "a", "seed": 1})).status_code == 200
+        response = await app.client.post("/v1/images/generations", json={"prompt": "b"})
+        assert response.status_code == 200, response.text
+        spec = (await app.client.get("/openapi.json")).json()
+    assert [(i.width, i.height) for b in engine.batches for i in b] == [(1024, 1024)] * 2
+    text = str(spec)
+    assert "'default': '1024x1024'" in text and "'default': 1024" in text
+
+
+async def test_sd1_keeps_512_and_a_size_off_the_grid_names_its_field() -> None:
+    from inprocess import in_process
+
+    from fakes import FakeEngine
+
+    engine = FakeEngine()
+    async with in_process(engine) as app:
+        info = (await app.client.get("/v1/info")).json()
+        assert info["sizes"]["default"] == "512x512"
+        bad = await app.client.post("/t2i", json={"prompt": "a", "width": 1020})
+        assert (await app.client.post("/t2i", json={"prompt": "a"})).status_code == 200
+    assert bad.status_code == 422
+    assert bad.json()["error"]["field"] == "width"
+    assert [(i.width, i.height) for b in engine.batches for i in b] == [(512, 512)]

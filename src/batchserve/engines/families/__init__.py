@@ -5,6 +5,8 @@ module per family, behind the one step core (`engines.stepwise`) and the one who
 
 from __future__ import annotations
 
-from .detect import FAMILIES, PRESET_FAMILIES, detect, resolve
+from .base import FAMILY_SIZES, Sizes
+from .detect import FAMILIES, PRESET_FAMILIES, detect, resolve, served_family
 
-__all__ = ["FAMILIES", "PRESET_FAMILIES", "detect", "resolve"]
+__all__ = ["FAMILIES", "FAMILY_SIZES", "PRESET_FAMILIES", "Sizes", "detect", "resolve",
+           "served_family"]

@@ -47,6 +47,21 @@ def _label(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+FAMILY_SIZES = {
+    "sd1": Sizes(
+        default=(512, 512),
+        presets=((512, 512), (512, 768), (768, 512), (640, 640), (768, 768)),
+    ),
+    "sdxl": Sizes(
+        default=(1024, 1024),
+        # SDXL's training buckets near one megapixel (the sizes the web UIs offer).
+        presets=((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
+                 (768, 1344), (1536, 640), (640, 1536)),
+    ),
+}
+"""Per family, no torch: a `--role api` process validates sizes without loading a model."""
+
+
 def guided(unet: Any, item: GenerationItem) -> bool:
     """Classifier-free guidance is on: the pipelines' `do_classifier_free_guidance`."""
     return item.guidance_scale > 1 and unet.config.time_cond_proj_dim is None

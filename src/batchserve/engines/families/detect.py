@@ -50,6 +50,15 @@ def detect(model: str, model_config: str | None = None) -> str | None:
     return _from_hub_cache(model)
 
 
+def served_family(model: str, asked: str = "auto", model_config: str | None = None) -> str:
+    """The family whose sizes and defaults the doors use, never raising (the engine's start
+    says what is wrong): the one asked for, else the detected one, else sd1 (sim, fakes)."""
+    if asked in SERVED:
+        return asked
+    found = detect(model, model_config)
+    return found if found in SERVED else "sd1"
+
+
 def resolve(asked: str, model: str, model_config: str | None = None) -> str:
     """The family to serve: detected under `auto` (sd1 when nothing tells, as before families
     existed), else the one asked for, which must agree with what is detected."""

@@ -9,17 +9,12 @@ from typing import Any
 
 from ..prompts import PromptEncoder
 from ..protocol import GenerationItem
-from .base import Row, Sizes
-
-SIZES = Sizes(
-    default=(512, 512),
-    presets=((512, 512), (512, 768), (768, 512), (640, 640), (768, 768)),
-)
+from .base import FAMILY_SIZES, Row
 
 
 class SD1:
     name = "sd1"
-    sizes = SIZES
+    sizes = FAMILY_SIZES["sd1"]
     pipeline_class = "StableDiffusionPipeline"
 
     def __init__(self, prompts: PromptEncoder) -> None:

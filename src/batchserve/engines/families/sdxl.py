@@ -18,14 +18,7 @@ import torch
 
 from ..prompts import PromptEncoder, cross_attention_mask
 from ..protocol import GenerationItem
-from .base import Row, Sizes, guided
-
-SIZES = Sizes(
-    default=(1024, 1024),
-    # SDXL's training buckets near one megapixel (the sizes the web UIs offer).
-    presets=((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
-             (768, 1344), (1536, 640), (640, 1536)),
-)
+from .base import FAMILY_SIZES, Row, guided
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +34,7 @@ class Conditioning:
 
 class SDXL:
     name = "sdxl"
-    sizes = SIZES
+    sizes = FAMILY_SIZES["sdxl"]
     pipeline_class = "StableDiffusionXLPipeline"
 
     def __init__(self, pipe: Any, first: PromptEncoder, second: PromptEncoder) -> None:
