@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import io
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from inprocess import in_process
+from ldm_layout import save_single_file
 from PIL import Image
 from test_stepwise import pixels, run_until_done
 
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import DiffusionEngine
 from batchserve.engines.families.sdxl import SDXL
-from batchserve.settings import Settings
+from batchserve.settings import Settings, SettingsError
 
 CAT = GenerationItem("a red cat", "", 1, 64, 64, 4, 7.5)
 DOG = GenerationItem("a blue dog", "blurry", 2, 64, 64, 3, 5.0, "euler-a")
@@ -100,3 +102,20 @@ async def test_served_under_every_policy_equals_alone(engine: DiffusionEngine,
         assert response.status_code == 200, response.text
         served = Image.open(io.BytesIO(response.content)).convert("RGB")
         assert diff(served, engine.generate([item])[0]) <= 1
+
+
+def test_single_file_in_the_original_layout_equals_its_folder(engine: DiffusionEngine,
+                                                               tmp_path: Path) -> None:
+    """Stability's layout (`conditioner.embedders.0.transformer.*` CLIP,
+    `conditioner.embedders.1.model.*` OpenCLIP, `label_emb`), loaded offline with
+    --model-config: known as SDXL from its tensor names, the same images as the folder."""
+    engine.pipe.save_pretrained(tmp_path / "folder")
+    file = save_single_file(engine.pipe, tmp_path / "community-xl.safetensors")
+    loaded = DiffusionEngine.load(Settings(model=str(file), model_config=str(tmp_path / "folder"),
+                                           warmup=""))
+    assert isinstance(loaded.family, SDXL)
+    for item in (DOG, WORDY):
+        assert diff(loaded.generate([item])[0], engine.generate([item])[0]) <= 1
+    with pytest.raises(SettingsError, match=r"^--model-family=sd1: .* is a sdxl model"):
+        DiffusionEngine.load(Settings(model=str(file), model_family="sd1",
+                                      model_config=str(tmp_path / "folder"), warmup=""))

@@ -21,13 +21,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tiny import SEED, build_tokenizer
 
-TEXT_DIM = 32  # each encoder's width; the UNet sees both concatenated (64)
+TEXT_DIM = 32  # the first encoder's width
+TEXT_DIM_2 = 48  # the second's: other than the first, as in SDXL (768, 1280), which is how
+# diffusers' single-file loader tells the two apart
+POOLED_DIM = 32  # the second encoder's projection
 TIME_DIM = 8  # per micro-conditioning number
 
 
-def _text_config(vocab_size: int, **extra: Any) -> CLIPTextConfig:
+def _text_config(vocab_size: int, hidden_size: int, **extra: Any) -> CLIPTextConfig:
     return CLIPTextConfig(
-        hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+        hidden_size=hidden_size, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
         vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **extra,
     )
@@ -42,12 +45,12 @@ def unet() -> UNet2DConditionModel:
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * TEXT_DIM,
+        cross_attention_dim=TEXT_DIM + TEXT_DIM_2,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_DIM + TEXT_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_DIM + POOLED_DIM,
         transformer_layers_per_block=1,
         norm_num_groups=32,
     )
@@ -68,9 +71,9 @@ def build_pipeline(**scheduler_kwargs: Any) -> Any:
     state = torch.random.get_rng_state()
     torch.manual_seed(SEED)
     try:
-        text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+        text_encoder = CLIPTextModel(_text_config(len(tokenizer), TEXT_DIM))
         text_encoder_2 = CLIPTextModelWithProjection(
-            _text_config(len(tokenizer_2), projection_dim=TEXT_DIM)
+            _text_config(len(tokenizer_2), TEXT_DIM_2, projection_dim=POOLED_DIM)
         )
         model, decoder = unet(), vae()
     finally:
