@@ -236,7 +236,12 @@ def _load_embeddings(pipe: Any, settings: Settings) -> tuple[Embedding, ...]:
             raise SettingsError(f"--embeddings: {file.name}: a second embedding named {token!r}")
         before = len(pipe.tokenizer)
         try:
-            pipe.load_textual_inversion(str(file), token=token)
+            if getattr(pipe, "text_encoder_2", None) is not None:
+                _load_sdxl_embedding(pipe, file, token)
+            else:
+                pipe.load_textual_inversion(str(file), token=token)
+        except SettingsError:
+            raise
         except Exception as exc:
             raise SettingsError(
                 f"--embeddings: {file.name}: not a textual-inversion embedding for this model "
@@ -246,8 +251,28 @@ def _load_embeddings(pipe: Any, settings: Settings) -> tuple[Embedding, ...]:
     return tuple(loaded)
 
 
+def _load_sdxl_embedding(pipe: Any, file: Path, token: str) -> None:
+    """SDXL embeddings are one file with a tensor per text encoder: `clip_l` (the first, CLIP
+    ViT-L) and `clip_g` (the second, OpenCLIP bigG), each loaded into its own encoder."""
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    state = load_state_dict(str(file))
+    missing = [name for name in ("clip_l", "clip_g") if name not in state]
+    if missing:
+        raise SettingsError(
+            f"--embeddings: {file.name}: not an SDXL embedding (no {' or '.join(missing)} "
+            f"tensor; it has {', '.join(sorted(state)[:4]) or 'none'})"
+        )
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+
+
 def _check_clip_skip(pipe: Any, clip_skip: int) -> None:
     layers = int(pipe.text_encoder.config.num_hidden_layers)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        layers -= 1  # SDXL counts from the penultimate layer: clip skip 1 is that one
     if clip_skip > layers:
         raise SettingsError(
             f"--clip-skip={clip_skip}: this model's text encoder has only {layers} layers"
