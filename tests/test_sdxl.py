@@ -4,6 +4,7 @@ image does not depend on who shares its batch or its steps, under every policy."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from dataclasses import replace
 from pathlib import Path
@@ -196,3 +197,23 @@ def test_vae_from_a_folder_or_an_original_layout_file(engine: DiffusionEngine,
               .generate([CAT])[0] for path in (str(tmp_path / "fix-vae"), str(file))]
     assert diff(images[0], images[1]) <= 1
     assert diff(images[0], engine.generate([CAT])[0]) > 10
+
+
+def test_the_step_core_decodes_an_fp16_vae_in_float32_as_sdxl_does() -> None:
+    """SDXL's VAE overflows in fp16: the pipeline decodes in float32 when `force_upcast` says
+    so, and the step core does the same for the SDXL family (not for SD 1.x), leaving the
+    VAE in fp16 after."""
+    from batchserve.engines.stepwise import _decode
+    from batchserve.engines.tiny_sdxl import vae as tiny_vae
+
+    vae = tiny_vae().to(torch.float16)
+    seen: list[torch.dtype] = []
+    decode = vae.decode
+    vae.decode = lambda z, **kw: (seen.append(z.dtype), decode(z, **kw))[1]  # type: ignore[method-assign]
+    latents = torch.zeros(1, 4, 8, 8, dtype=torch.float16)
+    for upcast in (True, False):
+        # some CPU builds have no fp16 conv: the dtype the VAE was handed is the point
+        with contextlib.suppress(RuntimeError):
+            _decode(vae, latents, upcast=upcast)
+        assert vae.dtype == torch.float16
+    assert seen == [torch.float32, torch.float16]

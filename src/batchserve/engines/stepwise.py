@@ -143,7 +143,7 @@ class StepwiseDiffusion:
         pipe = self.pipe
         with torch.inference_mode(), _oom_guard(self):
             latents = torch.cat([s.latents for s in done])
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            image = _decode(pipe.vae, latents, upcast=self.family.upcast_vae)
             images: list[Image] = pipe.image_processor.postprocess(
                 image, output_type="pil", do_denormalize=[True] * len(done)
             )
@@ -171,6 +171,21 @@ def _pad_rows(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
         masks.append(mask)
     stacked = torch.stack(masks)
     return torch.cat(embeds), None if bool(stacked.all()) else stacked
+
+
+def _decode(vae: Any, latents: torch.Tensor, *, upcast: bool) -> torch.Tensor:
+    """The VAE decode of the family's pipeline: SDXL's decodes in float32 when its fp16 VAE
+    asks (`force_upcast`: SDXL's VAE overflows in fp16), then goes back to fp16."""
+    if not (upcast and vae.dtype == torch.float16 and vae.config.force_upcast):
+        decoded: torch.Tensor = vae.decode(latents / vae.config.scaling_factor,
+                                           return_dict=False)[0]
+        return decoded
+    vae.to(dtype=torch.float32)
+    try:
+        decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        vae.to(dtype=torch.float16)
+    return decoded
 
 
 def _state(state: StepState) -> DiffusionState:

@@ -72,6 +72,9 @@ class Family(Protocol):
 
     name: str
     sizes: Sizes
+    upcast_vae: bool
+    """Decode in float32 when an fp16 VAE's config says `force_upcast` (SDXL's pipeline does;
+    SD 1.x's does not)."""
 
     @property
     def prompts(self) -> PromptEncoder:

@@ -15,6 +15,7 @@ from .base import FAMILY_SIZES, Row
 class SD1:
     name = "sd1"
     sizes = FAMILY_SIZES["sd1"]
+    upcast_vae = False
     pipeline_class = "StableDiffusionPipeline"
 
     def __init__(self, prompts: PromptEncoder) -> None:

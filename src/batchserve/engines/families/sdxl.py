@@ -35,6 +35,7 @@ class Conditioning:
 class SDXL:
     name = "sdxl"
     sizes = FAMILY_SIZES["sdxl"]
+    upcast_vae = True
     pipeline_class = "StableDiffusionXLPipeline"
 
     def __init__(self, pipe: Any, first: PromptEncoder, second: PromptEncoder) -> None:
