@@ -123,3 +123,15 @@ async def test_sd1_keeps_512_and_a_size_off_the_grid_names_its_field() -> None:
     assert bad.status_code == 422
     assert bad.json()["error"]["field"] == "width"
     assert [(i.width, i.height) for b in engine.batches for i in b] == [(512, 512)]
+
+
+def test_detection_and_the_service_import_no_torch() -> None:
+    """The scheduler and HTTP side (a `--role api` process) learn the family without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, batchserve.service, batchserve.engines.families as f; "
+            "f.detect('tiny-sdxl'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
