@@ -30,6 +30,7 @@ from .engines import (
     warm_steps,
 )
 from .engines.capabilities import image_inputs
+from .engines.families import FAMILY_SIZES, served_family
 from .errors import (
     BatchServeError,
     Draining,
@@ -93,11 +94,16 @@ class Service:
         self.role = settings.role
         self.state = self.STARTING
         self.engine: Engine | None = None
+        # The family's sizes from the settings alone: a `--role api` process loads no model.
+        self.sizes = FAMILY_SIZES[
+            served_family(settings.model, settings.model_family, settings.model_config)
+        ]
         self.limits = Limits(
             settings.max_pixels, settings.max_steps, settings.request_timeout_s,
             max_priority=settings.max_priority, max_cost=settings.max_cost,
             default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
-            image_inputs=image_inputs(settings),
+            image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
+            default_size=self.sizes.default,
         )
         self.metrics = Metrics(settings.max_batch_size)
         self.worker = Worker("batchserve-engine")
@@ -466,6 +472,7 @@ class Service:
                 "webhooks": self.jobs.webhooks is not None,
             },
             "engine": self.engine.info().to_dict() if self.engine else None,
+            "sizes": self.sizes.to_dict(s.max_pixels),
             "batching": {
                 "key": ["width", "height"] if self.continuous else
                        ["width", "height", "inference_steps", "guidance_scale", "sampler",

@@ -45,7 +45,13 @@ _opt = setting
 @dataclass(frozen=True, slots=True)
 class Settings:
     model: str = _opt(
-        "tiny", "tiny, sim, sd15, a diffusers folder, a hub id or a .safetensors file"
+        "tiny", "tiny, tiny-sdxl, sim, sd15, sdxl, a diffusers folder, a hub id or a "
+        ".safetensors file"
+    )
+    model_family: str = _opt(
+        "auto", "the model's architecture: auto (from model_index.json or the file's tensor "
+        "names), sd1 (SD 1.x/2.x), sdxl, generic (other pipelines: not supported yet)",
+        choices=("auto", "sd1", "sdxl", "generic"),
     )
     model_config: str | None = _opt(
         None, "diffusers folder or hub id giving the config of a single-file checkpoint"

@@ -22,7 +22,8 @@ from PIL.Image import Image
 from ..errors import EngineOutOfMemory, Interrupted
 from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
-from . import checkpoints
+from . import checkpoints, families
+from .families.base import Family
 from .prompts import PromptEncoder
 from .protocol import BatchKey, EngineInfo, GenerationItem, StepState, StopCheck, Switch
 from .stepwise import StepwiseDiffusion
@@ -43,6 +44,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
 }
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+"""Each served family's diffusers pipeline."""
+HUB_PRESETS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+"""`--model` names for real checkpoints on the hub."""
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _GPU_ONLY = "needs CUDA; off on this machine"
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # the same on CPU (inductor's C++ backend) and CUDA
@@ -141,20 +146,25 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     return getattr(diffusers, cls_name).from_config(base_config, **extra)
 
 
-def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
-    """`tiny`, a single-file checkpoint, a diffusers folder or a hub id."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(settings: Settings, torch_dtype: torch.dtype, family: str = "sd1") -> Any:
+    """`tiny`, a single-file checkpoint, a diffusers folder or a hub id, as `family`'s
+    pipeline."""
+    import diffusers
 
     model = settings.model
-    if model in ("tiny", "sd15"):
-        preset = importlib.import_module(f".{model}", __package__)
+    if model in ("tiny", "sd15", "tiny-sdxl"):
+        preset = importlib.import_module(f".{model.replace('-', '_')}", __package__)
         pipe = preset.build_pipeline()
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     if model.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
-        return checkpoints.load_single_file(settings, torch_dtype)
-    return StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        return checkpoints.load_single_file(settings, torch_dtype, family)
+    pipeline = getattr(diffusers, PIPELINES[family])
+    extra: dict[str, Any] = (
+        {"add_watermarker": False} if family == "sdxl"
+        else {"safety_checker": None, "requires_safety_checker": False}
     )
+    return pipeline.from_pretrained(HUB_PRESETS.get(model, model), torch_dtype=torch_dtype,
+                                    **extra)
 
 
 class DiffusionEngine:
@@ -164,23 +174,22 @@ class DiffusionEngine:
         self.plan = plan
         self.settings = settings
         self.addons = addons or checkpoints.Addons()
-        self.prompts = PromptEncoder.for_pipeline(
-            pipe, long_prompts=settings.long_prompts, clip_skip=settings.clip_skip,
-            expansions=self.addons.expansions(),
-        )
+        self.family: Family = _family_for(pipe, settings, self.addons)
+        self.prompts: PromptEncoder = self.family.prompts  # the (first) text encoder's
         # The checkpoint's own scheduler config: a batch's sampler is built from it (cheap),
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
         self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
-        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.prompts)
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.family)
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
         route_library_logs()
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         checkpoints.check_paths(settings)
+        family = families.resolve(settings.model_family, settings.model, settings.model_config)
         started = time.perf_counter()
-        pipe = load_pipeline(settings, _DTYPES[plan.dtype])
+        pipe = load_pipeline(settings, _DTYPES[plan.dtype], family)
         base_config = pipe.scheduler.config
         pipe.scheduler = make_scheduler(settings.scheduler, base_config)
         pipe.set_progress_bar_config(disable=True)
@@ -199,9 +208,10 @@ class DiffusionEngine:
             dtype=self.plan.dtype,
             attention=self.plan.attention,
             scheduler=self.settings.scheduler,
-            demo=self.settings.model in ("tiny", "sd15"),
+            demo=self.settings.model in ("tiny", "sd15", "tiny-sdxl"),
             tuning=self.plan.switches,
-            extra={"vae_scale_factor": int(self.pipe.vae_scale_factor),
+            extra={"family": self.family.name,
+                   "vae_scale_factor": int(self.pipe.vae_scale_factor),
                    "schedulers": sorted(SCHEDULERS),
                    **checkpoints.describe(self.addons, self.settings)},
         )
@@ -241,10 +251,9 @@ class DiffusionEngine:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
         try:
-            with torch.inference_mode(), self.prompts.conditioning(items) as text:
+            with torch.inference_mode(), self.family.conditioning(items) as text:
                 out = self.pipe(
-                    prompt_embeds=text.prompt_embeds,
-                    negative_prompt_embeds=text.negative_embeds,
+                    **text,
                     width=first.width,
                     height=first.height,
                     num_inference_steps=first.inference_steps,
@@ -290,6 +299,19 @@ class DiffusionEngine:
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _family_for(pipe: Any, settings: Settings, addons: checkpoints.Addons) -> Family:
+    """The family of a loaded pipeline: SDXL's has a second text encoder."""
+    from .families.sd1 import SD1
+    from .families.sdxl import SDXL
+
+    options: dict[str, Any] = {"long_prompts": settings.long_prompts,
+                               "clip_skip": settings.clip_skip,
+                               "expansions": addons.expansions()}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXL.for_pipeline(pipe, **options)
+    return SD1(PromptEncoder.for_pipeline(pipe, **options))
 
 
 def _stop_between_steps(should_stop: StopCheck) -> Any:
