@@ -45,7 +45,7 @@ _opt = setting
 @dataclass(frozen=True, slots=True)
 class Settings:
     model: str = _opt(
-        "tiny", "tiny, sim, sd15, a diffusers folder, a hub id or a .safetensors file"
+        "tiny", "tiny, tiny-inpaint, sim, sd15, a diffusers folder, a hub id or a .safetensors file"
     )
     model_config: str | None = _opt(
         None, "diffusers folder or hub id giving the config of a single-file checkpoint"
