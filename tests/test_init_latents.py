@@ -5,6 +5,8 @@ batch at its start step; an inpainting UNet (`tiny-inpaint`, 9 input channels) r
 
 from __future__ import annotations
 
+import asyncio
+import io
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -13,15 +15,17 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+from inprocess import in_process
 from PIL import Image
 from test_stepwise import pixels, run_until_done
 
+from batchserve import images
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import DiffusionEngine, make_scheduler
 from batchserve.engines.protocol import ImageInput
 from batchserve.settings import Settings
 
-from imagedata import gradient, mask
+from imagedata import b64, encode, gradient, mask
 
 SIZE = 64
 
@@ -172,3 +176,41 @@ def test_init_latents_end_with_their_item(engine: DiffusionEngine) -> None:
     assert states[0].done
     engine.finish(states)
     assert states[0].init is None  # type: ignore[attr-defined]
+
+
+def served(strength: float | None, seed: int, *, masked: bool = False,
+           sampler: str = "euler") -> tuple[dict[str, Any], GenerationItem]:
+    """A /t2i body and the item the engine gets from it (decoded and fitted as the door does:
+    mask_blur 4, the default)."""
+    body: dict[str, Any] = {"prompt": f"a harbour, take {seed}", "seed": seed, "width": SIZE,
+                            "height": SIZE, "inference_steps": 8, "sampler": sampler}
+    init = None
+    if strength is not None:
+        picture = encode(gradient(SIZE, SIZE))
+        painted = encode(mask(SIZE, SIZE, (8, 16, 40, 56))) if masked else None
+        body.update(init_image=b64(picture), strength=strength)
+        if painted is not None:
+            body["mask_image"] = b64(painted)
+        decoded = images.decode(picture, painted, max_pixels=10**6, rule=images.MaskRule.WHITE,
+                                init_label="init_image", mask_label="mask_image")
+        init = images.fit(decoded, SIZE, SIZE, strength=strength, mask_blur=4)
+    return body, GenerationItem(body["prompt"], "", seed, SIZE, SIZE, 8, 7.5, sampler, init)
+
+
+@pytest.mark.parametrize("policy", ["deadline", "continuous"])
+async def test_served_image_requests_equal_alone_in_either_policy(engine: DiffusionEngine,
+                                                                  policy: str) -> None:
+    """Through HTTP: a text-to-image request, an img2img at strength 1 (step 0, whole-batched
+    with it under deadline), and img2img and inpainting at 0.5 (step 4, batched together under
+    deadline; joining the running text item under continuous)."""
+    cases = [served(None, 1), served(1.0, 2), served(0.5, 3), served(0.5, 4, masked=True)]
+    async with in_process(engine, flush_policy=policy,  # type: ignore[arg-type]
+                          max_wait_ms=2000, max_batch_size=2) as app:
+        answers = await asyncio.gather(*(app.client.post("/t2i", json=body)
+                                         for body, _ in cases))
+    for (_, it), answer in zip(cases, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        got = pixels(Image.open(io.BytesIO(answer.content)).convert("RGB"))
+        assert close(got, alone(engine, it)), it
+        if policy == "deadline":  # pairs of one start step, full at 2
+            assert answer.headers["x-batch-size"] == "2"
