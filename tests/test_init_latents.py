@@ -214,3 +214,19 @@ async def test_served_image_requests_equal_alone_in_either_policy(engine: Diffus
         assert close(got, alone(engine, it)), it
         if policy == "deadline":  # pairs of one start step, full at 2
             assert answer.headers["x-batch-size"] == "2"
+
+
+def test_an_upcast_encode_runs_in_float32_and_leaves_the_vae_as_it_was() -> None:
+    """SDXL's VAE overflows in fp16 (`force_upcast`): its encode runs in float32, the latents
+    come back in the image's dtype and the VAE in its own."""
+    from batchserve.engines import init_latents, tiny
+
+    vae = tiny.vae().to(torch.bfloat16)
+    image = torch.zeros((1, 3, SIZE, SIZE), dtype=torch.bfloat16)
+    seen: list[torch.dtype] = []
+    encoder = vae.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    latents = init_latents.encode(vae, image, torch.Generator().manual_seed(0), upcast=True)
+    encoder.remove()
+    assert seen == [torch.float32]  # what the encoder read
+    assert latents.dtype == torch.bfloat16 and vae.dtype == torch.bfloat16
+    assert latents.shape == (1, 4, SIZE // 8, SIZE // 8)

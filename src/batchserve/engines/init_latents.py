@@ -97,7 +97,8 @@ class InitLatents:
             return latents
         proper = self.image_latents
         if index < len(timesteps) - 1:
-            proper = scheduler.add_noise(proper, self.noise, torch.tensor([timesteps[index + 1]]))
+            # the pipeline's `torch.tensor([timesteps[i + 1]])`, without a device round trip
+            proper = scheduler.add_noise(proper, self.noise, timesteps[index + 1 : index + 2])
         return (1 - self.mask) * proper + self.mask * latents
 
 
