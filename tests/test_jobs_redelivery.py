@@ -169,5 +169,5 @@ async def test_a_refused_job_pauses_pulling_instead_of_spinning() -> None:
 
 
 async def _stopped(runner: JobRunner) -> None:
-    while runner._loop is not None and not runner._loop.done():
-        await asyncio.sleep(0)  # yields to the runner; no time passes
+    if runner._loop is not None:
+        await asyncio.wait([runner._loop])  # ends when the refusals stopped its pulling

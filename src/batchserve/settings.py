@@ -45,7 +45,7 @@ _opt = setting
 @dataclass(frozen=True, slots=True)
 class Settings:
     model: str = _opt(
-        "tiny", "tiny, tiny-sdxl, sim, sd15, sdxl, a diffusers folder, a hub id or a "
+        "tiny", "tiny, tiny-sdxl, tiny-inpaint, sim, sd15, sdxl, a diffusers folder, a hub id or a "
         ".safetensors file"
     )
     model_family: str = _opt(

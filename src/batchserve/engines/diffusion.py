@@ -48,6 +48,8 @@ PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipelin
 """Each served family's diffusers pipeline."""
 HUB_PRESETS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 """`--model` names for real checkpoints on the hub."""
+PRESETS = {"tiny": "tiny", "tiny-inpaint": "tiny_inpaint", "tiny-sdxl": "tiny_sdxl", "sd15": "sd15"}
+"""`--model` names built in code -> their module."""
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _GPU_ONLY = "needs CUDA; off on this machine"
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # the same on CPU (inductor's C++ backend) and CUDA
@@ -152,8 +154,8 @@ def load_pipeline(settings: Settings, torch_dtype: torch.dtype, family: str = "s
     import diffusers
 
     model = settings.model
-    if model in ("tiny", "sd15", "tiny-sdxl"):
-        preset = importlib.import_module(f".{model.replace('-', '_')}", __package__)
+    if model in PRESETS:
+        preset = importlib.import_module(f".{PRESETS[model]}", __package__)
         pipe = preset.build_pipeline()
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     if model.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
@@ -208,7 +210,7 @@ class DiffusionEngine:
             dtype=self.plan.dtype,
             attention=self.plan.attention,
             scheduler=self.settings.scheduler,
-            demo=self.settings.model in ("tiny", "sd15", "tiny-sdxl"),
+            demo=self.settings.model in PRESETS,
             tuning=self.plan.switches,
             extra={"family": self.family.name,
                    "vae_scale_factor": int(self.pipe.vae_scale_factor),
@@ -239,6 +241,8 @@ class DiffusionEngine:
     def generate(
         self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
     ) -> list[Image]:
+        if any(i.init is not None for i in items) or self._steps.inpainting_unet:
+            return self._generate_in_steps(items, should_stop)
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
         sampler = first.sampler or self.settings.scheduler  # one per batch: it joins the key
@@ -272,6 +276,23 @@ class DiffusionEngine:
         del generators
         self._free_cache()
         raise EngineOutOfMemory(message)
+
+    def _generate_in_steps(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None
+    ) -> list[Image]:
+        """A whole batch through the step core: image items (they share a key, so a start step),
+        and every batch of an inpainting UNet, which the text-to-image pipeline cannot run. One
+        schedule for all, so they finish together; the same images as alone."""
+        if self.plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        states = self._steps.prepare(items)
+        step = 0
+        while active := [s for s in states if not s.done]:
+            self._steps.step(active)
+            step += 1
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped after step {step}")
+        return self._steps.finish(states)
 
     # -- the step-wise interface (`--flush-policy continuous`) ----------------------------
 

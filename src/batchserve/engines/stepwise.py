@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
+from . import init_latents
 from .families.base import Family, Row
+from .init_latents import InitLatents
 from .protocol import GenerationItem, StepState
 
 SchedulerFactory = Callable[[GenerationItem], Any]
@@ -42,6 +43,8 @@ class DiffusionState:
     timesteps: torch.Tensor
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
+    init: InitLatents | None = None
+    """An item started from an image: what its UNet rows and steps also need (`init_latents`)."""
 
     @property
     def done(self) -> bool:
@@ -61,6 +64,7 @@ class StepwiseDiffusion:
         self.device = torch.device(device)
         self.scheduler_for = scheduler_for
         self.family = family
+        self.inpainting_unet = init_latents.is_inpainting_unet(pipe.unet)
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
         with torch.inference_mode(), _oom_guard(self):
@@ -79,11 +83,15 @@ class StepwiseDiffusion:
         pipe = self.pipe
         scheduler = self.scheduler_for(item)
         scheduler.set_timesteps(item.inference_steps, device=self.device)
+        timesteps = init_latents.timesteps_from(scheduler, item)
         generator = torch.Generator(self.device.type).manual_seed(item.seed)
-        shape = (1, pipe.unet.config.in_channels, item.height // pipe.vae_scale_factor,
+        shape = (1, pipe.vae.config.latent_channels, item.height // pipe.vae_scale_factor,
                  item.width // pipe.vae_scale_factor)
-        dtype = rows[0][0].dtype
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        latents, init = init_latents.start(
+            item, vae=pipe.vae, scheduler=scheduler, generator=generator, timesteps=timesteps,
+            shape=shape, dtype=rows[0][0].dtype, device=self.device,
+            inpainting_unet=self.inpainting_unet, vae_scale_factor=pipe.vae_scale_factor,
+            upcast=self.family.upcast_vae)
         params = inspect.signature(scheduler.step).parameters
         kwargs: dict[str, Any] = {}
         if "eta" in params:
@@ -92,8 +100,7 @@ class StepwiseDiffusion:
             kwargs["generator"] = generator
         return DiffusionState(
             item=item, scheduler=scheduler, generator=generator,
-            latents=latents * scheduler.init_noise_sigma, rows=rows,
-            timesteps=scheduler.timesteps, step_kwargs=kwargs,
+            latents=latents, rows=rows, timesteps=timesteps, step_kwargs=kwargs, init=init,
         )
 
     def step(self, states: Sequence[StepState]) -> None:
@@ -107,6 +114,9 @@ class StepwiseDiffusion:
                 state.latents = state.scheduler.step(
                     pred, t, state.latents, **state.step_kwargs, return_dict=False
                 )[0]
+                if state.init is not None:
+                    state.latents = state.init.after_step(state.latents, state.scheduler,
+                                                          state.timesteps, state.index)
                 state.index += 1
 
     def _predict(self, states: list[DiffusionState]) -> list[torch.Tensor]:
@@ -114,6 +124,8 @@ class StepwiseDiffusion:
         for state in states:
             t = state.timesteps[state.index]
             x = state.scheduler.scale_model_input(state.latents, t)
+            if state.init is not None:
+                x = state.init.model_input(x)
             samples += [x] * len(state.rows)
             times += [t.to(self.device, torch.float32)] * len(state.rows)
             rows += state.rows
@@ -147,6 +159,8 @@ class StepwiseDiffusion:
             images: list[Image] = pipe.image_processor.postprocess(
                 image, output_type="pil", do_denormalize=[True] * len(done)
             )
+        for state in done:
+            state.init = None  # an image item's init latents end with it, whoever holds the state
         return images
 
     def free_cache(self) -> None:
