@@ -1,0 +1,171 @@
+"""Tenants: the file, key lookup, reload, rates, and fair shares inside the one queue."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from batchserve.sched.fair import FairShare
+from batchserve.sched.request_queue import RequestQueue
+from batchserve.tenants import RateLimiter, Tenant, Tenants, TenantsError, parse
+
+FILE = """
+[tenants.alice]
+key = "sk-alice-0001"
+weight = 3
+max_queued = 4
+images_per_minute = 6
+
+[tenants.bob]
+key_sha256 = "{bob}"
+"""
+BOB_HASH = hashlib.sha256(b"sk-bob-00000002").hexdigest()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_file_parses_with_defaults_and_hashed_keys() -> None:
+    tenants = Tenants(parse(FILE.format(bob=BOB_HASH)))
+    alice, bob = tenants.lookup("sk-alice-0001"), tenants.lookup("sk-bob-00000002")
+    assert alice is not None and alice.name == "alice" and alice.weight == 3
+    assert alice.max_queued == 4 and alice.images_per_minute == 6
+    assert bob is not None and bob.name == "bob" and bob.weight == 1
+    assert bob.max_queued is None and bob.max_priority is None
+    assert tenants.lookup("sk-nobody-000") is None
+    assert tenants.names == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("[tenants.a]\nweight = 2\n", "exactly one of key"),
+    ("[tenants.a]\nkey = 'short'\n", "8+ characters"),
+    ("[tenants.a]\nkey_sha256 = 'abc'\n", "64 hex"),
+    ("[tenants.a]\nkey = 'sk-aaaaaaaa'\nweight = 0\n", "weight"),
+    ("[tenants.a]\nkey = 'sk-aaaaaaaa'\ncolour = 1\n", "unknown field"),
+    ("[tenants.a]\nkey = 'sk-aaaaaaaa'\n[tenants.b]\nkey = 'sk-aaaaaaaa'\n", "share a key"),
+    ("[tenants.'a b']\nkey = 'sk-aaaaaaaa'\n", "names are"),
+    ("tenants = [", "not valid TOML"),
+    ("x = 1", "expected [tenants.NAME]"),
+])
+def test_bad_files_say_why(text: str, says: str) -> None:
+    with pytest.raises(TenantsError, match=re.escape(says)):
+        parse(text)
+
+
+def test_single_api_key_is_the_tenant_default() -> None:
+    tenants = Tenants.from_settings(None, "sk-single-key")
+    assert tenants is not None
+    found = tenants.lookup("sk-single-key")
+    assert found is not None and found.name == "default"
+    assert Tenants.from_settings(None, None) is None
+
+
+def test_reload_swaps_and_a_bad_file_keeps_the_old(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(FILE.format(bob=BOB_HASH))
+    tenants = Tenants.from_settings(str(path), None)
+    assert tenants is not None
+    path.write_text("[tenants.carol]\nkey = 'sk-carol-0003'\n")
+    assert tenants.reload()
+    assert tenants.names == ["carol"] and tenants.lookup("sk-alice-0001") is None
+    path.write_text("[tenants.carol]\nkey = 'x'\n")
+    assert not tenants.reload()
+    assert tenants.names == ["carol"]
+    assert "keeping the previous one" in caplog.text and "8+ characters" in caplog.text
+
+
+def test_rate_refuses_then_refills_with_the_clock() -> None:
+    clock = Clock()
+    rates = RateLimiter(clock)
+    alice = Tenant("alice", b"\0" * 32, images_per_minute=6)
+    assert [rates.try_take(alice, 2) for _ in range(3)] == [0, 0, 0]
+    wait = rates.try_take(alice, 2)
+    assert wait == pytest.approx(20.0)  # 2 images at 6/min
+    clock.now += 10
+    assert rates.try_take(alice, 1) == 0
+    assert rates.try_take(Tenant("bob", b"\1" * 32), 1000) == 0  # unlimited
+
+
+@dataclass
+class It:
+    tenant: str
+    seq: int
+    priority: int = 0
+
+
+def test_order_alternates_by_weight_and_priority_comes_first() -> None:
+    weights = {"a": 3.0, "b": 1.0}
+    fair = FairShare(lambda t: weights.get(t, 1.0))
+    items = [It("a", i) for i in range(12)] + [It("b", 100 + i) for i in range(4)]
+    order = fair.order(items, lambda p: p.priority)
+    assert [p.tenant for p in order[:8]] == ["a", "b", "a", "a", "a", "b", "a", "a"]
+    assert Counter(p.tenant for p in order[:8]) == {"a": 6, "b": 2}
+    # Within a tenant: arrival order.
+    assert [p.seq for p in order if p.tenant == "a"] == list(range(12))
+    urgent = It("b", 999, priority=5)
+    assert fair.order([*items, urgent], lambda p: p.priority)[0] is urgent
+
+
+def test_alone_a_tenant_gets_everything_and_no_credit_is_saved_up() -> None:
+    fair = FairShare()
+    alone = [It("a", i) for i in range(5)]
+    assert fair.order(alone, lambda p: 0) == alone
+    fair.charge(alone * 20)  # a served 100 while b was away
+    fair.activate("b", {"a"})
+    order = fair.order([It("a", 1000 + i) for i in range(4)] + [It("b", i) for i in range(4)],
+                       lambda p: 0)
+    assert Counter(p.tenant for p in order[:4]) == {"a": 2, "b": 2}
+
+
+async def _saturate(weights: dict[str, float], rounds: int, batch: int) -> Counter[str]:
+    clock = Clock()
+    queue: RequestQueue[int, int] = RequestQueue(max_queue=10_000, clock=clock,
+                                                 fair=FairShare(lambda t: weights[t]))
+    served: Counter[str] = Counter()
+    seq = 0
+    for _ in range(rounds):
+        for tenant in weights:  # every tenant keeps at least a batch queued
+            while queue.queued_by(tenant) < 2 * batch:
+                queue.submit(seq, key="k", tenant=tenant)
+                seq += 1
+        taken = queue.take("k", batch, clock())
+        served.update(p.tenant for p in taken)
+        for p in taken:
+            p.future.cancel()
+        queue.release(taken)
+        clock.now += 1
+    return served
+
+
+async def test_saturating_tenants_3_to_1_get_3_to_1_in_the_queue() -> None:
+    served = await _saturate({"a": 3.0, "b": 1.0}, rounds=50, batch=4)
+    assert served["a"] + served["b"] == 200
+    assert served["a"] / served["b"] == pytest.approx(3.0, rel=0.1)
+    alone = await _saturate({"a": 3.0}, rounds=10, batch=4)
+    assert alone["a"] == 40
+
+
+async def test_best_key_prefers_the_tenant_whose_turn_it_is() -> None:
+    clock = Clock()
+    queue: RequestQueue[int, int] = RequestQueue(clock=clock)
+    for i in range(20):
+        queue.submit(i, key="flood", tenant="a")
+    clock.now += 1
+    queue.submit(99, key="other", tenant="b")
+    taken = queue.take("flood", 4, clock())
+    assert queue.best(clock()) == "other"  # FIFO alone would pick "flood" (older)
+    for p in [*taken, *(p for g in queue.groups.values() for p in g.items)]:
+        p.future.cancel()
+    await asyncio.sleep(0)
