@@ -5,15 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from inprocess import in_process
 
 from batchserve.sched.fair import FairShare
 from batchserve.sched.request_queue import RequestQueue
 from batchserve.tenants import RateLimiter, Tenant, Tenants, TenantsError, parse
+
+from fakes import FakeEngine
 
 FILE = """
 [tenants.alice]
@@ -169,3 +175,83 @@ async def test_best_key_prefers_the_tenant_whose_turn_it_is() -> None:
     for p in [*taken, *(p for g in queue.groups.values() for p in g.items)]:
         p.future.cancel()
     await asyncio.sleep(0)
+
+
+# -- through the doors -----------------------------------------------------------------------
+
+KEYS = """
+[tenants.alice]
+key = "sk-alice-0001"
+weight = 3
+max_queued = 2
+max_priority = 1
+
+[tenants.bob]
+key = "sk-bob-00000002"
+images_per_minute = 2
+"""
+T2I = {"prompt": "a red fox", "width": 64, "height": 64, "inference_steps": 1, "seed": 1}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+async def test_doors_apply_each_tenants_limits_and_count_by_tenant(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    engine = FakeEngine(gate=threading.Event())
+    async with in_process(engine, api_keys=str(path), max_batch_size=1, max_wait_ms=0) as app:
+        assert (await app.client.post("/t2i", json=T2I)).status_code == 401
+        assert (await app.client.post("/t2i", json=T2I, headers=bearer("sk-nobody-1"))
+                ).status_code == 401
+        too_high = await app.client.post("/t2i", json={**T2I, "priority": 2},
+                                          headers=bearer("sk-alice-0001"))
+        assert too_high.status_code == 422 and too_high.json()["error"]["field"] == "priority"
+        held = [asyncio.create_task(app.client.post("/t2i", json={**T2I, "seed": i},
+                                                    headers=bearer("sk-alice-0001")))
+                for i in range(2)]
+        await _eventually(lambda: app.service.batcher.queue.queued_by("alice") == 2)
+        full = await app.client.post("/t2i", json=T2I, headers=bearer("sk-alice-0001"))
+        assert full.status_code == 429 and full.json()["error"]["code"] == "tenant_queue_full"
+        assert int(full.headers["retry-after"]) >= 1
+        # Bob is not alice: admitted while alice is at her cap, until his own rate is spent.
+        bobs = [asyncio.create_task(app.client.post("/t2i", json=T2I,
+                                                    headers=bearer("sk-bob-00000002")))
+                for _ in range(2)]
+        await _eventually(lambda: app.service.batcher.queue.queued_by("bob") == 2)
+        limited = await app.client.post("/t2i", json=T2I, headers=bearer("sk-bob-00000002"))
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 30
+        assert engine.gate is not None
+        engine.gate.set()
+        assert [r.status_code for r in await asyncio.gather(*held, *bobs)] == [200] * 4
+        assert app.metric("batchserve_tenant_images_admitted_total", tenant="alice") == 2
+        assert app.metric("batchserve_tenant_refused_total", tenant="bob",
+                          code="rate_limited") == 1
+        metrics = (await app.client.get("/metrics")).text
+        assert set(re.findall(r'tenant="([^"]*)"', metrics)) == {"alice", "bob"}
+
+
+async def test_sighup_reload_takes_new_keys_and_keeps_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    async with in_process(FakeEngine(), api_keys=str(path), max_batch_size=1,
+                          max_wait_ms=0) as app:
+        path.write_text("[tenants.carol]\nkey = 'sk-carol-0003'\n")
+        assert app.service.reload_tenants()
+        assert (await app.client.post("/t2i", json=T2I, headers=bearer("sk-carol-0003"))
+                ).status_code == 200
+        assert (await app.client.post("/t2i", json=T2I, headers=bearer("sk-alice-0001"))
+                ).status_code == 401
+        path.write_text("not toml [")
+        assert not app.service.reload_tenants()
+        assert (await app.client.post("/t2i", json=T2I, headers=bearer("sk-carol-0003"))
+                ).status_code == 200
+
+
+async def _eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.002)
