@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from inprocess import in_process
 
@@ -19,6 +21,7 @@ from batchserve.sched.fair import FairShare
 from batchserve.sched.request_queue import RequestQueue
 from batchserve.tenants import RateLimiter, Tenant, Tenants, TenantsError, parse
 
+from conftest import running_server
 from fakes import FakeEngine
 
 FILE = """
@@ -255,3 +258,29 @@ async def _eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> 
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.002)
+
+
+def test_sighup_to_a_real_server_reloads_and_a_bad_file_is_kept_out(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    with running_server("--model", "sim", "--api-keys", str(path), tmp_path=tmp_path) as server:
+        def status(key: str) -> int:
+            return httpx.post(f"{server.url}/t2i", json=T2I, headers=bearer(key),
+                              timeout=30).status_code
+
+        assert status("sk-alice-0001") == 200
+        path.write_text("[tenants.carol]\nkey = 'sk-carol-0003'\n")
+        server.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: status("sk-carol-0003") == 200)
+        assert status("sk-alice-0001") == 401
+        path.write_text("[tenants.dave]\nkey = 'short'\n")
+        server.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: b"not reloaded" in server.log_path.read_bytes())
+        assert status("sk-carol-0003") == 200 and server.proc.poll() is None
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
