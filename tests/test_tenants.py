@@ -284,3 +284,25 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+async def test_a_late_tenant_is_served_next_not_behind_a_flood(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS.replace("max_queued = 2", "max_queued = 20"))
+    engine = FakeEngine(gate=threading.Event())
+    async with in_process(engine, api_keys=str(path), max_batch_size=1, max_wait_ms=0) as app:
+        flood = [asyncio.create_task(app.client.post(
+            "/t2i", json={**T2I, "prompt": f"alice {i}"}, headers=bearer("sk-alice-0001")))
+            for i in range(6)]
+        await _eventually(lambda: app.service.batcher.queue.queued_by("alice") == 6)
+        await _eventually(lambda: len(engine.batches) == 1)  # alice 0 runs, 5 wait
+        bob = asyncio.create_task(app.client.post(
+            "/t2i", json={**T2I, "prompt": "bob"}, headers=bearer("sk-bob-00000002")))
+        await _eventually(lambda: app.service.batcher.queue.queued_by("bob") == 1)
+        assert engine.gate is not None
+        engine.gate.set()
+        await asyncio.gather(*flood, bob)
+    order = [batch[0].prompt for batch in engine.batches]
+    # FIFO would run bob last (7th). He enters level with alice's turn (no credit for the time
+    # he had nothing queued) and wins the tie after one more of hers, the older: 3rd.
+    assert order == ["alice 0", "alice 1", "bob", "alice 2", "alice 3", "alice 4", "alice 5"]
