@@ -9,8 +9,10 @@ leaves it to uvicorn's own exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 from types import FrameType
 from typing import Any
 
@@ -37,6 +39,8 @@ class Server(uvicorn.Server):
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+            self._loop.add_signal_handler(signal.SIGHUP, self.service.reload_tenants)
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

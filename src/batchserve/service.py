@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from . import __version__
+from . import __version__, tenants
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import (
@@ -38,6 +38,9 @@ from .errors import (
     GenerationFailed,
     NotReady,
     NotServedHere,
+    RateLimited,
+    TenantQueueFull,
+    ValidationError,
 )
 from .jobs.backends import open_queue, open_store
 from .jobs.runner import JobRunner
@@ -105,7 +108,12 @@ class Service:
             image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
             default_size=self.sizes.default,
         )
-        self.metrics = Metrics(settings.max_batch_size)
+        try:
+            self.tenants = tenants.Tenants.from_settings(settings.api_keys, settings.api_key)
+        except tenants.TenantsError as exc:
+            raise SettingsError(f"--api-keys: {exc}") from None
+        self.metrics = Metrics(settings.max_batch_size,
+                               self.tenants.names if self.tenants is not None else ())
         self.worker = Worker("batchserve-engine")
         # Set at stop: the engine's running call ends at its next step (see `stop`).
         self.stopping = threading.Event()
@@ -132,6 +140,8 @@ class Service:
         )
         self.waiting_room = WaitingRoom(hold_s=settings.refusal_hold_s,
                                         max_held=settings.refusal_hold_max, hooks=self.metrics)
+        if self.tenants is not None:
+            self.batcher.queue.fair.weight = self.tenants.weight
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
             webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts(),
                                      allow_private=settings.webhook_allow_private)
@@ -335,6 +345,44 @@ class Service:
             raise NotServedHere("this is a --role worker process; send requests to the api")
         self._check_state()
 
+    def reload_tenants(self) -> bool:
+        """SIGHUP: re-reads `--api-keys`; queued work keeps running, a bad file is logged and
+        the tenants in force stay."""
+        if self.tenants is None or not self.tenants.reload():
+            return False
+        self.metrics.set_tenants(self.tenants.names)
+        return True
+
+    def admit_tenant(self, images: int, priority: int) -> None:
+        """The current request's tenant (`tenants.CURRENT`) may queue `images` more images at
+        `priority`: within its `max_priority` (422), `max_queued` (429 `tenant_queue_full`;
+        queued and running requests and jobs count) and `images_per_minute`
+        (429 `rate_limited`). Called by the doors before anything is queued or stored."""
+        table = self.tenants
+        tenant = table.get(tenants.CURRENT.get()) if table is not None else None
+        if table is None or tenant is None:
+            return
+        top = tenant.max_priority
+        if top is not None and priority > top:
+            raise ValidationError(f"priority above {top}, this API key's max_priority",
+                                  field="priority")
+        limit = tenant.max_queued if tenant.max_queued is not None else self.settings.max_queue
+        # A job counts once a runner has queued it here; jobs still in the job queue do not
+        # (a Redis queue is shared by processes and counts no tenants).
+        queued = self.batcher.queue.queued_by(tenant.name)
+        if queued + images > limit:
+            self.metrics.tenant_refused(tenant.name, "tenant_queue_full")
+            raise TenantQueueFull(
+                f"this API key already has {queued} images queued (max_queued {limit})",
+                retry_after_s=self.batcher.retry_after_s())
+        wait_s = table.rates.try_take(tenant, images)
+        if wait_s > 0:
+            self.metrics.tenant_refused(tenant.name, "rate_limited")
+            raise RateLimited(
+                f"over this API key's images_per_minute ({tenant.images_per_minute:g})",
+                retry_after_s=tenants.retry_after(wait_s))
+        self.metrics.tenant_admitted(tenant.name, images)
+
     def check_accepting_jobs(self) -> None:
         """For the jobs door: `--role all` and `--role api`."""
         if self.role == "worker":
@@ -364,7 +412,7 @@ class Service:
         key = (request.width, request.height) if self.continuous else request.key
         future = self.batcher.submit(
             queued, key=key, priority=request.priority, timeout_s=request.timeout_s,
-            explicit_timeout=request.timeout_given or not online,
+            explicit_timeout=request.timeout_given or not online, tenant=tenants.CURRENT.get(),
         )
         queued.outcome = future
         self.metrics.admitted()
@@ -511,8 +559,8 @@ class Service:
                 ),
             },
             "auth": {
-                "t2i": s.api_key is not None,
-                "metrics": bool(s.api_key and s.protect_metrics),
+                "t2i": self.tenants is not None,
+                "metrics": bool(self.tenants is not None and s.protect_metrics),
             },
         }
 

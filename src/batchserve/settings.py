@@ -165,6 +165,10 @@ class Settings:
         "any pixel is decoded (422 beyond)"
     )
     api_key: str | None = _opt(None, "Bearer key required on /t2i when set", secret=True)
+    api_keys: str | None = _opt(
+        None, "TOML file of tenants (key or key_sha256, weight, max_queued, images_per_minute, "
+        "max_priority per [tenants.NAME]); fair shares and limits per key; re-read on SIGHUP"
+    )
     protect_metrics: bool = _opt(False, "require the API key on /metrics too")
     log_prompts: bool = _opt(False, "include prompts in request logs")
     log_level: str = _opt(

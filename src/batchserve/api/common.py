@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import logging
 import random
 import re
@@ -24,6 +23,7 @@ from starlette.datastructures import FormData
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from .. import tenants
 from ..batcher import Outcome
 from ..errors import (
     BatchServeError,
@@ -133,12 +133,15 @@ class Gateway:
 
         return serve
 
-    def authorize(self, request: Request, *, basic: bool = False) -> None:
+    def authorize(self, request: Request, *, basic: bool = False) -> str:
         """`Authorization: Bearer <key>`; with `basic`, also HTTP Basic with the key as the
-        password (any user name), which is how A1111 clients send their `--api-auth`."""
-        key = self.service.settings.api_key
-        if key is None:
-            return
+        password (any user name), which is how A1111 clients send their `--api-auth`. Returns
+        the key's tenant (`--api-keys`; `default` for `--api-key`; "" without keys) and makes
+        it the current one (`tenants.CURRENT`) for the rest of this request."""
+        table = self.service.tenants
+        if table is None:
+            tenants.CURRENT.set(tenants.ANONYMOUS)
+            return tenants.ANONYMOUS
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         scheme, given = scheme.lower(), given.strip()
         if basic and scheme == "basic":
@@ -148,9 +151,12 @@ class Gateway:
                 given = ""
         elif scheme != "bearer":
             given = ""
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        tenant = table.lookup(given) if given else None
+        if tenant is None:
             how = "Bearer <key>, or Basic with the key as password" if basic else "Bearer <key>"
             raise Unauthorized(f"missing or wrong API key (Authorization: {how})")
+        tenants.CURRENT.set(tenant.name)
+        return tenant.name
 
     async def read_json(self, request: Request, *, images: tuple[str, ...] = ()) -> bytes:
         """The raw JSON body within `--max-body-bytes`, or within `--max-image-bytes` when it
@@ -272,6 +278,7 @@ class Gateway:
         jobs, base = self.service.jobs, str(request.base_url)
         submitted: list[JobRecord] = []
         try:
+            self.service.admit_tenant(len(reqs), max((r.priority for r in reqs), default=0))
             for req in reqs:
                 submitted.append(await jobs.submit(req, fmt, base_url=base))
         except BatchServeError as exc:
@@ -317,6 +324,11 @@ class Gateway:
         gets. They all enter the batcher at once, so they can share a batch. Refusals are
         raised uncounted (`admit_all` counts the last one)."""
         batcher, limit = self.service.batcher, self.service.settings.max_queue
+        try:
+            self.service.admit_tenant(len(requests), max((r.priority for r in requests),
+                                                         default=0))
+        except BatchServeError as exc:
+            raise self.rejecting(exc) from None
         if len(requests) > 1 and batcher.depth + len(requests) > limit:
             raise QueueFull(
                 f"queue is full ({limit} requests waiting; this request needs "

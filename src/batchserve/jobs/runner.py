@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .. import tenants
 from ..encode import MEDIA_TYPES
 from ..errors import (
     BatchServeError,
@@ -227,7 +228,12 @@ class JobRunner:
                 "invalid_request", f"the stored request cannot run here: {exc}"))
             return
         try:
-            held.future = self.generator.submit(req, record.format, online=False)
+            # Its tenant's fair share: the runner's task is nobody's request, so say whose.
+            token = tenants.CURRENT.set(record.tenant)
+            try:
+                held.future = self.generator.submit(req, record.format, online=False)
+            finally:
+                tenants.CURRENT.reset(token)
         except (Draining, NotReady, QueueFull, Overloaded) as exc:  # not now: later or elsewhere
             # Not held any more before it is released: a heartbeat in between would count it
             # as "claimed by another worker".
