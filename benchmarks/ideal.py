@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from statistics import median
 
-from benchmarks.openloop import MIXES, capacity
+from benchmarks.openloop import MIXES, capacity, ideal_keys
 from benchmarks.serve import percentile
 
 Arrival = tuple[float, tuple[int, float]]
@@ -108,7 +108,7 @@ def main() -> None:
         for load in map(float, opts.loads.split(",")):
             rate = load * capacity(mix, step, per)
             if opts.runs > 1:
-                draws = [ratios(policies(arrivals(rate, MIXES[mix], opts.arrivals,
+                draws = [ratios(policies(arrivals(rate, ideal_keys(mix), opts.arrivals,
                                                   opts.seed + k), step, per))
                          for k in range(opts.runs)]
                 line = "  ".join(
@@ -117,7 +117,7 @@ def main() -> None:
                 print(f"{mix:8s} {load:.0%}, {opts.arrivals} requests x {opts.runs} seeds "
                       f"(min / median / max): {line}")
                 continue
-            arr = arrivals(rate, MIXES[mix], opts.arrivals, opts.seed)
+            arr = arrivals(rate, ideal_keys(mix), opts.arrivals, opts.seed)
             runs = policies(arr, step, per)
             q = {k: (percentile(v, 0.5), percentile(v, 0.95)) for k, v in runs.items()}
             line = "  ".join(f"{k} p50 {a:.2f} p95 {b:.2f} s" for k, (a, b) in q.items())

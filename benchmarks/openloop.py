@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import functools
+import io
 import json
 import random
 import time
@@ -41,7 +44,56 @@ POLICIES = ("deadline", "eager", "continuous")
 MIXES: dict[str, list[tuple[int, float]]] = {  # (steps, guidance), drawn uniformly
     "one-key": [(20, 7.5)],
     "mixed": [(20, 7.0), (20, 7.5), (30, 7.0), (30, 7.5)],
+    "img2img": [(20, 7.5)],
 }
+IMAGE_MIXES: dict[str, tuple[float, float, float]] = {"img2img": (0.5, 0.3, 0.9)}
+"""Mixes with image requests: (share of img2img requests, lowest and highest strength, drawn
+uniformly). An img2img request runs `int(steps * strength)` steps from a later start step: the
+whole-batch policies batch it only with requests of its start step, `continuous` with all."""
+
+
+def steps_run(body: dict[str, Any]) -> int:
+    """The denoising steps a request runs: all of them, or an img2img request's last
+    `int(steps * strength)` (`ImageInput.start_step`)."""
+    steps = int(body["inference_steps"])
+    if "strength" not in body:
+        return steps
+    return min(int(steps * float(body["strength"])), steps)
+
+
+def _mean_steps(mix: str) -> float:
+    steps = sum(s for s, _ in MIXES[mix]) / len(MIXES[mix])
+    if mix not in IMAGE_MIXES:
+        return steps
+    share, low, high = IMAGE_MIXES[mix]
+    grid = [low + (high - low) * i / 1000 for i in range(1001)]
+    image_steps = sum(min(int(steps * s), steps) for s in grid) / len(grid)
+    return (1 - share) * steps + share * image_steps
+
+
+def ideal_keys(mix: str) -> list[tuple[int, float]]:
+    """The mix as `benchmarks.ideal` draws it, uniformly from this list: (steps run, guidance),
+    which for image mixes (all at the same steps) is also the whole-batch key."""
+    if mix not in IMAGE_MIXES:
+        return MIXES[mix]
+    share, low, high = IMAGE_MIXES[mix]
+    grid = [low + (high - low) * i / 100 for i in range(101)]
+    text = [(steps, guidance) for steps, guidance in MIXES[mix]]
+    image = [(min(int(steps * s), steps), guidance) for steps, guidance in text for s in grid]
+    return text * round(len(image) * (1 - share) / share / len(text)) + image
+
+
+@functools.lru_cache(maxsize=4)
+def init_image(size: int) -> str:
+    """The img2img requests' init image, base64 PNG: flat colours, so it is small on the wire
+    and `sim`, which hands it back, encodes it fast."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (size, size), (90, 150, 210))
+    ImageDraw.Draw(picture).rectangle((0, size * 2 // 3, size, size), fill=(60, 140, 60))
+    out = io.BytesIO()
+    picture.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
 
 
 @dataclass(frozen=True)
@@ -52,8 +104,9 @@ class Point:
 
 
 def capacity(mix: str, step_ms: float, per_image_ms: float, batch: int = 8) -> float:
-    """Images per second of full batches of `batch` at the mix's mean step count."""
-    steps = sum(s for s, _ in MIXES[mix]) / len(MIXES[mix])
+    """Images per second of full batches of `batch` at the mix's mean step count (steps run:
+    an img2img request runs fewer)."""
+    steps = _mean_steps(mix)
     return batch / (steps * (step_ms + batch * per_image_ms) / 1000.0)
 
 
@@ -76,8 +129,14 @@ def bodies(mix: str, n: int, size: int, seed: int) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
         steps, guidance = rng.choice(MIXES[mix])
-        out.append({"prompt": f"open loop {i}", "seed": i, "width": size, "height": size,
-                    "inference_steps": steps, "guidance_scale": guidance})
+        body: dict[str, Any] = {"prompt": f"open loop {i}", "seed": i, "width": size,
+                                "height": size, "inference_steps": steps,
+                                "guidance_scale": guidance}
+        if mix in IMAGE_MIXES:  # draws only for image mixes: the others' bodies stay as they were
+            share, low, high = IMAGE_MIXES[mix]
+            if rng.random() < share:
+                body.update(init_image=init_image(size), strength=round(rng.uniform(low, high), 2))
+        out.append(body)
     return out
 
 
@@ -92,7 +151,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], at: fl
         status, headers = 0, httpx.Headers({"x-error": type(exc).__name__})
     end = time.perf_counter()
     return {"start": start - t0, "end": end - t0, "status": status, "ok": status == 200,
-            "steps": body["inference_steps"],
+            "steps": steps_run(body),
             "batch_size": int(headers.get("x-batch-size", 0)),
             "queue_ms": float(headers.get("x-queue-ms", 0)),
             "inference_ms": float(headers.get("x-inference-ms", 0))}
@@ -167,7 +226,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-step-per-image-ms", type=float, default=0.0,
                    help="tiny: ms per image per step, to size the loads (0: measured)")
     p.add_argument("--loads", default="0.3,0.6,0.9,1.2")
-    p.add_argument("--mixes", default="one-key,mixed")
+    p.add_argument("--mixes", default=None,
+                   help=f"comma-separated, of {', '.join(MIXES)} (default: one-key,mixed)")
     p.add_argument("--duration-s", type=float, default=900.0, help="at most, per point")
     p.add_argument("--max-requests", type=int, default=1000, help="at most, per point")
     p.add_argument("--warm-s", type=float, default=8.0)
@@ -179,9 +239,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     opts = p.parse_args(argv)
     if opts.quick:
-        opts.step_ms, opts.step_per_image_ms, opts.loads, opts.mixes = 2.0, 1.0, "0.6", "mixed"
+        opts.step_ms, opts.step_per_image_ms, opts.loads = 2.0, 1.0, "0.6"
+        opts.mixes = opts.mixes or "mixed"
         opts.duration_s, opts.max_requests, opts.warm_s, opts.size = 2.0, 30, 0.0, 64
         opts.max_wait_ms = 50.0
+    opts.mixes = opts.mixes or "one-key,mixed"
+    unknown = set(opts.mixes.split(",")) - set(MIXES)
+    if unknown:
+        p.error(f"--mixes: unknown {', '.join(sorted(unknown))}; one of {', '.join(MIXES)}")
     return opts
 
 

@@ -47,7 +47,7 @@ async def in_process(
     """`overrides` are `Settings` fields; warm-up is off and the model is named `fake`.
     `backends` are `Service` keywords replacing the job backends (`queue`, `store`,
     `webhooks`). `image_inputs` says what the fake model takes besides a prompt (the served
-    model's `engines.capabilities.image_inputs`; none by default, like the real engine today)."""
+    model's `engines.capabilities.image_inputs`; by default the diffusers engine's, both)."""
     engine = engine or FakeEngine()
     settings = Settings(**{"model": "fake", "warmup": "", **overrides})
     service = Service(settings, engine_factory=lambda _: engine, **(backends or {}))

@@ -43,6 +43,9 @@ def unet_key(key: str, config: Mapping[str, Any]) -> str:
     top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # diffusers name -> LDM name
     if key in top:
         return str(top[key])
+    added = DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]  # SDXL's text_time
+    if key in added:
+        return str(added[key])
     if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
         b, j, rest = int(m[1]), int(m[2]), m[3]
         return f"input_blocks.{1 + b * per_down + j}.0.{_rename(rest, _UNET_RESNET)}"
@@ -109,8 +112,53 @@ def pipeline_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
     return {**unet, **vae, **clip}
 
 
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+_OPENCLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                   ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
+
+
+def openclip_state_dict(encoder: Any) -> dict[str, torch.Tensor]:
+    """A `CLIPTextModelWithProjection` as OpenCLIP names it (SDXL's second encoder): fused
+    q/k/v projections, `resblocks`, a transposed `text_projection`; the inverse of diffusers'
+    `convert_open_clip_checkpoint`."""
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {"positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": state.pop("final_layer_norm.weight"),
+           "ln_final.bias": state.pop("final_layer_norm.bias"),
+           "text_projection": state.pop("text_projection.weight").T}
+    state.pop("embeddings.position_ids", None)
+    layers = {int(m[1]) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
+    for i in sorted(layers):
+        ours = f"encoder.layers.{i}."
+        theirs = f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{ours}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for key in [k for k in state if k.startswith(ours)]:
+            out[theirs + _rename(key.removeprefix(ours), _OPENCLIP_LAYER)] = state.pop(key)
+    if state:
+        raise KeyError(f"no OpenCLIP name for {sorted(state)[:3]}")
+    return out
+
+
+def sdxl_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline in the original layout (Stability's `sd_xl_base_1.0.safetensors`)."""
+    unet = {UNET_PREFIX + unet_key(k, pipe.unet.config): v
+            for k, v in pipe.unet.state_dict().items()}
+    vae = {VAE_PREFIX + k: v for k, v in vae_state_dict(pipe.vae).items()}
+    clip = {SDXL_CLIP_PREFIX + "text_model." + k.removeprefix("text_model."): v
+            for k, v in pipe.text_encoder.state_dict().items()}
+    big = {SDXL_OPENCLIP_PREFIX + k: v
+           for k, v in openclip_state_dict(pipe.text_encoder_2).items()}
+    return {**unet, **vae, **clip, **big}
+
+
 def save_single_file(pipe: Any, path: Path) -> Path:
     """The pipeline's weights as one original-layout `.safetensors` file."""
-    tensors = {k: v.detach().contiguous().clone() for k, v in pipeline_state_dict(pipe).items()}
+    state = (sdxl_state_dict(pipe) if getattr(pipe, "text_encoder_2", None) is not None
+             else pipeline_state_dict(pipe))
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     save_file(tensors, str(path))
     return path

@@ -316,3 +316,18 @@ def test_lone_step_reports_serving_overhead() -> None:
     match = re.search(r"median ([\d.]+) ms .*bare sleeps ([\d.]+) ms", proc.stdout)
     assert match is not None, proc.stdout
     assert float(match[1]) > float(match[2]) >= 3.0  # 3 sleeps of 1 ms, plus serving
+
+
+def test_openloop_img2img_mix_sends_half_image_requests_that_run_fewer_steps() -> None:
+    """The images mix: about half the bodies carry an init image at a strength in 0.3-0.9, and
+    the capacity counts the steps they run (`int(20 * strength)`), not 20."""
+    sent = openloop.bodies("img2img", 400, 64, seed=1)
+    edits = [b for b in sent if "init_image" in b]
+    assert 150 < len(edits) < 250
+    assert all(0.3 <= b["strength"] <= 0.9 for b in edits)
+    assert {openloop.steps_run(b) for b in edits} <= set(range(6, 19))
+    assert all(openloop.steps_run(b) == 20 for b in sent if "init_image" not in b)
+    assert openloop.bodies("mixed", 50, 64, seed=1) == openloop.bodies("mixed", 50, 64, seed=1)
+    assert openloop.capacity("img2img", 25.0, 15.0) > openloop.capacity("one-key", 25.0, 15.0)
+    keys = openloop.ideal_keys("img2img")
+    assert 0.4 < sum(k == (20, 7.5) for k in keys) / len(keys) < 0.6

@@ -175,9 +175,9 @@ def test_same_seed_same_image_through_t2i_openai_and_a1111(tiny_server: ServerPr
 
 
 # -- images in -------------------------------------------------------------------------------
-# The engine that starts items from an image comes with the model families' step core; until
-# then `--model sim` serves img2img as a no-op edit (it hands back the init image), so these show
-# the clients' requests crossing the doors intact, and `tiny` refuses them by name.
+# `--model sim` serves img2img as a no-op edit (it hands back the init image), so the first two
+# show the clients' requests crossing the doors intact, pixel for pixel; against `tiny`, the
+# real engine's edits.
 
 
 @pytest.fixture(scope="module")
@@ -234,12 +234,27 @@ def test_openai_client_images_edit(sim_server: ServerProcess) -> None:
     assert body["param"] == "image" and "a GIF image" in body["message"]
 
 
-def test_a_model_without_image_inputs_refuses_them_by_name(tiny_server: ServerProcess) -> None:
-    with webui(tiny_server) as api, pytest.raises(RuntimeError) as caught:
-        api.img2img(images=[PICTURE], prompt=PROMPT, width=64, height=64)
-    status, text = caught.value.args
-    assert status == 422 and "does not take an init image" in orjson.loads(text)["detail"]
-    with oai(tiny_server) as client, pytest.raises(openai.UnprocessableEntityError) as error:
-        client.images.edit(image=("p.png", encode(PICTURE), "image/png"), prompt=PROMPT)
-    assert error.value.status_code == 422
-    assert httpx.get(tiny_server.url + "/v1/info").json()["image_inputs"] == []
+def test_tiny_edits_images_for_the_webuiapi_and_openai_clients(
+        tiny_server: ServerProcess) -> None:
+    """Against the real engine: img2img and inpainting (A1111's client) and an edit (OpenAI's)
+    come back at the asked size, differ from the init image, and depend on it."""
+    assert httpx.get(tiny_server.url + "/v1/info").json()["image_inputs"] == ["img2img",
+                                                                              "inpaint"]
+    with webui(tiny_server, sampler="Euler a", steps=4) as api:
+        varied = api.img2img(images=[PICTURE], prompt=PROMPT, seed=5, width=64, height=72,
+                             denoising_strength=0.5)
+        inpainted = api.img2img(images=[PICTURE], mask_image=mask(96, 80, (0, 0, 40, 40)),
+                                prompt=PROMPT, seed=5, width=64, height=72, inpainting_fill=1,
+                                inpaint_full_res=False, mask_blur=2, denoising_strength=0.5)
+    assert varied.image.size == inpainted.image.size == (64, 72)
+    got = np.asarray(varied.image.convert("RGB"), dtype=np.int16)
+    assert np.abs(got - stretched(64, 72)).max() > 10  # repainted, not handed back
+    assert np.abs(got - np.asarray(inpainted.image.convert("RGB"), dtype=np.int16)).max() > 3
+    with oai(tiny_server) as client:
+        edits = [client.images.edit(
+            image=("photo.png", encode(picture), "image/png"), prompt=PROMPT, size="72x64",  # type: ignore[arg-type]
+            extra_body={"strength": 0.5, "num_inference_steps": 4, "seed": 9})
+            for picture in (PICTURE, PICTURE.transpose(Image.Transpose.ROTATE_180))]
+    shown = [decode_png(base64.b64decode(e.data[0].b64_json or "")) for e in edits if e.data]
+    assert [im.shape for im in shown] == [(64, 72, 3)] * 2
+    assert np.abs(shown[0] - shown[1]).max() > 3  # same seed, another picture

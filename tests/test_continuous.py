@@ -155,7 +155,7 @@ def test_sigterm_drains_running_and_queued_items_then_exits_0(tmp_path: Path) ->
 
 def test_queue_overflow_gives_429_under_continuous(tmp_path: Path) -> None:
     with running_server("--model", "sim", "--flush-policy", "continuous", "--sim-step-ms", "100",
-                        "--max-batch-size", "2", "--max-queue", "3",
+                        "--max-batch-size", "2", "--max-queue", "3", "--refusal-hold-s", "0",
                         tmp_path=tmp_path) as server, ThreadPoolExecutor(16) as pool:
         overflow(pool, server, 16)
         server.proc.send_signal(signal.SIGTERM)

@@ -116,7 +116,8 @@ async def test_openai_auth_and_malformed_json_keep_openai_shape_and_status() -> 
 
 
 async def test_openai_queue_full_is_429_and_queues_none_of_the_n() -> None:
-    async with in_process(max_queue=2, max_wait_ms=60_000, max_batch_size=8) as app:
+    async with in_process(max_queue=2, max_wait_ms=60_000, max_batch_size=8,
+                          refusal_hold_s=0) as app:
         response = await app.client.post("/v1/images/generations",
                                          json={"prompt": "x", "n": 3, "size": "64x64"})
         assert response.status_code == 429 and "Retry-After" in response.headers
@@ -215,6 +216,11 @@ A1111_BAD = [
     ({"tiling": True}, "tiling"),
     ({"init_images": ["aGk="]}, "init_images"),
     ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+    ({"alwayson_scripts": 5}, "alwayson_scripts"),  # was a 500 (iterating an int)
+    ({"alwayson_scripts": True}, "alwayson_scripts"),
+    ({"alwayson_scripts": ["controlnet"]}, "alwayson_scripts"),
+    ({"override_settings": [1]}, "override_settings"),
+    ({"styles": 5}, "styles"),
     ({"subseed_strength": 0.5}, "subseed_strength"),
     ({"styles": ["cinematic"]}, "styles"),
     ({"script_name": "x/y/z plot"}, "script_name"),

@@ -382,7 +382,7 @@ async def test_inpainting_asked_of_a_model_that_cannot_is_refused(door: Door) ->
             "mask_image": b64(encode(mask(64, 64, (0, 0, 8, 8)))),
             "mask_image_bytes": openai_mask(mask(64, 64, (0, 0, 8, 8)))})
         assert door.mask in message and "does not take inpainting" in message
-    async with in_process(max_wait_ms=0, **LIMITS) as env:  # today's diffusers engine: none
+    async with in_process(image_inputs=frozenset(), max_wait_ms=0, **LIMITS) as env:
         message, _ = await _refused(env, door, {"init_image": GOOD,
                                                 "init_image_bytes": png(64, 64)})
         assert "does not take an init image" in message

@@ -9,6 +9,7 @@ their own time, so there the suite uses short TTLs and polls within a deadline.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import urllib.request
 import uuid
@@ -22,6 +23,7 @@ from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
 from batchserve.jobs.protocol import BackendUnavailable, Delivery, JobQueue, ResultStore
 from batchserve.jobs.record import JobRecord, Status, TransitionRefused, new_job_id
 from batchserve.jobs.redis import RedisQueue
+from batchserve.jobs.service import input_name
 from batchserve.jobs.stores import FileResultStore, S3ResultStore
 
 from conftest import free_port
@@ -468,4 +470,51 @@ async def test_s3_down_raises_backend_unavailable(monkeypatch: pytest.MonkeyPatc
             with pytest.raises(BackendUnavailable):
                 await call()
     finally:
+        await store.close()
+
+
+async def test_file_store_sweeps_only_its_own_files(tmp_path: Path) -> None:
+    """`--results file:///srv` shares /srv: the sweep deletes expired images and inputs of
+    jobs, never another program's file however old."""
+    clock = Clock()
+    store = FileResultStore(tmp_path, ttl_s=TTL_S, clock=clock)
+    old = new_job_id()
+    await store.put(old, PNG, "image/png")
+    await store.put(input_name(old), PNG, "application/octet-stream")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    os.utime(notes, (clock.now - 3 * 86400, clock.now - 3 * 86400))  # three days old
+    (tmp_path / "job_short").write_bytes(b"not a job id of ours")
+    os.utime(tmp_path / "job_short", (0, 0))
+    clock.now += TTL_S * 2
+    await store.put(new_job_id(), PNG, "image/png")  # a put runs the sweep
+    assert not (tmp_path / old).exists() and not (tmp_path / input_name(old)).exists()
+    assert notes.read_text() == "mine" and (tmp_path / "job_short").exists()
+
+
+async def test_s3_store_without_a_prefix_installs_no_whole_bucket_rule(
+        s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule on an empty prefix would expire every object in the bucket, someone else's
+    included: none is installed, and an earlier version's whole-bucket rule is removed."""
+    import boto3
+    import botocore.exceptions
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [
+        {"ID": "batchserve-expire-all", "Status": "Enabled", "Expiration": {"Days": 1},
+         "Filter": {"Prefix": ""}}]})
+    store = S3ResultStore(bucket, "", endpoint_url=s3.endpoint_url, ttl_s=86400)
+    try:
+        await store.ping()
+        try:
+            rules = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+        except botocore.exceptions.ClientError:
+            rules = []
+        assert [r for r in rules if r.get("Filter", {}).get("Prefix", "") == ""] == []
+    finally:
+        client.close()
         await store.close()

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 from inprocess import in_process
 
+from batchserve.errors import QueueFull
 from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
+from batchserve.jobs.protocol import Delivery
 from batchserve.jobs.record import Status
+from batchserve.jobs.runner import JobRunner
+from batchserve.jobs.service import JobService
+from batchserve.metrics import Metrics
+from batchserve.schema import Limits, validate
+from batchserve.settings import Settings
 
 from fakes import FakeEngine
 
@@ -100,3 +108,66 @@ async def test_a_worker_keeps_a_long_job_by_renewing_it() -> None:
         done = await app.service.jobs.wait(job_id, 10)
         assert done.status is Status.SUCCEEDED and done.attempts == 1
         assert len(engine.batches) == 1
+
+
+class Refusing:
+    """A generator whose batcher refuses every job (queue full), as a busy /t2i load makes it;
+    after `limit` refusals it stops the runner's pulling."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.refused = limit, 0
+        self.runner: JobRunner | None = None
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def wait_loaded(self) -> str:
+        return "ready"
+
+    def submit(self, request: Any, fmt: str = "png", *, online: bool = True) -> Any:
+        self.refused += 1
+        if self.refused >= self.limit and self.runner is not None:
+            self.runner.stop_pulling()
+        raise QueueFull("queue is full", retry_after_s=3)
+
+
+class CountingQueue(MemoryQueue):
+    pulls = 0
+
+    async def pull(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
+        self.pulls += 1
+        return await super().pull(consumer, max_count, block_s)
+
+
+async def test_a_refused_job_pauses_pulling_instead_of_spinning() -> None:
+    """Review item 1: the job is released and the runner sleeps the refusal's Retry-After
+    before pulling again (it used to pull the same job again at once, at full CPU)."""
+    settings = Settings(model="fake", warmup="")
+    metrics = Metrics(settings.max_batch_size)
+    queue = CountingQueue(ttl_s=3600, visibility_timeout_s=120)
+    jobs = JobService(settings, metrics, queue, MemoryResultStore(ttl_s=3600))
+    limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
+    await jobs.submit(validate({"prompt": "a cat", "width": 64, "height": 64, "seed": 1},
+                               limits), "png")
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the injected clock: time passes at once
+        pauses.append(seconds)
+        await asyncio.sleep(0)  # still a suspension point, as the real sleep is
+
+    generator = Refusing(limit=4)
+    runner = JobRunner(generator, jobs, settings, metrics, block_s=0.01, sleep=sleep)
+    generator.runner = runner
+    runner.start()
+    await asyncio.wait_for(_stopped(runner), 10)
+    assert generator.refused == 4
+    assert pauses[:3] == [3, 3, 3]  # one Retry-After between two refusals
+    assert queue.pulls <= len(pauses) + 2  # no pulls beyond one per pause
+    assert await queue.waiting() == 1  # the job is back in the queue, untouched
+    await runner.stop()
+
+
+async def _stopped(runner: JobRunner) -> None:
+    if runner._loop is not None:
+        await asyncio.wait([runner._loop])  # ends when the refusals stopped its pulling

@@ -36,7 +36,7 @@ from batchserve.jobs.record import JobRecord
 from batchserve.jobs.redis import RedisQueue
 from batchserve.jobs.service import input_name
 
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess, free_port, running_server
 from imagedata import b64, encode, gradient, mask
 from services import RedisServer, SeaweedS3, redis_server, seaweed_s3
 
@@ -52,19 +52,21 @@ class Backends:
     redis: RedisServer
     s3: SeaweedS3
     tmp: Path
+    hook_port: int  # the webhook receiver's: allowed as 127.0.0.1:PORT
 
     def args(self, visibility_s: float = 2.0) -> tuple[str, ...]:
         return ("--queue", self.redis.url, "--results", "s3://results/jobs",
                 "--s3-endpoint-url", self.s3.endpoint_url,
                 "--job-visibility-timeout-s", str(visibility_s),
-                "--webhook-allow-hosts", "127.0.0.1", "--webhook-secret", SECRET)
+                "--webhook-allow-hosts", f"127.0.0.1:{self.hook_port}", "--webhook-allow-private",
+                "--webhook-secret", SECRET)
 
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
     tmp = tmp_path_factory.mktemp("scaleout")
     with redis_server(tmp) as redis, seaweed_s3(tmp) as s3:
-        yield Backends(redis, s3, tmp)
+        yield Backends(redis, s3, tmp, free_port())
 
 
 def start(backends: Backends, role: str, name: str, *extra: str) -> ServerProcess:
@@ -154,7 +156,7 @@ def stored_records(backends: Backends, ids: list[str]) -> list[JobRecord]:
 class Receiver:
     """A loopback webhook receiver: counts signed deliveries per job."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int) -> None:
         self.finals: collections.Counter[str] = collections.Counter()
         self.bad_signatures = 0
         receiver = self
@@ -172,7 +174,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -183,7 +185,7 @@ class Receiver:
 
 
 def test_workers_share_the_queue_survive_a_kill_and_an_api_restart(backends: Backends) -> None:
-    receiver = Receiver()
+    receiver = Receiver(backends.hook_port)
     api = start(backends, "api", "api")
     first, second = start(backends, "worker", "worker-1"), start(backends, "worker", "worker-2")
     try:

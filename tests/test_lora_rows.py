@@ -17,7 +17,7 @@ from test_stepwise import pixels, run_until_done
 
 from batchserve.engines import GenerationItem, LoraPick
 from batchserve.engines import tiny as tiny_preset
-from batchserve.engines.diffusion import DiffusionEngine, make_scheduler
+from batchserve.engines.diffusion import DiffusionEngine
 from batchserve.engines.lora import LoraLibrary
 from batchserve.engines.lora.files import Unusable, inspect, signature
 from batchserve.settings import Settings
@@ -105,19 +105,24 @@ def test_equals_diffusers_load_lora_weights_and_fused_lora(folder: Path,
         assert close(mine, pixels(fused.generate([item(21)])[0])), name
 
 
-def test_rows_without_lora_run_no_hook_work(engine: DiffusionEngine) -> None:
+def test_rows_without_lora_run_no_hook_work(engine: DiffusionEngine,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     engine.generate([item(31, ("ink", 1.0))])  # loaded: its layers carry hooks
-    calls = []
+    calls: list[int] = []
     ink = next(iter(engine.lora.adapters.components["unet"].layers.values()))  # type: ignore
-    original = ink._apply
-    ink._apply = lambda x, d: calls.append(x.shape[0]) or original(x, d)  # type: ignore
-    try:
-        engine.generate([item(32), item(33)])
-        assert calls == []
-        engine.generate([item(32), item(34, ("ink", 1.0))])
-        assert calls and set(calls) == {2}  # one item's two guidance rows, never the other's
-    finally:
-        del ink._apply
+    layer = type(ink)
+    original = layer._apply
+
+    def counted(self: object, x: torch.Tensor, delta: object) -> torch.Tensor:
+        if self is ink:
+            calls.append(x.shape[0])
+        return original(self, x, delta)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(layer, "_apply", counted)
+    engine.generate([item(32), item(33)])
+    assert calls == []
+    engine.generate([item(32), item(34, ("ink", 1.0))])
+    assert calls and set(calls) == {2}  # one item's two guidance rows, never the other's
 
 
 def test_files_that_do_not_fit_are_unusable_with_a_reason(tmp_path: Path) -> None:
@@ -126,7 +131,7 @@ def test_files_that_do_not_fit_are_unusable_with_a_reason(tmp_path: Path) -> Non
     sd15 = tiny_preset.build_pipeline()
     sd15.unet = type(pipe.unet)(**{**pipe.unet.config, "cross_attention_dim": 48})
     wide = kohya(tmp_path / "wide.safetensors", sd15, seed=1, text=False)
-    with pytest.raises(Unusable, match="made for a layer of 48 -> .* a LoRA for another model"):
+    with pytest.raises(Unusable, match=r"made for a layer of 48 -> .*a LoRA for another model"):
         inspect(wide, model)
     alien = kohya(tmp_path / "alien.safetensors", pipe, seed=1, text=False,
                   unet_prefix="lora_unet_nothing_like_")

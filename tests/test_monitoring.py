@@ -39,6 +39,8 @@ APP_METRICS = {
     "batchserve_batches_total",
     "batchserve_images_total",
     "batchserve_requests_rejected_total",
+    "batchserve_tenant_images_admitted_total",
+    "batchserve_tenant_refused_total",
     "batchserve_wasted_images_total",
     "batchserve_batches_interrupted_total",
     "batchserve_batch_cap",
@@ -311,12 +313,16 @@ def test_api_dashboard_answers_is_batching_working() -> None:
         "Jobs waiting": ["max(batchserve_jobs_waiting"],
         "Jobs/s by status": ["batchserve_jobs_total", "by (status)"],
         "Job duration p50 / p95": ["batchserve_job_duration_seconds_bucket"],
+        "Tenant images admitted/s": ["batchserve_tenant_images_admitted_total", "by (tenant)"],
+        "Tenant refusals/s by code": ["batchserve_tenant_refused_total", "by (tenant, code)"],
     }
     for title, needles in expected.items():
         assert title in by_title, f"missing panel {title!r}"
         for needle in needles:
             assert needle in by_title[title], f"{title!r} lacks {needle!r}"
-    assert [v["name"] for v in dashboard["templating"]["list"]] == ["instance"]
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["instance", "tenant"]
+    # One row per tenant: Grafana repeats the row for each value of $tenant.
+    assert any(p.get("repeat") == "tenant" for p in dashboard["panels"] if p["type"] == "row")
 
 
 def test_gpu_dashboard_answers_is_the_gpu_busy() -> None:

@@ -96,8 +96,8 @@ def test_prompt_submit_and_images_of_the_chosen_size_appear(
     open_page(browser, page_server.url)
     until(browser, lambda d: d.find_element(By.ID, "state").text == "ready")
     assert browser.find_element(By.ID, "key-field").is_displayed() is False  # no key needed
-    # tiny takes no init image (yet): the page offers none
-    assert browser.find_element(By.ID, "image-fields").is_displayed() is False
+    # tiny takes init images: the page offers them, and text-to-image stays the default
+    assert browser.find_element(By.ID, "image-fields").is_displayed() is True
     set_value(browser, "prompt", "a lighthouse at dusk")
     Select(browser.find_element(By.ID, "size")).select_by_value("128x128")
     set_value(browser, "inference_steps", "1")
@@ -308,3 +308,34 @@ def test_an_init_image_is_uploaded_a_mask_painted_and_both_sent(
     grey = np.asarray(painted.convert("L"))
     assert grey[20, 16] == grey[20, 32] == 255  # white along the stroke...
     assert grey[40:, :].max() == 0 and grey[:, 48:].max() == 0  # ...black far from it
+
+
+def test_the_tiny_engine_repaints_an_uploaded_image(browser: Any, page_server: ServerProcess,
+                                                    tmp_path: Path) -> None:
+    """The real engine behind the page: upload, strength, submit; the result has the image's
+    size and is a repainted image, not the upload handed back."""
+    from selenium.webdriver.common.by import By
+
+    picture = gradient(96, 80)
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode(picture))
+    open_page(browser, page_server.url)
+    until(browser, lambda d: d.find_element(By.ID, "image-fields").is_displayed())
+    set_value(browser, "prompt", "a barn in the snow")
+    set_value(browser, "inference_steps", "4")
+    browser.find_element(By.ID, "init_image").send_keys(str(path))
+    until(browser, lambda d: d.find_element(By.ID, "painter").is_displayed())
+    set_value(browser, "strength", "0.5")
+    browser.find_element(By.ID, "submit").click()
+    until(browser, lambda d: len(finished_images(d)) == 1)
+    (image,) = finished_images(browser)
+    assert (image["w"], image["h"]) == (96, 80)
+    shown = browser.execute_script("""
+        const img = document.querySelector('#gallery .card img');
+        const canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        canvas.getContext('2d').drawImage(img, 0, 0);
+        return canvas.toDataURL('image/png');""")
+    got = Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB")
+    difference = np.abs(np.asarray(got, np.int16) - np.asarray(picture, np.int16))
+    assert difference.max() > 10  # repainted by the model

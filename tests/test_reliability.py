@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import hmac
 import logging
 import socket
@@ -317,7 +318,8 @@ async def test_client_gone_while_uploading_counts_as_cancelled_not_as_a_failure(
 
 async def test_queue_over_its_bound_gets_429_with_retry_after() -> None:
     engine = FakeEngine(gate=threading.Event())
-    async with in_process(engine, max_batch_size=1, max_wait_ms=0, max_queue=2) as app:
+    async with in_process(engine, max_batch_size=1, max_wait_ms=0, max_queue=2,
+                          refusal_hold_s=0) as app:
         first = post(app, body(1))
         await started(engine)
         queued = [post(app, body(2)), post(app, body(3))]
@@ -332,6 +334,26 @@ async def test_queue_over_its_bound_gets_429_with_retry_after() -> None:
         responses = await asyncio.gather(first, *queued)
         assert [r.status_code for r in responses] == [200, 200, 200]
         assert 4 not in {s for batch in seeds(engine) for s in batch}
+
+
+async def test_a_request_over_the_bound_is_held_for_a_place_not_refused_at_once() -> None:
+    """`--refusal-hold-s`: a client that would retry at once on a 429 waits for a place
+    instead; it gets its image once the queue moves, and no refusal is counted."""
+    engine = FakeEngine(gate=threading.Event())
+    async with in_process(engine, max_batch_size=1, max_wait_ms=0, max_queue=2) as app:
+        first = post(app, body(1))
+        await started(engine)
+        queued = [post(app, body(2)), post(app, body(3))]
+        await eventually(lambda: app.service.batcher.depth == 2)
+        held = post(app, body(4))
+        await eventually(lambda: app.service.waiting_room.held == 1)
+        assert not held.done()
+        assert engine.gate is not None
+        engine.gate.set()
+        responses = await asyncio.gather(first, *queued, held)
+        assert [r.status_code for r in responses] == [200] * 4
+        assert app.metric("batchserve_requests_rejected_total", reason="queue_full") == 0
+        assert app.metric("batchserve_refusals_held_ended_total", outcome="admitted") == 1
 
 
 async def test_not_ready_while_loading_answers_503_with_retry_after() -> None:
@@ -470,12 +492,13 @@ async def test_api_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPa
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("batchserve.api.common.hmac.compare_digest", spy)
+    monkeypatch.setattr("batchserve.tenants.hmac.compare_digest", spy)
     async with in_process(FakeEngine(), api_key=KEY) as app:
         response = await app.client.post("/t2i", json=body(1), headers={
             "authorization": "Bearer guess"})
         assert response.status_code == 401
-    assert calls == [(b"guess", KEY.encode())]
+    # Digests of equal length, so neither the key's length nor a prefix shows in the timing.
+    assert calls == [(hashlib.sha256(b"guess").digest(), hashlib.sha256(KEY.encode()).digest())]
 
 
 def test_api_key_comes_from_the_environment() -> None:

@@ -8,6 +8,7 @@ test can have requests queued and in flight when it sends the signal.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -151,7 +152,7 @@ def test_second_sigterm_ends_the_drain_with_503s_and_still_exits_0(tmp_path: Pat
 
 def test_queue_overflow_gives_429_with_retry_after_and_never_5xx(tmp_path: Path) -> None:
     with running_server("--model", "sim", "--sim-base-ms", "200", "--max-batch-size", "2",
-                        "--max-wait-ms", "0", "--max-queue", "3",
+                        "--max-wait-ms", "0", "--max-queue", "3", "--refusal-hold-s", "0",
                         tmp_path=tmp_path) as server, ThreadPoolExecutor(24) as pool:
         statuses = overflow(pool, server, 24)
         rejected = gauge(server, "batchserve_requests_rejected_total")
@@ -173,3 +174,28 @@ def test_model_that_cannot_load_exits_non_zero(tmp_path: Path) -> None:
     assert code != 0
     logs = server.log_path.read_text()
     assert "model failed to load" in logs and "fatal" in logs
+
+
+def test_sigterm_during_an_abandoned_tiny_batch_exits_0_not_sigabrt(tmp_path: Path) -> None:
+    """The batch of a client that left keeps running on the engine thread until its next
+    step, while the drain (nobody waits for it) is already over; the engine thread is joined
+    before the interpreter exits: exit 0, not SIGABRT (134) from torch code still running."""
+    # 1024x1024: a step long enough (seconds on a CPU) that the exit comes in the middle of it
+    with running_server("--model", "tiny", "--max-wait-ms", "0", "--max-pixels", "1048576",
+                        tmp_path=tmp_path) as server:
+        body = orjson.dumps({"prompt": PROMPT, "width": 1024, "height": 1024,
+                             "inference_steps": 50})
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"POST /t2i HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+        def in_engine() -> bool:
+            live = httpx.get(server.url + "/v1/info", timeout=5).json()["live"]
+            return bool(live["running_batch_size"])
+
+        wait_for(server, "the batch in the engine", in_engine, timeout_s=60)
+        client.close()  # the client leaves
+        server.proc.send_signal(signal.SIGTERM)
+        assert exit_code(server, timeout_s=120) == 0
+    logs = server.log_path.read_text()
+    assert "draining" in logs and "terminate called" not in logs

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from test_reliability import eventually
 
+from batchserve.errors import ValidationError
 from batchserve.jobs.webhooks import WebhookSender, check_url
 from batchserve.settings import Settings, SettingsError
 
@@ -36,6 +37,7 @@ class Receiver:
     statuses: list[int]
     calls: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     url: str = ""
+    port: int = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -57,6 +59,7 @@ async def receiver(*statuses: int) -> AsyncIterator[Receiver]:
     try:
         await eventually(lambda: server.started)
         app.url = f"http://127.0.0.1:{port}/hook"
+        app.port = port
         yield app
     finally:
         server.should_exit = True
@@ -64,13 +67,17 @@ async def receiver(*statuses: int) -> AsyncIterator[Receiver]:
 
 
 @contextlib.asynccontextmanager
-async def serving(delays: list[float], **overrides: Any) -> AsyncIterator[InProcess]:
+async def serving(delays: list[float], *hooks: Receiver, **overrides: Any
+                  ) -> AsyncIterator[InProcess]:
+    """A server whose webhooks may go to `hooks` (loopback: private addresses allowed)."""
     async def no_sleep(seconds: float) -> None:
         delays.append(seconds)
 
-    sender = WebhookSender(SECRET, frozenset({"127.0.0.1"}), sleep=no_sleep)
+    hosts = ",".join(["127.0.0.1", "localhost", *(f"127.0.0.1:{h.port}" for h in hooks)])
+    settings = Settings(webhook_allow_hosts=hosts, webhook_secret=SECRET)
+    sender = WebhookSender(SECRET, settings.webhook_hosts(), allow_private=True, sleep=no_sleep)
     async with in_process(FakeEngine(), max_wait_ms=0, webhook_secret=SECRET,
-                          webhook_allow_hosts="127.0.0.1, localhost",
+                          webhook_allow_hosts=hosts,
                           backends={"webhooks": sender}, **overrides) as app:
         yield app
 
@@ -85,7 +92,7 @@ async def run_job(app: InProcess, hook: str) -> str:
 
 async def test_one_signed_post_of_the_final_job_json() -> None:
     delays: list[float] = []
-    async with receiver(204) as hook, serving(delays) as app:
+    async with receiver(204) as hook, serving(delays, hook) as app:
         job = await run_job(app, hook.url)
         await app.service.jobs.webhooks.close(10)  # type: ignore[union-attr]
         assert len(hook.calls) == 1
@@ -103,7 +110,7 @@ async def test_one_signed_post_of_the_final_job_json() -> None:
 
 async def test_retried_with_backoff_until_it_is_taken() -> None:
     delays: list[float] = []
-    async with receiver(500, 503, 200) as hook, serving(delays) as app:
+    async with receiver(500, 503, 200) as hook, serving(delays, hook) as app:
         await run_job(app, hook.url)
         await app.service.jobs.webhooks.close(10)  # type: ignore[union-attr]
         assert len(hook.calls) == 3
@@ -113,7 +120,8 @@ async def test_retried_with_backoff_until_it_is_taken() -> None:
 
 async def test_three_tries_at_most_and_redirects_never_followed() -> None:
     delays: list[float] = []
-    async with receiver(500) as failing, receiver(302) as moving, serving(delays) as app:
+    async with receiver(500) as failing, receiver(302) as moving, \
+            serving(delays, failing, moving) as app:
         await run_job(app, failing.url)
         await run_job(app, moving.url)
         await app.service.jobs.webhooks.close(10)  # type: ignore[union-attr]
@@ -125,7 +133,7 @@ async def test_a_canceled_job_sends_its_webhook_too() -> None:
     import threading
 
     delays: list[float] = []
-    async with receiver(200) as hook, serving(delays) as app:
+    async with receiver(200) as hook, serving(delays, hook) as app:
         gate = threading.Event()
         app.engine.gate = gate
         response = await app.client.post("/v1/jobs", json={**SMALL, "webhook": hook.url})
@@ -138,12 +146,15 @@ async def test_a_canceled_job_sends_its_webhook_too() -> None:
 
 
 @pytest.mark.parametrize(("hook", "words"), [
-    ("http://example.com/hook", "'example.com' is not allowed"),
+    ("http://example.com/hook", "'example.com' on port 80 is not allowed"),
+    ("http://127.0.0.1:6379/hook", "on port 6379 is not allowed"),  # a bare host: 80/443 only
+    ("http://127.0.0.1/h\nX-Evil: 1", "control characters"),  # was 202, then never sent
+    ("http://127.0.0.1/a b", "spaces"),
     ("http://127.0.0.1.example.com/hook", "not allowed"),
     ("ftp://127.0.0.1/hook", "http or https"),
     ("http://user:pw@127.0.0.1/hook", "credentials"),
     ("http://127.0.0.1:99999/hook", "not a valid URL"),
-    ("not a url", "http or https"),
+    ("not-a-url", "http or https"),
     (17, "http(s) URL"),
 ])
 async def test_webhooks_to_hosts_not_allowed_are_refused(hook: object, words: str) -> None:
@@ -173,3 +184,45 @@ def test_allowed_hosts_need_a_secret() -> None:
     assert settings.webhook_hosts() == {"a.example", "b.example"}
     assert settings.public()["webhook_secret"] == "set"
     assert check_url("https://a.example/x", settings.webhook_hosts()) == "https://a.example/x"
+
+
+def test_allow_list_entries_are_host_or_host_port() -> None:
+    settings = Settings(webhook_allow_hosts="hooks.example, redis.example:8080, [::1]:9000",
+                        webhook_secret=SECRET)
+    hosts = settings.webhook_hosts()
+    assert check_url("https://hooks.example/x", hosts) and check_url("http://hooks.example/", hosts)
+    assert check_url("http://redis.example:8080/", hosts) and check_url("http://[::1]:9000/", hosts)
+    for url in ("http://hooks.example:6379/", "http://redis.example/", "http://[::1]/"):
+        with pytest.raises(ValidationError, match="not allowed"):
+            check_url(url, hosts)
+    with pytest.raises(SettingsError, match="HOST:PORT"):
+        Settings(webhook_allow_hosts="hooks.example:99999", webhook_secret=SECRET)
+
+
+@pytest.mark.parametrize(("address", "sent"), [
+    ("127.0.0.1", False), ("10.1.2.3", False), ("169.254.169.254", False),
+    ("::ffff:192.168.0.1", False), ("fd00::1", False), ("93.184.215.14", True)])
+async def test_the_host_is_resolved_at_send_time_and_private_addresses_refused(
+        address: str, sent: bool) -> None:
+    """An allowed name that resolves to an internal address is not sent to (unless
+    --webhook-allow-private); the request goes to the address that was checked."""
+    posted: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        assert (host, port) == ("hooks.example", 443)
+        return [address]
+
+    sender = WebhookSender(SECRET, frozenset({"hooks.example"}), resolver=resolver, tries=1)
+
+    async def post(target: Any, body: bytes, headers: dict[str, str]) -> str:
+        posted.append(str(target.url))
+        assert target.host_header == "hooks.example" and target.server_name == "hooks.example"
+        return "ok"
+
+    sender._post = post  # type: ignore[method-assign]
+    assert await sender.deliver("https://hooks.example/h", "job1", b"{}") is sent
+    assert len(posted) == int(sent)
+    if sent:
+        assert posted == [f"https://{address}/h"]
+    sender.allow_private = True
+    assert await sender.deliver("https://hooks.example/h", "job2", b"{}")

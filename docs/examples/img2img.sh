@@ -1,4 +1,3 @@
-# serve: --model sim
 # Img2img with curl: make a picture with /t2i (barn.png), then repaint it at strength 0.6
 # (winter.png, the picture's own size). The image travels as base64 in the JSON body; a
 # data:image/png;base64, prefix is fine too.

@@ -1,4 +1,3 @@
-# serve: --model sim
 # Inpainting through POST /t2i with httpx and Pillow: repaint the white part of a mask, keep
 # the black (balloon.png, the picture's size).
 import base64

@@ -1,4 +1,3 @@
-# serve: --model sim
 # An edit through the OpenAI images API with OpenAI's own client (pip install openai): the
 # mask's fully transparent pixels mark what to repaint, as OpenAI's masks do (edit.png).
 import base64

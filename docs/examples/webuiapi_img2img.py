@@ -1,4 +1,3 @@
-# serve: --model sim
 # img2img and inpainting through the AUTOMATIC1111 API with PyPI's webuiapi client
 # (pip install webuiapi): variation.png, then inpainted.png. Inpainting here is A1111's "whole
 # picture" with masked content "original": send inpainting_fill=1 and inpaint_full_res=False.

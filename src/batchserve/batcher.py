@@ -113,7 +113,7 @@ class Batcher(QueueLoop[T, R]):
 
     def submit(
         self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0,
-        explicit_timeout: bool = True,
+        explicit_timeout: bool = True, tenant: str = "",
     ) -> asyncio.Future[Outcome[R]]:
         """Queues one item. `explicit_timeout=False` says its client named no timeout: a learned
         patience may stand in for it as the budget (never beyond `timeout_s`), and the age at
@@ -128,7 +128,8 @@ class Batcher(QueueLoop[T, R]):
             self._deadlines.admit(key, priority, now, timeout_s, budget_s, explicit_timeout,
                                   self._in_engine(), self._queued())
         return self.queue.submit(payload, key=key, priority=priority, timeout_s=timeout_s,
-                                 budget_s=budget_s, teaches_patience=not explicit_timeout)
+                                 budget_s=budget_s, teaches_patience=not explicit_timeout,
+                                 tenant=tenant)
 
     def _in_engine(self) -> InEngine | None:
         running = self._running
@@ -268,7 +269,7 @@ class Batcher(QueueLoop[T, R]):
         if not self.adaptive.enabled:
             return self.queue.take(key, self._limit(key), now)
         group = self.queue.groups[key]
-        group.items.sort(key=lambda p: (-p.effective_priority(now, self._aging_s), p.seq))
+        self.queue.ordered(key, now)
         late = self._deadlines.unreachable(key, group.items, now)
         self.queue.refuse(key, late, CannotFinish(
             "would finish past its timeout_s even alone; not started"), "deadline")

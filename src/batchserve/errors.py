@@ -84,6 +84,20 @@ class ValidationError(BatchServeError):
     status, code, reject_reason = 422, "validation_error", "invalid"
 
 
+class TenantQueueFull(BatchServeError):
+    """This API key's tenant already has its `max_queued` requests and jobs waiting (with
+    `Retry-After`); other tenants are still admitted."""
+
+    status, code, reject_reason = 429, "tenant_queue_full", "queue_full"
+
+
+class RateLimited(BatchServeError):
+    """This API key's tenant is over its `images_per_minute` (with `Retry-After`: when the
+    images asked for would be within the rate again)."""
+
+    status, code, reject_reason = 429, "rate_limited", "rate_limited"
+
+
 class QueueFull(BatchServeError):
     """`--max-queue` requests are already waiting (with `Retry-After`, from the queue depth
     and recent batch times)."""

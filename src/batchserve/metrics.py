@@ -10,7 +10,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import ParamSpec
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -23,7 +23,8 @@ P = ParamSpec("P")
 
 TRIGGERS = ("full", "timeout", "drain", "join")
 REJECT_REASONS = ("queue_full", "timeout", "cancelled", "invalid", "failed", "drained",
-                  "overloaded", "deadline")
+                  "overloaded", "deadline", "rate_limited")
+TENANT_CODES = ("tenant_queue_full", "rate_limited")
 WASTE_REASONS = ("cancelled", "timeout", "drain")
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
@@ -46,9 +47,20 @@ def _never_raise(fn: Callable[P, None]) -> Callable[P, None]:
 class Metrics:
     """The batcher's `Hooks` plus readiness and GPU memory gauges, on a registry of its own."""
 
-    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, max_batch_size: int, tenants: Iterable[str] = (),
+                 registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._tenant_images = Counter(
+            "batchserve_tenant_images_admitted", "Images admitted per tenant (--api-keys names)",
+            ["tenant"], registry=r,
+        )
+        self._tenant_refused = Counter(
+            "batchserve_tenant_refused", "Requests refused by a tenant's own limit, by code",
+            ["tenant", "code"], registry=r,
+        )
+        self.tenants: frozenset[str] = frozenset()
+        self.set_tenants(tenants)
         self._depth = Gauge("batchserve_queue_depth", "Requests waiting in the queue", registry=r)
         self._wait = Histogram(
             "batchserve_queue_wait_seconds", "Admission until the request's batch started",
@@ -108,6 +120,15 @@ class Metrics:
             "batchserve_requests_rejected", "Requests not answered with an image, by reason",
             ["reason"], registry=r,
         )
+        self._held = Gauge(
+            "batchserve_refusals_held", "Refused requests held for a place now "
+            "(--refusal-hold-s)", registry=r,
+        )
+        self._room = Counter(
+            "batchserve_refusals_held_ended", "Held requests by how their hold ended: admitted "
+            "(a place freed) or refused (the hold passed, or too many held)",
+            ["outcome"], registry=r,
+        )
         self._gpu_alloc = Gauge(
             "batchserve_gpu_memory_allocated_bytes",
             "Peak torch.cuda memory allocated during the last batch (max_memory_allocated)",
@@ -137,6 +158,8 @@ class Metrics:
             self._rejected.labels(reason)
         for reason in WASTE_REASONS:
             self._wasted.labels(reason)
+        for outcome in ("admitted", "refused"):
+            self._room.labels(outcome)
 
     @_never_raise
     def queue_depth(self, depth: int) -> None:
@@ -154,6 +177,25 @@ class Metrics:
         # `images` counts results generated; an image counts once it is encoded (`image`),
         # since an encode failure is the request's one outcome (`failed`), not an image.
         self._duration.observe(duration_s)
+
+    def set_tenants(self, names: Iterable[str]) -> None:
+        """The tenant label values allowed (the names in the tenants file, never request
+        data): series are created for each, so a dashboard row shows zeros from the start."""
+        self.tenants = frozenset(names)
+        for name in self.tenants:
+            self._tenant_images.labels(name)
+            for code in TENANT_CODES:
+                self._tenant_refused.labels(name, code)
+
+    @_never_raise
+    def tenant_admitted(self, tenant: str, images: int) -> None:
+        if tenant in self.tenants:
+            self._tenant_images.labels(tenant).inc(images)
+
+    @_never_raise
+    def tenant_refused(self, tenant: str, code: str) -> None:
+        if tenant in self.tenants and code in TENANT_CODES:
+            self._tenant_refused.labels(tenant, code).inc()
 
     @_never_raise
     def admitted(self) -> None:
@@ -179,6 +221,14 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         if reason in REJECT_REASONS:
             self._rejected.labels(reason).inc()
+
+    @_never_raise
+    def held(self, n: int) -> None:
+        self._held.set(n)
+
+    @_never_raise
+    def left_room(self, outcome: str) -> None:
+        self._room.labels(outcome).inc()
 
     @_never_raise
     def wasted(self, reason: str) -> None:

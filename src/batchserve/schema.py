@@ -47,6 +47,8 @@ class Limits:
     """What the served model takes besides a prompt (`engines.capabilities.image_inputs`)."""
     size_multiple: int = 8
     """Width and height must be multiples of it (the latent grid: VAE scale factor 8)."""
+    default_size: tuple[int, int] = (512, 512)
+    """width x height of a request that names none: the model family's (SDXL: 1024x1024)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +214,17 @@ class Field:
             out["maxLength"] = self.max_length
             if self.required:
                 out["pattern"] = r"\S"  # not blank after strip
-        default = limits.default_sampler if self.name == "sampler" else self.default
+        default = _limit_defaults(limits).get(self.name, self.default)
         if default is not None:
             out["default"] = default
         out.update(overrides)
         return out
+
+
+def _limit_defaults(limits: Limits) -> dict[str, Any]:
+    """Defaults that follow the served model: its sampler, its family's size."""
+    width, height = limits.default_size
+    return {"sampler": limits.default_sampler, "width": width, "height": height}
 
 
 _ARTICLE = {"integer": "an integer", "number": "a number"}
@@ -316,7 +324,8 @@ def validate(
     _check_image_fields(v, steps, limits, label)
     # The size is known before decoding unless a side comes from the init image.
     derived = "init_image" in v and not ("width" in v and "height" in v)
-    width, height = v.get("width", 512), v.get("height", 512)
+    width, height = (v.get(side, default) for side, default in
+                     zip(("width", "height"), limits.default_size, strict=True))
     if not derived:
         _check_area(width, height, steps, limits, label, derived=False)
     decoded = None

@@ -9,7 +9,10 @@ leaves it to uvicorn's own exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 from types import FrameType
 from typing import Any
 
@@ -36,6 +39,8 @@ class Server(uvicorn.Server):
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+            self._loop.add_signal_handler(signal.SIGHUP, self.service.reload_tenants)
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -84,6 +89,14 @@ def run(settings: Settings) -> int:
     )
     server = Server(config, service)
     server.run()
-    if server.exit_code == 0 and not server.started:
-        return 1  # could not bind, or startup failed
-    return server.exit_code
+    code = server.exit_code
+    if code == 0 and not server.started:
+        code = 1  # could not bind, or startup failed
+    service.worker.stop()  # ended already after a normal stop; a no-op then
+    if not service.worker.join(1.0):
+        # A hung engine call (the watchdog's case, or one that did not reach its next step
+        # in time): finalizing the interpreter under running native code aborts (SIGABRT), so
+        # leave without it, non-zero on purpose.
+        logging.shutdown()
+        os._exit(code or 1)
+    return code

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from . import __version__
+from . import __version__, tenants
 from .batcher import Batcher, Outcome
 from .encode import encode
 from .engines import (
@@ -29,6 +30,7 @@ from .engines import (
     warm_steps,
 )
 from .engines.capabilities import image_inputs
+from .engines.families import FAMILY_SIZES, served_family
 from .errors import (
     BatchServeError,
     Draining,
@@ -36,6 +38,9 @@ from .errors import (
     GenerationFailed,
     NotReady,
     NotServedHere,
+    RateLimited,
+    TenantQueueFull,
+    ValidationError,
 )
 from .jobs.backends import open_queue, open_store
 from .jobs.runner import JobRunner
@@ -46,6 +51,7 @@ from .metrics import Metrics
 from .samplers import SAMPLERS
 from .sched.adaptive import Adaptive
 from .sched.request_queue import QueueLoop
+from .sched.waiting_room import WaitingRoom
 from .sched.watchdog import Watchdog
 from .schema import Limits
 from .settings import Settings, SettingsError
@@ -91,14 +97,26 @@ class Service:
         self.role = settings.role
         self.state = self.STARTING
         self.engine: Engine | None = None
+        # The family's sizes from the settings alone: a `--role api` process loads no model.
+        self.sizes = FAMILY_SIZES[
+            served_family(settings.model, settings.model_family, settings.model_config)
+        ]
         self.limits = Limits(
             settings.max_pixels, settings.max_steps, settings.request_timeout_s,
             max_priority=settings.max_priority, max_cost=settings.max_cost,
             default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
-            image_inputs=image_inputs(settings),
+            image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
+            default_size=self.sizes.default,
         )
-        self.metrics = Metrics(settings.max_batch_size)
+        try:
+            self.tenants = tenants.Tenants.from_settings(settings.api_keys, settings.api_key)
+        except tenants.TenantsError as exc:
+            raise SettingsError(f"--api-keys: {exc}") from None
+        self.metrics = Metrics(settings.max_batch_size,
+                               self.tenants.names if self.tenants is not None else ())
         self.worker = Worker("batchserve-engine")
+        # Set at stop: the engine's running call ends at its next step (see `stop`).
+        self.stopping = threading.Event()
         self.watchdog = Watchdog(factor=settings.watchdog_factor, min_s=settings.watchdog_min_s)
         self.encoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="encode")
         # Requests' init images are decoded here, off the loop: as many at once as images are
@@ -120,8 +138,13 @@ class Service:
                         **options) if self.continuous
             else Batcher(self._run_batch, adaptive=self.adaptive, **options)
         )
+        self.waiting_room = WaitingRoom(hold_s=settings.refusal_hold_s,
+                                        max_held=settings.refusal_hold_max, hooks=self.metrics)
+        if self.tenants is not None:
+            self.batcher.queue.fair.weight = self.tenants.weight
         if webhooks is None and settings.webhook_secret and settings.webhook_hosts():
-            webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts())
+            webhooks = WebhookSender(settings.webhook_secret, settings.webhook_hosts(),
+                                     allow_private=settings.webhook_allow_private)
         self.jobs = JobService(
             settings, self.metrics, queue or open_queue(settings), store or open_store(settings),
             admit=self.check_accepting_jobs, webhooks=webhooks,
@@ -280,9 +303,24 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.jobs.close()
-        self.worker.stop()
+        await self._stop_engine()
         self.encoder.shutdown(wait=False, cancel_futures=True)
         self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop_engine(self) -> None:
+        """Interrupts the engine between two steps and waits for its thread to end, so no
+        native code runs when the interpreter exits (that aborts the process with SIGABRT).
+        A batch nobody waits for any more (its clients left) may still be running after the
+        drain. A hung engine is the watchdog's case: the process then exits non-zero without
+        waiting (see `server.run`)."""
+        self.stopping.set()
+        self.worker.stop()
+        if self.state == self.FAILED and not self.worker.join(0):
+            return
+        bound_s = max(self.settings.drain_timeout_s, 5.0)
+        if not await asyncio.to_thread(self.worker.join, bound_s):
+            log.critical("the engine thread did not stop within %g s", bound_s)
+            self._fail("engine thread did not stop")
 
     async def readiness(self) -> str | None:
         """None when this role can do its work now, else why not (`/readyz`). api: the queue
@@ -306,6 +344,44 @@ class Service:
         if self.role == "worker":
             raise NotServedHere("this is a --role worker process; send requests to the api")
         self._check_state()
+
+    def reload_tenants(self) -> bool:
+        """SIGHUP: re-reads `--api-keys`; queued work keeps running, a bad file is logged and
+        the tenants in force stay."""
+        if self.tenants is None or not self.tenants.reload():
+            return False
+        self.metrics.set_tenants(self.tenants.names)
+        return True
+
+    def admit_tenant(self, images: int, priority: int) -> None:
+        """The current request's tenant (`tenants.CURRENT`) may queue `images` more images at
+        `priority`: within its `max_priority` (422), `max_queued` (429 `tenant_queue_full`;
+        queued and running requests and jobs count) and `images_per_minute`
+        (429 `rate_limited`). Called by the doors before anything is queued or stored."""
+        table = self.tenants
+        tenant = table.get(tenants.CURRENT.get()) if table is not None else None
+        if table is None or tenant is None:
+            return
+        top = tenant.max_priority
+        if top is not None and priority > top:
+            raise ValidationError(f"priority above {top}, this API key's max_priority",
+                                  field="priority")
+        limit = tenant.max_queued if tenant.max_queued is not None else self.settings.max_queue
+        # A job counts once a runner has queued it here; jobs still in the job queue do not
+        # (a Redis queue is shared by processes and counts no tenants).
+        queued = self.batcher.queue.queued_by(tenant.name)
+        if queued + images > limit:
+            self.metrics.tenant_refused(tenant.name, "tenant_queue_full")
+            raise TenantQueueFull(
+                f"this API key already has {queued} images queued (max_queued {limit})",
+                retry_after_s=self.batcher.retry_after_s())
+        wait_s = table.rates.try_take(tenant, images)
+        if wait_s > 0:
+            self.metrics.tenant_refused(tenant.name, "rate_limited")
+            raise RateLimited(
+                f"over this API key's images_per_minute ({tenant.images_per_minute:g})",
+                retry_after_s=tenants.retry_after(wait_s))
+        self.metrics.tenant_admitted(tenant.name, images)
 
     def check_accepting_jobs(self) -> None:
         """For the jobs door: `--role all` and `--role api`."""
@@ -336,7 +412,7 @@ class Service:
         key = (request.width, request.height) if self.continuous else request.key
         future = self.batcher.submit(
             queued, key=key, priority=request.priority, timeout_s=request.timeout_s,
-            explicit_timeout=request.timeout_given or not online,
+            explicit_timeout=request.timeout_given or not online, tenant=tenants.CURRENT.get(),
         )
         queued.outcome = future
         self.metrics.admitted()
@@ -350,7 +426,12 @@ class Service:
         engine = self.engine
         if engine is None:  # cannot happen: submit requires READY
             raise RuntimeError("engine not loaded")
-        should_stop = self.batcher.should_stop()  # of the part about to run
+        batch_stop = self.batcher.should_stop()  # of the part about to run
+        stopping = self.stopping.is_set
+
+        def should_stop() -> bool:
+            return batch_stop() or stopping()
+
         texts = [t for q in batch for t in q.texts]
         KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
         call = self.worker.run(
@@ -358,6 +439,7 @@ class Service:
         )
         started = time.monotonic()
         self.running = (len(batch), started)
+        self.waiting_room.opened()  # the batch left the queue: places freed
         try:
             images = await self.watchdog.guard(call, sum(_work(q.item) for q in batch))
         except EngineHung as exc:
@@ -367,6 +449,7 @@ class Service:
             KNOWN_PROMPTS.remove(*texts)
             self.last_batch_s = time.monotonic() - started
             self.running = None
+            self.waiting_room.opened()
         self.metrics.gpu_memory(engine.memory_bytes())
         return self._encode_all(images, batch)
 
@@ -437,6 +520,7 @@ class Service:
                 "webhooks": self.jobs.webhooks is not None,
             },
             "engine": self.engine.info().to_dict() if self.engine else None,
+            "sizes": self.sizes.to_dict(s.max_pixels),
             "batching": {
                 "key": ["width", "height"] if self.continuous else
                        ["width", "height", "inference_steps", "guidance_scale", "sampler",
@@ -475,8 +559,8 @@ class Service:
                 ),
             },
             "auth": {
-                "t2i": s.api_key is not None,
-                "metrics": bool(s.api_key and s.protect_metrics),
+                "t2i": self.tenants is not None,
+                "metrics": bool(self.tenants is not None and s.protect_metrics),
             },
         }
 
@@ -516,6 +600,9 @@ class EngineSteps:
         most steps it can run (until the first item's schedule ends) and learns from the
         steps it ran."""
         engine = self._engine()
+        if until is not None:  # the server stopping ends the round at the next step too
+            wanted, stopping = until, self.service.stopping.is_set
+            until = lambda: stopping() or wanted()  # noqa: E731
         items = [q.item for q in joining]
         states = [s for _, s in active]
         pixels = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
@@ -523,6 +610,7 @@ class EngineSteps:
             [*(s.remaining for s in states), *(i.inference_steps for i in items)], default=1)
         ran = await self._guarded(partial(run_round, engine, items, states, until),
                                   pixels * max(1, most), lambda r: pixels * max(1, r.steps))
+        self.service.waiting_room.opened()  # joiners left the queue, finished items the batch
         out: Advanced[asyncio.Future[bytes]] = Advanced(
             ran.joined, ran.join_error, ran.steps, ran.step_error, None, ran.finish_error)
         if ran.images is not None:

@@ -45,7 +45,13 @@ _opt = setting
 @dataclass(frozen=True, slots=True)
 class Settings:
     model: str = _opt(
-        "tiny", "tiny, sim, sd15, a diffusers folder, a hub id or a .safetensors file"
+        "tiny", "tiny, tiny-sdxl, tiny-inpaint, sim, sd15, sdxl, a diffusers folder, a hub id or a "
+        ".safetensors file"
+    )
+    model_family: str = _opt(
+        "auto", "the model's architecture: auto (from model_index.json or the file's tensor "
+        "names), sd1 (SD 1.x/2.x), sdxl, generic (other pipelines: not supported yet)",
+        choices=("auto", "sd1", "sdxl", "generic"),
     )
     model_config: str | None = _opt(
         None, "diffusers folder or hub id giving the config of a single-file checkpoint"
@@ -129,6 +135,18 @@ class Settings:
         choices=("on", "off"),
     )
     max_queue: int = _opt(256, "queued requests admitted; beyond it 429")
+    refusal_hold_s: float = _opt(
+        10.0, "a request refused because the queue is full or overloaded is held up to this "
+        "long for a place before its 429/503 (clients that retry at once then wait instead "
+        "of spinning); 0: refuse at once"
+    )
+    refusal_hold_max: int = _opt(
+        256, "most requests held at once by --refusal-hold-s; beyond it refused at once"
+    )
+    log_refusals_per_s: float = _opt(
+        5.0, "request-log lines per second for refused requests (429/503); the others are "
+        "counted in the next line's suppressed field (every accepted request keeps its line)"
+    )
     request_timeout_s: float = _opt(
         300.0, "default timeout_s: max time from admission to image (queue + generation), "
         "and the most a request may ask for"
@@ -160,6 +178,10 @@ class Settings:
         "any pixel is decoded (422 beyond)"
     )
     api_key: str | None = _opt(None, "Bearer key required on /t2i when set", secret=True)
+    api_keys: str | None = _opt(
+        None, "TOML file of tenants (key or key_sha256, weight, max_queued, images_per_minute, "
+        "max_priority per [tenants.NAME]); fair shares and limits per key; re-read on SIGHUP"
+    )
     protect_metrics: bool = _opt(False, "require the API key on /metrics too")
     log_prompts: bool = _opt(False, "include prompts in request logs")
     log_level: str = _opt(
@@ -202,7 +224,12 @@ class Settings:
         None, "HMAC-SHA256 key signing webhook bodies", secret=True
     )
     webhook_allow_hosts: str = _opt(
-        "", "hosts webhooks may be sent to, comma separated; empty: webhooks refused"
+        "", "where webhooks may be sent, comma separated: HOST (ports 80 and 443 only) or "
+        "HOST:PORT; empty: webhooks refused"
+    )
+    webhook_allow_private: bool = _opt(
+        False, "send webhooks to hosts that resolve to private, loopback or link-local "
+        "addresses (refused by default: a webhook must not reach the internal network)"
     )
 
     def __post_init__(self) -> None:
@@ -429,6 +456,16 @@ def _check_webhooks(s: Settings) -> None:
         raise SettingsError(
             "--webhook-allow-hosts is set but --webhook-secret is not: webhooks are always signed"
         )
+    for entry in s.webhook_hosts():
+        if not _ALLOW_ENTRY.fullmatch(entry):
+            raise SettingsError(
+                f"--webhook-allow-hosts: {entry!r} must be HOST or HOST:PORT (port 1..65535; "
+                "an IPv6 address in brackets: [::1]:8080)")
+
+
+_ALLOW_ENTRY = re.compile(
+    r"(?:[a-z0-9._-]+|\[[0-9a-f:.]+\])"
+    r"(?::(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}))?")
 
 
 def check_choices(s: Any) -> None:
@@ -508,6 +545,9 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _rule("max_cost", lambda v: v >= 0, "must be >= 0"),
     _rule("max_priority", lambda v: -10 <= v <= 10, "must be -10..10"),
     _rule("watchdog_factor", lambda v: v == 0 or v >= 1.5, "must be 0 (off) or >= 1.5"),
+    _rule("refusal_hold_s", lambda v: 0 <= v <= 300, "must be 0..300"),
+    _rule("refusal_hold_max", lambda v: v >= 0, "must be >= 0"),
+    _rule("log_refusals_per_s", lambda v: v >= 0, "must be >= 0"),
     _rule("watchdog_min_s", lambda v: v >= 1, "must be >= 1"),
     _rule("max_body_bytes", lambda v: v >= 1024, "must be >= 1024"),
     _check_image_limits,

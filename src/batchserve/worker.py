@@ -1,7 +1,9 @@
 """One dedicated daemon thread that runs blocking calls in submission order.
 
-A daemon thread (not a ThreadPoolExecutor, whose threads are joined at exit) so that a batch
-still generating when the drain grace period ends cannot hold the process open.
+A daemon thread (not a ThreadPoolExecutor, whose threads are joined at exit) so that a hung
+engine call cannot hold the process open. A call that merely runs is interrupted and joined
+(`stop`): native code (torch) still running on a thread while the interpreter finalizes aborts
+the process (SIGABRT, "terminate called without an active exception").
 """
 
 from __future__ import annotations
@@ -38,7 +40,18 @@ class Worker:
         return future
 
     def stop(self) -> None:
+        """No more calls: the thread ends once the queued ones ran."""
         self._jobs.put(None)
+
+    def join(self, timeout_s: float) -> bool:
+        """Waits up to `timeout_s` for the thread to end (after `stop`); True once it has.
+        Blocking: call it off the event loop."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:

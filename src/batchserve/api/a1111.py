@@ -116,8 +116,13 @@ def _refuse_unhonourable(data: dict[str, Any], model: str, clip_skip: int,
             refuse(name, f"{name}=true")
     if data.get("init_images") and not img2img:
         refuse("init_images", "init_images on txt2img (use /sdapi/v1/img2img)")
-    if data.get("alwayson_scripts"):
-        refuse("alwayson_scripts", f"scripts {', '.join(map(str, data['alwayson_scripts']))}")
+    scripts = data.get("alwayson_scripts")
+    if scripts:
+        # Its names are the keys of an object; anything else (5, true, a list) is named by
+        # its JSON type, never iterated (that was a 500).
+        names = ", ".join(map(str, scripts)) if isinstance(scripts, dict) else (
+            f"a {type(scripts).__name__} value")
+        refuse("alwayson_scripts", f"scripts ({names})")
     if data.get("script_name"):
         refuse("script_name", f"script {data['script_name']!r}")
     if data.get("styles"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import logging
 import random
 import re
@@ -24,10 +23,12 @@ from starlette.datastructures import FormData
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from .. import tenants
 from ..batcher import Outcome
 from ..errors import (
     BatchServeError,
     GenerationFailed,
+    Overloaded,
     QueueFull,
     QueueTimeout,
     Unauthorized,
@@ -86,11 +87,17 @@ class Generated:
     inference_ms: float
 
 
+REFUSALS = frozenset({"queue_full", "overloaded", "draining", "not_ready", "too_many_jobs"})
+"""Error codes of requests refused for capacity or state: cheap alone, but a client retrying
+at once makes a thousand a second, so their log lines are sampled (`RefusalLog`)."""
+
+
 class Gateway:
     """The shared parts of every door, bound to the one service."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.refusal_log = RefusalLog(service.settings.log_refusals_per_s)
 
     @property
     def metrics(self) -> Any:
@@ -120,17 +127,21 @@ class Gateway:
             response.headers["X-Request-Id"] = rid
             record["status"] = response.status_code
             record["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            log.info("request", extra={"fields": record})
+            if record.get("error") not in REFUSALS or self.refusal_log.take(record):
+                log.info("request", extra={"fields": record})
             return response
 
         return serve
 
-    def authorize(self, request: Request, *, basic: bool = False) -> None:
+    def authorize(self, request: Request, *, basic: bool = False) -> str:
         """`Authorization: Bearer <key>`; with `basic`, also HTTP Basic with the key as the
-        password (any user name), which is how A1111 clients send their `--api-auth`."""
-        key = self.service.settings.api_key
-        if key is None:
-            return
+        password (any user name), which is how A1111 clients send their `--api-auth`. Returns
+        the key's tenant (`--api-keys`; `default` for `--api-key`; "" without keys) and makes
+        it the current one (`tenants.CURRENT`) for the rest of this request."""
+        table = self.service.tenants
+        if table is None:
+            tenants.CURRENT.set(tenants.ANONYMOUS)
+            return tenants.ANONYMOUS
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         scheme, given = scheme.lower(), given.strip()
         if basic and scheme == "basic":
@@ -140,9 +151,12 @@ class Gateway:
                 given = ""
         elif scheme != "bearer":
             given = ""
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        tenant = table.lookup(given) if given else None
+        if tenant is None:
             how = "Bearer <key>, or Basic with the key as password" if basic else "Bearer <key>"
             raise Unauthorized(f"missing or wrong API key (Authorization: {how})")
+        tenants.CURRENT.set(tenant.name)
+        return tenant.name
 
     async def read_json(self, request: Request, *, images: tuple[str, ...] = ()) -> bytes:
         """The raw JSON body within `--max-body-bytes`, or within `--max-image-bytes` when it
@@ -221,7 +235,7 @@ class Gateway:
             record.update(prompt=head.prompt, negative_prompt=head.negative_prompt)
         if self.service.role == "api":  # see check_admitting
             return await self._generate_via_jobs(request, reqs, fmt, record)
-        outcomes = await self.wait_all(request, self.submit_all(reqs, fmt))
+        outcomes = await self.wait_all(request, await self.admit_all(reqs, fmt))
         done = [
             Generated(req, await o.result,  # encoded off the loop, while the next batch runs
                       o.batch_size, round(o.queue_s * 1000, 1), round(o.inference_s * 1000, 1))
@@ -264,6 +278,7 @@ class Gateway:
         jobs, base = self.service.jobs, str(request.base_url)
         submitted: list[JobRecord] = []
         try:
+            self.service.admit_tenant(len(reqs), max((r.priority for r in reqs), default=0))
             for req in reqs:
                 submitted.append(await jobs.submit(req, fmt, base_url=base))
         except BatchServeError as exc:
@@ -289,26 +304,44 @@ class Gateway:
                                f"run: poll {jobs.urls(job.id, base)['get']}")
         return ended
 
+    async def admit_all(
+        self, requests: list[T2IRequest], fmt: str
+    ) -> list[asyncio.Future[Outcome[asyncio.Future[bytes]]]]:
+        """`submit_all`, held in the service's waiting room while the queue is full or
+        overloaded (`--refusal-hold-s`): a client that retries at once on a refusal then
+        waits for a place instead of making the next request straight away."""
+        try:
+            return await self.service.waiting_room.admit(
+                lambda: self.submit_all(requests, fmt), (QueueFull, Overloaded))
+        except BatchServeError as exc:
+            raise self.rejecting(exc) from None
+
     def submit_all(
         self, requests: list[T2IRequest], fmt: str
     ) -> list[asyncio.Future[Outcome[asyncio.Future[bytes]]]]:
         """Queues every image of one client request, or none: when one is refused (queue full,
         draining) the ones already queued are cancelled, so nothing runs for an answer nobody
-        gets. They all enter the batcher at once, so they can share a batch."""
+        gets. They all enter the batcher at once, so they can share a batch. Refusals are
+        raised uncounted (`admit_all` counts the last one)."""
         batcher, limit = self.service.batcher, self.service.settings.max_queue
+        try:
+            self.service.admit_tenant(len(requests), max((r.priority for r in requests),
+                                                         default=0))
+        except BatchServeError as exc:
+            raise self.rejecting(exc) from None
         if len(requests) > 1 and batcher.depth + len(requests) > limit:
-            raise self.rejecting(QueueFull(
+            raise QueueFull(
                 f"queue is full ({limit} requests waiting; this request needs "
                 f"{len(requests)} places)", retry_after_s=batcher.retry_after_s(),
-            ))
+            )
         futures: list[asyncio.Future[Outcome[asyncio.Future[bytes]]]] = []
         try:
             for req in requests:
                 futures.append(self.service.submit(req, fmt))
-        except BatchServeError as exc:
+        except BatchServeError:
             for future in futures:
                 future.cancel()
-            raise self.rejecting(exc) from None
+            raise
         return futures
 
     async def wait_all(self, request: Request, futures: list[asyncio.Future[X]]) -> list[X]:
@@ -332,6 +365,29 @@ class Gateway:
         finally:
             cancel_all(None)
             watcher.cancel()
+
+
+class RefusalLog:
+    """At most `per_s` refused requests' log lines a second (a token bucket holding one
+    second's worth); each written line carries `suppressed`, how many refusals since the last
+    line went unwritten. They are all counted in `batchserve_requests_rejected_total`."""
+
+    def __init__(self, per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_s, self._clock = per_s, clock
+        self._tokens, self._at, self.suppressed = max(per_s, 1.0), clock(), 0
+
+    def take(self, record: dict[str, Any]) -> bool:
+        """True: write this refusal's line (with `suppressed` added when some were not)."""
+        now = self._clock()
+        self._tokens = min(max(self.per_s, 1.0), self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if self._tokens < 1:
+            self.suppressed += 1
+            return False
+        self._tokens -= 1
+        if self.suppressed:
+            record["suppressed"], self.suppressed = self.suppressed, 0
+        return True
 
 
 async def _disconnected(request: Request) -> None:

@@ -45,6 +45,10 @@ class JobsDoor:
         req = await gateway.validated(partial(validate, data, service.limits),
                                       images=has_images(data))
         record.update(key=req.key_label, seed=req.seed, priority=req.priority)
+        try:
+            service.admit_tenant(1, req.priority)
+        except BatchServeError as exc:
+            raise gateway.rejecting(exc) from None
         if service.settings.log_prompts:
             record.update(prompt=req.prompt, negative_prompt=req.negative_prompt)
         base = str(request.base_url)
@@ -88,7 +92,7 @@ class JobsDoor:
     def _owner(self, request: Request) -> str:
         """Who submitted: a digest of the API key used ("" without auth). Scopes idempotency
         keys; the key itself is never stored."""
-        if self.service.settings.api_key is None:
+        if self.service.tenants is None:
             return ""
         given = request.headers.get("authorization", "").partition(" ")[2].strip()
         return hashlib.sha256(given.encode()).hexdigest()[:16]

@@ -237,7 +237,8 @@ def openapi(limits: Limits) -> dict[str, Any]:
         "prompt": FIELDS["prompt"].json_schema(limits),
         "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
               "description": "images, run as batch items with seeds seed, seed+1, ..."},
-        "size": {"type": "string", "pattern": r"^\d+x\d+$", "default": "512x512",
+        "size": {"type": "string", "pattern": r"^\d+x\d+$",
+                 "default": "{}x{}".format(*limits.default_size),
                  "description": "WIDTHxHEIGHT; each side: "
                  + FIELDS["width"].json_schema(limits)["description"]},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS),

@@ -1,5 +1,6 @@
 """The engines: the protocol the batcher calls (`protocol`), the diffusers engine (`diffusion`,
-with the presets `tiny` and `sd15`, community model files `checkpoints` and prompt encoding
+with the presets `tiny`, `tiny_inpaint` and `sd15`, items started from an image `init_latents`,
+community model files `checkpoints` and prompt encoding
 `prompts`: the torch importers), and the simulated GPU (`sim`). Importing this package imports
 no torch."""
 

@@ -17,14 +17,14 @@ INPAINT = "inpaint"
 """Repaints the masked region of an init image (`mask_image`, `mask_blur`)."""
 ALL_IMAGE_INPUTS = frozenset({IMG2IMG, INPAINT})
 
-# Per engine: the image inputs it implements. The step core of the model families does not start
-# items from an image yet, so the diffusers engine (tiny, sd15, model folders and files) refuses
-# them; when it does, SD 1.x gets both (a standard UNet inpaints by blending the known region
-# back at each step, an inpainting UNet natively), and a family without an img2img pipeline
-# keeps what it can. `sim` replays a GPU's timing: an image item runs its remaining steps and
+# Per engine: the image inputs it implements. The diffusers engine (tiny, tiny-inpaint, sd15,
+# model folders and files) starts items from an image in its step core (`init_latents`): SD 1.x
+# takes both, a standard UNet inpainting by blending the known region back at each step, an
+# inpainting UNet (9 input channels) natively; a family without an img2img pipeline will keep
+# what it can. `sim` replays a GPU's timing: an image item runs its remaining steps and
 # gives back its init image, which is how the transport of inputs is tested end to end.
 _SIM = ALL_IMAGE_INPUTS
-_DIFFUSERS: frozenset[str] = frozenset()
+_DIFFUSERS = ALL_IMAGE_INPUTS
 
 
 def image_inputs(settings: Settings) -> frozenset[str]:

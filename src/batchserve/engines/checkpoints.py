@@ -24,6 +24,8 @@ log = logging.getLogger("batchserve.engine")
 # from the internet is still the classic way in, so these need an explicit --allow-pickle.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+_SINGLE_FILE_PIPELINES = {"sd1": ("StableDiffusionPipeline", "SD 1.x"),
+                          "sdxl": ("StableDiffusionXLPipeline", "SDXL")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +94,19 @@ def _reason(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {head}" if head else type(exc).__name__
 
 
-def load_single_file(settings: Settings, torch_dtype: torch.dtype) -> Any:
+def load_single_file(settings: Settings, torch_dtype: torch.dtype, family: str = "sd1") -> Any:
     """An original-layout checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
-    `cond_stage_model.transformer.*`); `--model-config` names the diffusers layout to fill."""
-    from diffusers import StableDiffusionPipeline
+    `cond_stage_model.transformer.*`, SDXL's `conditioner.embedders.*`); `--model-config`
+    names the diffusers layout to fill."""
+    import diffusers
+
+    pipeline = getattr(diffusers, _SINGLE_FILE_PIPELINES[family][0])
 
     file = checked_file("--model", settings.model, allow_pickle=settings.allow_pickle,
                         what="checkpoint file")
     config = settings.model_config
     try:
-        return StableDiffusionPipeline.from_single_file(
+        return pipeline.from_single_file(
             str(file), torch_dtype=torch_dtype, config=config,
             # A local config folder means offline: never reach for the hub behind its back.
             local_files_only=config is not None and Path(config).is_dir(),
@@ -109,7 +114,8 @@ def load_single_file(settings: Settings, torch_dtype: torch.dtype) -> Any:
     except Exception as exc:
         hint = "" if config else "; --model-config can name its diffusers folder or hub id"
         raise SettingsError(
-            f"--model={settings.model!r}: cannot load it as a single-file SD 1.x checkpoint "
+            f"--model={settings.model!r}: cannot load it as a single-file "
+            f"{_SINGLE_FILE_PIPELINES[family][1]} checkpoint "
             f"({_reason(exc)}){hint}"
         ) from None
 
@@ -230,7 +236,12 @@ def _load_embeddings(pipe: Any, settings: Settings) -> tuple[Embedding, ...]:
             raise SettingsError(f"--embeddings: {file.name}: a second embedding named {token!r}")
         before = len(pipe.tokenizer)
         try:
-            pipe.load_textual_inversion(str(file), token=token)
+            if getattr(pipe, "text_encoder_2", None) is not None:
+                _load_sdxl_embedding(pipe, file, token)
+            else:
+                pipe.load_textual_inversion(str(file), token=token)
+        except SettingsError:
+            raise
         except Exception as exc:
             raise SettingsError(
                 f"--embeddings: {file.name}: not a textual-inversion embedding for this model "
@@ -240,8 +251,28 @@ def _load_embeddings(pipe: Any, settings: Settings) -> tuple[Embedding, ...]:
     return tuple(loaded)
 
 
+def _load_sdxl_embedding(pipe: Any, file: Path, token: str) -> None:
+    """SDXL embeddings are one file with a tensor per text encoder: `clip_l` (the first, CLIP
+    ViT-L) and `clip_g` (the second, OpenCLIP bigG), each loaded into its own encoder."""
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    state = load_state_dict(str(file))
+    missing = [name for name in ("clip_l", "clip_g") if name not in state]
+    if missing:
+        raise SettingsError(
+            f"--embeddings: {file.name}: not an SDXL embedding (no {' or '.join(missing)} "
+            f"tensor; it has {', '.join(sorted(state)[:4]) or 'none'})"
+        )
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+
+
 def _check_clip_skip(pipe: Any, clip_skip: int) -> None:
     layers = int(pipe.text_encoder.config.num_hidden_layers)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        layers -= 1  # SDXL counts from the penultimate layer: clip skip 1 is that one
     if clip_skip > layers:
         raise SettingsError(
             f"--clip-skip={clip_skip}: this model's text encoder has only {layers} layers"

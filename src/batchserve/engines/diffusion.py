@@ -23,7 +23,8 @@ from PIL.Image import Image
 from ..errors import EngineOutOfMemory, Interrupted
 from ..logs import adopt_library_loggers
 from ..settings import Settings, SettingsError
-from . import checkpoints
+from . import checkpoints, families
+from .families.base import Family
 from .lora.library import LoraLibrary
 from .lora.rows import Choice
 from .lora.runtime import LoraRuntime
@@ -47,6 +48,12 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
 }
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+"""Each served family's diffusers pipeline."""
+HUB_PRESETS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+"""`--model` names for real checkpoints on the hub."""
+PRESETS = {"tiny": "tiny", "tiny-inpaint": "tiny_inpaint", "tiny-sdxl": "tiny_sdxl", "sd15": "sd15"}
+"""`--model` names built in code -> their module."""
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _GPU_ONLY = "needs CUDA; off on this machine"
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # the same on CPU (inductor's C++ backend) and CUDA
@@ -145,20 +152,25 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     return getattr(diffusers, cls_name).from_config(base_config, **extra)
 
 
-def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
-    """`tiny`, a single-file checkpoint, a diffusers folder or a hub id."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(settings: Settings, torch_dtype: torch.dtype, family: str = "sd1") -> Any:
+    """`tiny`, a single-file checkpoint, a diffusers folder or a hub id, as `family`'s
+    pipeline."""
+    import diffusers
 
     model = settings.model
-    if model in ("tiny", "sd15"):
-        preset = importlib.import_module(f".{model}", __package__)
+    if model in PRESETS:
+        preset = importlib.import_module(f".{PRESETS[model]}", __package__)
         pipe = preset.build_pipeline()
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     if model.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
-        return checkpoints.load_single_file(settings, torch_dtype)
-    return StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        return checkpoints.load_single_file(settings, torch_dtype, family)
+    pipeline = getattr(diffusers, PIPELINES[family])
+    extra: dict[str, Any] = (
+        {"add_watermarker": False} if family == "sdxl"
+        else {"safety_checker": None, "requires_safety_checker": False}
     )
+    return pipeline.from_pretrained(HUB_PRESETS.get(model, model), torch_dtype=torch_dtype,
+                                    **extra)
 
 
 class DiffusionEngine:
@@ -168,28 +180,26 @@ class DiffusionEngine:
         self.plan = plan
         self.settings = settings
         self.addons = addons or checkpoints.Addons()
-        self.prompts = PromptEncoder.for_pipeline(
-            pipe, long_prompts=settings.long_prompts, clip_skip=settings.clip_skip,
-            expansions=self.addons.expansions(),
-        )
+        self.family: Family = _family_for(pipe, settings, self.addons)
+        self.prompts: PromptEncoder = self.family.prompts  # the (first) text encoder's
         # The checkpoint's own scheduler config: a batch's sampler is built from it (cheap),
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
         self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
         # Per-request LoRA: hooks on the layers adapters touch, only once one is loaded.
-        self.lora = (LoraRuntime(pipe, plan.device, pipe.unet.dtype) if settings.lora_dir
-                     else None)
-        self.prompts.lora = self.lora
-        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.prompts,
-                                        self.lora)
+        self.lora: LoraRuntime | None = None
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.family)
+        if settings.lora_dir:
+            self._start_lora()
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
         route_library_logs()
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         checkpoints.check_paths(settings)
+        family = families.resolve(settings.model_family, settings.model, settings.model_config)
         started = time.perf_counter()
-        pipe = load_pipeline(settings, _DTYPES[plan.dtype])
+        pipe = load_pipeline(settings, _DTYPES[plan.dtype], family)
         base_config = pipe.scheduler.config
         pipe.scheduler = make_scheduler(settings.scheduler, base_config)
         pipe.set_progress_bar_config(disable=True)
@@ -203,10 +213,16 @@ class DiffusionEngine:
 
     def use_loras(self, library: LoraLibrary) -> None:
         """Serves the LoRA files of `library` per request: judges them against this model."""
+        self._start_lora().attach(library)
+
+    def _start_lora(self) -> LoraRuntime:
+        """The per-request LoRA runtime, hooked into the step core and every text encoder."""
         if self.lora is None:
             self.lora = LoraRuntime(self.pipe, self.plan.device, self.pipe.unet.dtype)
-            self.prompts.lora = self._steps.lora = self.lora
-        self.lora.attach(library)
+            self._steps.lora = self.lora
+            for encoder in self.family.encoders:
+                encoder.lora = self.lora
+        return self.lora
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -215,9 +231,10 @@ class DiffusionEngine:
             dtype=self.plan.dtype,
             attention=self.plan.attention,
             scheduler=self.settings.scheduler,
-            demo=self.settings.model in ("tiny", "sd15"),
+            demo=self.settings.model in PRESETS,
             tuning=self.plan.switches,
-            extra={"vae_scale_factor": int(self.pipe.vae_scale_factor),
+            extra={"family": self.family.name,
+                   "vae_scale_factor": int(self.pipe.vae_scale_factor),
                    "schedulers": sorted(SCHEDULERS),
                    **checkpoints.describe(self.addons, self.settings)},
         )
@@ -245,6 +262,8 @@ class DiffusionEngine:
     def generate(
         self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
     ) -> list[Image]:
+        if any(i.init is not None for i in items) or self._steps.inpainting_unet:
+            return self._generate_in_steps(items, should_stop)
         first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
         sampler = first.sampler or self.settings.scheduler  # one per batch: it joins the key
@@ -258,11 +277,10 @@ class DiffusionEngine:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
         try:
             loras = self.lora.choices(items) if self.lora is not None else None
-            with torch.inference_mode(), self.prompts.conditioning(items, loras) as text, \
-                    self._unet_rows(loras, guided=text.negative_embeds is not None):
+            with torch.inference_mode(), self.family.conditioning(items, loras) as text, \
+                    self._unet_rows(loras, guided=text["negative_prompt_embeds"] is not None):
                 out = self.pipe(
-                    prompt_embeds=text.prompt_embeds,
-                    negative_prompt_embeds=text.negative_embeds,
+                    **text,
                     width=first.width,
                     height=first.height,
                     num_inference_steps=first.inference_steps,
@@ -291,6 +309,23 @@ class DiffusionEngine:
         with self.lora.unet_rows(loras + loras if guided else loras):
             yield
 
+    def _generate_in_steps(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None
+    ) -> list[Image]:
+        """A whole batch through the step core: image items (they share a key, so a start step),
+        and every batch of an inpainting UNet, which the text-to-image pipeline cannot run. One
+        schedule for all, so they finish together; the same images as alone."""
+        if self.plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        states = self._steps.prepare(items)
+        step = 0
+        while active := [s for s in states if not s.done]:
+            self._steps.step(active)
+            step += 1
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped after step {step}")
+        return self._steps.finish(states)
+
     # -- the step-wise interface (`--flush-policy continuous`) ----------------------------
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
@@ -317,6 +352,19 @@ class DiffusionEngine:
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _family_for(pipe: Any, settings: Settings, addons: checkpoints.Addons) -> Family:
+    """The family of a loaded pipeline: SDXL's has a second text encoder."""
+    from .families.sd1 import SD1
+    from .families.sdxl import SDXL
+
+    options: dict[str, Any] = {"long_prompts": settings.long_prompts,
+                               "clip_skip": settings.clip_skip,
+                               "expansions": addons.expansions()}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXL.for_pipeline(pipe, **options)
+    return SD1(PromptEncoder.for_pipeline(pipe, **options))
 
 
 def _stop_between_steps(should_stop: StopCheck) -> Any:

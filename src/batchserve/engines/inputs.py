@@ -19,9 +19,12 @@ from .protocol import ImageInput
 
 def _plane(data: bytes, height: int, width: int, channels: int) -> torch.Tensor:
     """uint8 pixels (rows top to bottom) as a [1, C, H, W] float32 tensor in [0, 1]."""
-    array = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    array = np.frombuffer(data, dtype=np.uint8).reshape(1, height, width, channels)
     pixels = torch.from_numpy(array.copy())  # bytes are read-only; torch wants to own it
-    return pixels.permute(2, 0, 1).unsqueeze(0).to(torch.float32) / 255.0
+    # NHWC memory viewed as NCHW, the layout (strides) of diffusers' own preprocessing: the
+    # VAE's kernels pick their path by layout, and an all-grey image (a masked image with
+    # nothing kept) is ill-conditioned enough under GroupNorm for the paths to differ visibly.
+    return pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
 
 
 def image_tensor(init: ImageInput) -> torch.Tensor:

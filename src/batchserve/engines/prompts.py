@@ -42,6 +42,10 @@ class Encoded:
     attention_mask: torch.Tensor | None
     """[2B, L] (negatives first, as diffusers batches them) or [B, L] without guidance, True
     where a token is real; None when no item needed padding."""
+    pooled: torch.Tensor | None = None
+    """[B, P]: a projecting encoder's pooled output of each prompt's first chunk (SDXL's
+    second encoder); None for encoders without one."""
+    negative_pooled: torch.Tensor | None = None
 
 
 class PromptEncoder:
@@ -54,7 +58,10 @@ class PromptEncoder:
         long_prompts: str = "chunk",
         clip_skip: int = 1,
         expansions: Mapping[str, str] | None = None,
+        penultimate: bool = False,
     ) -> None:
+        """`penultimate`: SDXL's rule, hidden states counted from the penultimate layer with no
+        final layer norm (clip skip 1 = penultimate, as diffusers' SDXL `clip_skip=None`)."""
         if long_prompts not in ("chunk", "truncate"):
             raise ValueError(f"long_prompts={long_prompts!r}")
         self.tokenizer = tokenizer
@@ -63,6 +70,7 @@ class PromptEncoder:
         self.lora: LoraRuntime | None = None  # per-request LoRA's text-encoder part
         self.chunked = long_prompts == "chunk"
         self.clip_skip = clip_skip
+        self.penultimate = penultimate
         # The tokenizer matches added tokens case-insensitively and inside words; so does this.
         # (diffusers' `maybe_convert_prompt` compares the lower-cased pieces case-sensitively and
         # misses mixed-case names like `EasyNegative`.)
@@ -97,9 +105,10 @@ class PromptEncoder:
         if padded:
             rows.append([])  # the empty prompt, to pad with (masked: no LoRA needed)
             choices = None if choices is None else [*choices, ()]
-        hidden = self._encode_rows(rows, choices)
-        embeds, masks, at = [], [], 0
+        hidden, pooled_rows = self._encode_rows(rows, choices)
+        embeds, masks, firsts, at = [], [], [], 0
         for chunks in chunked:
+            firsts.append(at)
             own = hidden[at:at + len(chunks)]
             at += len(chunks)
             pad = longest - len(chunks)
@@ -113,7 +122,10 @@ class PromptEncoder:
         if padded:
             order = masks[n:] + masks[:n]  # diffusers batches [negatives; prompts]
             mask = torch.stack(order).to(stacked.device)
-        return Encoded(stacked[:n], stacked[n:] if guidance else None, mask)
+        pooled = None if pooled_rows is None else pooled_rows[firsts]
+        return Encoded(stacked[:n], stacked[n:] if guidance else None, mask,
+                       None if pooled is None else pooled[:n],
+                       None if pooled is None or not guidance else pooled[n:])
 
     @contextmanager
     def conditioning(self, items: Sequence[GenerationItem],
@@ -142,9 +154,10 @@ class PromptEncoder:
             return [ids[:CHUNK]]
         return [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)]
 
-    def _encode_rows(self, rows: list[list[int]],
-                     choices: Sequence[Choice] | None = None) -> torch.Tensor:
-        """[rows, 77, D]: each row as `[BOS] tokens [EOS] pad...`, as diffusers tokenizes;
+    def _encode_rows(self, rows: list[list[int]], choices: Sequence[Choice] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[rows, 77, D]: each row as `[BOS] tokens [EOS] pad...`, as diffusers tokenizes; with
+        the pooled projection [rows, P] of an encoder that has one (`penultimate` only).
         `choices`: each row's LoRA adapters."""
         if choices is not None and self.lora is not None:
             with self.lora.text_rows(choices):
@@ -155,15 +168,21 @@ class PromptEncoder:
         batch = [r + [tok.pad_token_id] * (length - len(r)) for r in batch]
         device = self.text_encoder.device
         ids = torch.tensor(batch, dtype=torch.long, device=device)
-        if self.clip_skip == 1:
+        pooled = None
+        if self.penultimate:
+            result = self.text_encoder(ids, output_hidden_states=True)
+            if result[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = result[0].to(dtype=self.text_encoder.dtype)
+            out = result.hidden_states[-(self.clip_skip + 1)]
+        elif self.clip_skip == 1:
             out = self.text_encoder(ids)[0]
         else:
             # Web-UI numbering: skip N-1 layers from the end, then the final layer norm (as
             # diffusers' `clip_skip=N-1` does).
             states = self.text_encoder(ids, output_hidden_states=True).hidden_states
             out = _final_layer_norm(self.text_encoder)(states[-self.clip_skip])
-        result: torch.Tensor = out.to(dtype=self.text_encoder.dtype)
-        return result
+        hidden: torch.Tensor = out.to(dtype=self.text_encoder.dtype)
+        return hidden, pooled
 
 
 def stack(parts: Sequence[Encoded]) -> Encoded:

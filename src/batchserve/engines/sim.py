@@ -40,9 +40,14 @@ def _image(item: GenerationItem) -> Image.Image:
     return _fixed_image(item.width, item.height)
 
 
-def _sleep_ms(ms: float) -> None:
-    if ms > 0:
-        time.sleep(ms / 1000.0)
+def _sleep_ms(ms: float, should_stop: StopCheck | None = None) -> None:
+    """Sleeps `ms`; with `should_stop`, in slices of at most 50 ms that end early once it is
+    true: a simulated "step" may last seconds, and a stopping server joins this thread."""
+    end = time.monotonic() + ms / 1000.0
+    while (left := end - time.monotonic()) > 0:
+        if should_stop is not None and should_stop():
+            return
+        time.sleep(left if should_stop is None else min(left, 0.05))
 
 
 @dataclass(eq=False, slots=True)
@@ -93,7 +98,7 @@ class SimEngine:
         n, steps = len(items), max(1, _steps(items[0]))
         slice_ms = (self.base_ms + self.per_image_ms * n) / steps + self._step_ms(n)
         for step in range(steps):
-            _sleep_ms(slice_ms)
+            _sleep_ms(slice_ms, should_stop)
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after step {step + 1} of {steps}")
         return [_image(i) for i in items]

@@ -1,5 +1,6 @@
 """The step-wise diffusers engine: Stable Diffusion's denoising loop taken apart, one UNet step at
-a time for any set of items of one width x height.
+a time for any set of items of one width x height, the same for every model family (what a family
+adds, its text conditioning and extra UNet inputs, comes from its `families` module as `Row`s).
 
 Each item carries what `StableDiffusionPipeline.__call__` keeps for the whole batch: its own
 scheduler instance (from the pipeline's scheduler config, so multistep DPM++ history and Heun's
@@ -19,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL.Image import Image
 
 from ..errors import EngineOutOfMemory
+from . import init_latents
+from .families.base import Family, Row
+from .init_latents import InitLatents
 from .lora.rows import Choice
 from .lora.runtime import LoraRuntime
-from .prompts import PromptEncoder
 from .protocol import GenerationItem, StepState
 
 SchedulerFactory = Callable[[GenerationItem], Any]
@@ -37,14 +39,16 @@ class DiffusionState:
     scheduler: Any
     generator: torch.Generator
     latents: torch.Tensor
-    rows: list[tuple[torch.Tensor, torch.Tensor | None]]
-    """Its UNet rows' conditioning [1, L, D] and padding mask [L] (None: no padding):
+    rows: list[Row]
+    """Its UNet rows (conditioning [1, L, D], padding mask [L], the family's extra inputs):
     (negative, prompt) with guidance, (prompt,) without, as the pipeline orders them."""
     timesteps: torch.Tensor
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
     lora: Choice = ()
     """Its per-request LoRA (resident adapter keys and scales), for each of its rows."""
+    init: InitLatents | None = None
+    """An item started from an image: what its UNet rows and steps also need (`init_latents`)."""
 
     @property
     def done(self) -> bool:
@@ -56,15 +60,16 @@ class DiffusionState:
 
 
 class StepwiseDiffusion:
-    """Prepare / step / finish over a loaded `StableDiffusionPipeline`."""
+    """Prepare / step / finish over a loaded pipeline of any family."""
 
     def __init__(self, pipe: Any, device: str, scheduler_for: SchedulerFactory,
-                 prompts: PromptEncoder, lora: LoraRuntime | None = None) -> None:
+                 family: Family, lora: LoraRuntime | None = None) -> None:
         self.pipe = pipe
         self.device = torch.device(device)
         self.scheduler_for = scheduler_for
-        self.prompts = prompts
+        self.family = family
         self.lora = lora
+        self.inpainting_unet = init_latents.is_inpainting_unet(pipe.unet)
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
         with torch.inference_mode(), _oom_guard(self):
@@ -75,35 +80,29 @@ class StepwiseDiffusion:
                 states.append(self._prepare_one(item, self._encode(item, lora), lora))
             return states
 
-    def _encode(self, item: GenerationItem, lora: Choice = ()
-                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The item's rows, encoded alone by the engine's one `PromptEncoder` (long prompts,
-        clip skip, embeddings, LoRA as in `generate`); padding across items happens per step."""
-        guided = self._guided(item)
-        text = self.prompts.encode([item.prompt], [item.negative_prompt], guidance=guided,
-                                   loras=[lora] if lora else None)
-        mask = text.attention_mask  # [2, L] negatives first, or [1, L]; None when unpadded
-        if text.negative_embeds is None:
-            return [(text.prompt_embeds, None if mask is None else mask[0])]
-        return [(text.negative_embeds, None if mask is None else mask[0]),
-                (text.prompt_embeds, None if mask is None else mask[1])]
+    def _encode(self, item: GenerationItem, lora: Choice = ()) -> list[Row]:
+        """The item's rows, encoded alone by its family (as in `generate`, its LoRA's text
+        encoder part included); padding across items happens per step."""
+        return self.family.rows(item, guided=self._guided(item), lora=lora)
 
     def _guided(self, item: GenerationItem) -> bool:
         # the pipeline's `do_classifier_free_guidance`
         return item.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
 
-    def _prepare_one(
-        self, item: GenerationItem, rows: list[tuple[torch.Tensor, torch.Tensor | None]],
-        lora: Choice = (),
-    ) -> DiffusionState:
+    def _prepare_one(self, item: GenerationItem, rows: list[Row],
+                     lora: Choice = ()) -> DiffusionState:
         pipe = self.pipe
         scheduler = self.scheduler_for(item)
         scheduler.set_timesteps(item.inference_steps, device=self.device)
+        timesteps = init_latents.timesteps_from(scheduler, item)
         generator = torch.Generator(self.device.type).manual_seed(item.seed)
-        shape = (1, pipe.unet.config.in_channels, item.height // pipe.vae_scale_factor,
+        shape = (1, pipe.vae.config.latent_channels, item.height // pipe.vae_scale_factor,
                  item.width // pipe.vae_scale_factor)
-        dtype = rows[0][0].dtype
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        latents, init = init_latents.start(
+            item, vae=pipe.vae, scheduler=scheduler, generator=generator, timesteps=timesteps,
+            shape=shape, dtype=rows[0][0].dtype, device=self.device,
+            inpainting_unet=self.inpainting_unet, vae_scale_factor=pipe.vae_scale_factor,
+            upcast=self.family.upcast_vae)
         params = inspect.signature(scheduler.step).parameters
         kwargs: dict[str, Any] = {}
         if "eta" in params:
@@ -112,8 +111,8 @@ class StepwiseDiffusion:
             kwargs["generator"] = generator
         return DiffusionState(
             item=item, scheduler=scheduler, generator=generator,
-            latents=latents * scheduler.init_noise_sigma, rows=rows,
-            timesteps=scheduler.timesteps, step_kwargs=kwargs, lora=lora,
+            latents=latents, rows=rows, timesteps=timesteps, step_kwargs=kwargs, init=init,
+            lora=lora,
         )
 
     def step(self, states: Sequence[StepState]) -> None:
@@ -127,6 +126,9 @@ class StepwiseDiffusion:
                 state.latents = state.scheduler.step(
                     pred, t, state.latents, **state.step_kwargs, return_dict=False
                 )[0]
+                if state.init is not None:
+                    state.latents = state.init.after_step(state.latents, state.scheduler,
+                                                          state.timesteps, state.index)
                 state.index += 1
 
     def _predict(self, states: list[DiffusionState]) -> list[torch.Tensor]:
@@ -134,11 +136,18 @@ class StepwiseDiffusion:
         for state in states:
             t = state.timesteps[state.index]
             x = state.scheduler.scale_model_input(state.latents, t)
+            if state.init is not None:
+                x = state.init.model_input(x)
             samples += [x] * len(state.rows)
             times += [t.to(self.device, torch.float32)] * len(state.rows)
             rows += state.rows
         embeds, mask = _pad_rows(rows)
-        kwargs = {} if mask is None else {"encoder_attention_mask": mask}
+        kwargs: dict[str, Any] = {} if mask is None else {"encoder_attention_mask": mask}
+        if rows[0].added:
+            kwargs["added_cond_kwargs"] = {
+                name: torch.cat([row.added[name] for row in rows if row.added])
+                for name in rows[0].added
+            }
         choices = [s.lora for s in states for _ in s.rows]
         with contextlib.ExitStack() as stack:
             if self.lora is not None and any(choices):
@@ -162,10 +171,12 @@ class StepwiseDiffusion:
         pipe = self.pipe
         with torch.inference_mode(), _oom_guard(self):
             latents = torch.cat([s.latents for s in done])
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            image = _decode(pipe.vae, latents, upcast=self.family.upcast_vae)
             images: list[Image] = pipe.image_processor.postprocess(
                 image, output_type="pil", do_denormalize=[True] * len(done)
             )
+        for state in done:
+            state.init = None  # an image item's init latents end with it, whoever holds the state
         return images
 
     def free_cache(self) -> None:
@@ -173,15 +184,13 @@ class StepwiseDiffusion:
             torch.cuda.empty_cache()
 
 
-def _pad_rows(
-    rows: list[tuple[torch.Tensor, torch.Tensor | None]],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pad_rows(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows of different lengths (long prompts in 77-token chunks) padded to the longest and
     masked, so padded positions get no attention, as `prompts.stack` does for whole batches.
     The mask is None when no row is padded."""
-    length = max(e.shape[1] for e, _ in rows)
+    length = max(row.embeds.shape[1] for row in rows)
     embeds, masks = [], []
-    for embed, mask in rows:
+    for embed, mask, _ in rows:
         own = embed.shape[1]
         if mask is None:
             mask = torch.ones(own, dtype=torch.bool, device=embed.device)
@@ -192,6 +201,21 @@ def _pad_rows(
         masks.append(mask)
     stacked = torch.stack(masks)
     return torch.cat(embeds), None if bool(stacked.all()) else stacked
+
+
+def _decode(vae: Any, latents: torch.Tensor, *, upcast: bool) -> torch.Tensor:
+    """The VAE decode of the family's pipeline: SDXL's decodes in float32 when its fp16 VAE
+    asks (`force_upcast`: SDXL's VAE overflows in fp16), then goes back to fp16."""
+    if not (upcast and vae.dtype == torch.float16 and vae.config.force_upcast):
+        decoded: torch.Tensor = vae.decode(latents / vae.config.scaling_factor,
+                                           return_dict=False)[0]
+        return decoded
+    vae.to(dtype=torch.float32)
+    try:
+        decoded = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        vae.to(dtype=torch.float16)
+    return decoded
 
 
 def _state(state: StepState) -> DiffusionState:

@@ -44,7 +44,7 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _text_encoder(vocab_size: int) -> CLIPTextModel:
+def text_encoder(vocab_size: int) -> CLIPTextModel:
     config = CLIPTextConfig(
         hidden_size=TEXT_DIM,
         intermediate_size=64,
@@ -59,10 +59,12 @@ def _text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def _unet() -> UNet2DConditionModel:
+def unet(in_channels: int = 4) -> UNet2DConditionModel:
+    """The tiny UNet; `in_channels` 9 makes it an inpainting UNet (latents, mask, masked image
+    latents), as SD 1.x inpainting checkpoints are."""
     return UNet2DConditionModel(
         sample_size=64,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -74,7 +76,7 @@ def _unet() -> UNet2DConditionModel:
     )
 
 
-def _vae() -> AutoencoderKL:
+def vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -92,7 +94,7 @@ def build_pipeline(**scheduler_kwargs: Any) -> Any:
     """Same weights on every call (fixed seed), so images are reproducible across restarts."""
     tokenizer = build_tokenizer()
     return assemble(
-        tokenizer, lambda: (_text_encoder(len(tokenizer)), _unet(), _vae()), **scheduler_kwargs
+        tokenizer, lambda: (text_encoder(len(tokenizer)), unet(), vae()), **scheduler_kwargs
     )
 
 

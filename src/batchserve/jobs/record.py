@@ -76,6 +76,8 @@ class JobRecord:
     """A digest of the API key that created the job ("" without auth); scopes idempotency."""
     webhook: str | None = None
     priority: int = 0
+    tenant: str = ""
+    """The tenant (a name from `--api-keys`) whose fair share and limits it counts against."""
     started_at: float | None = None
     completed_at: float | None = None
     attempts: int = 0

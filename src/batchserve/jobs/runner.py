@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .. import tenants
 from ..encode import MEDIA_TYPES
 from ..errors import (
     BatchServeError,
@@ -84,8 +85,14 @@ class Generator(Protocol):
 
 
 class JobRunner:
+    """Pulls, submits and stores jobs (see the module). When the batcher refuses a job (queue
+    full, overloaded, not ready) the job goes back to the queue and pulling pauses for the
+    refusal's Retry-After (0.25 s to `MAX_BACKOFF_S`): pulled again at once, the same job
+    would be refused again, a spin of queue round trips that takes the CPU from the engine."""
+
     def __init__(self, generator: Generator, jobs: JobService, settings: Settings,
-                 metrics: Metrics, *, block_s: float = 1.0) -> None:
+                 metrics: Metrics, *, block_s: float = 1.0,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.generator = generator
         self.jobs = jobs
         self.settings = settings
@@ -95,6 +102,8 @@ class JobRunner:
         self.max_attempts = settings.job_max_attempts
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.block_s = block_s
+        self._sleep = sleep
+        self._pause_s = 0.0  # set by a refusal: pull again only after this long
         self.problem: str | None = None
         """Why the backend cannot be reached right now (readiness says so), else None."""
         self._held: dict[str, _Held] = {}
@@ -141,6 +150,10 @@ class JobRunner:
             return
         backoff = 0.5
         while self._pulling:
+            if self._pause_s > 0:
+                pause, self._pause_s = self._pause_s, 0.0
+                await self._sleep(pause)
+                continue
             room = self.capacity - len(self._held)
             if room <= 0:
                 self._room.clear()
@@ -215,8 +228,18 @@ class JobRunner:
                 "invalid_request", f"the stored request cannot run here: {exc}"))
             return
         try:
-            held.future = self.generator.submit(req, record.format, online=False)
-        except (Draining, NotReady, QueueFull, Overloaded):  # not now: another time or worker
+            # Its tenant's fair share: the runner's task is nobody's request, so say whose.
+            token = tenants.CURRENT.set(record.tenant)
+            try:
+                held.future = self.generator.submit(req, record.format, online=False)
+            finally:
+                tenants.CURRENT.reset(token)
+        except (Draining, NotReady, QueueFull, Overloaded) as exc:  # not now: later or elsewhere
+            # Not held any more before it is released: a heartbeat in between would count it
+            # as "claimed by another worker".
+            self._held.pop(d.job_id, None)
+            self._pause_s = max(self._pause_s, min(max(exc.retry_after_s or 1.0, 0.25),
+                                                   MAX_BACKOFF_S))
             await self.queue.release(d)
             return
         except BatchServeError as exc:  # its timeout_s cannot be met here at all

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from .. import tenants
 from ..encode import MEDIA_TYPES
 from ..errors import BackendDown, Gone, JobNotFinished, NotFound
 from .protocol import BackendUnavailable, JobQueue, ResultStore
@@ -130,6 +131,7 @@ class JobService:
             id=new_job_id(), status=Status.QUEUED, created_at=self._clock(),
             request=req.fields(), format=fmt, owner=owner, webhook=webhook,
             priority=req.priority, extra={"base_url": base_url.rstrip("/")},
+            tenant=tenants.CURRENT.get(),
         )
         pixels = req.pixels()
         if pixels is not None:  # before the record: a worker never sees a job without its input

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 # Job ids are URL-safe tokens; anything else never reaches a path or an object key.
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EXPIRES = "expires-at"  # S3 user metadata: unix time after which the object reads as absent
+_TMP_PREFIX = ".batchserve-tmp-"
+# What this server writes into a result directory: images and input pixels under job ids
+# (`job_` + 22 URL-safe characters, `-input` for the inputs) and its temporary files. The
+# sweep deletes nothing else: `--results file:///srv` must not touch the rest of /srv.
+_OWN_FILE = re.compile(r"job_[A-Za-z0-9_-]{22}(?:-input)?|" + re.escape(_TMP_PREFIX) + r"\w+")
+_OLD_RULE_ID = "batchserve-expire-all"  # an earlier version's rule for an empty prefix
 
 
 def _safe(job_id: str) -> bool:
@@ -82,7 +88,7 @@ class FileResultStore:
 
     def _put(self, job_id: str, data: bytes) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=_TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
@@ -109,11 +115,14 @@ class FileResultStore:
         return self._clock() - stored_at >= self._ttl_s
 
     def _sweep(self) -> None:
-        """Deletes expired images nobody read (reads delete the ones they find expired)."""
+        """Deletes expired images nobody read (reads delete the ones they find expired): only
+        files with this server's names (`_OWN_FILE`), whatever else shares the directory."""
         self._last_sweep = self._clock()
         for entry in os.scandir(self._dir):
+            if not _OWN_FILE.fullmatch(entry.name):
+                continue
             with contextlib.suppress(FileNotFoundError):
-                if entry.is_file() and self._expired(entry.stat().st_mtime):
+                if entry.is_file(follow_symlinks=False) and self._expired(entry.stat().st_mtime):
                     self._unlink(Path(entry.path))
 
     def _check_writable(self) -> None:
@@ -132,9 +141,11 @@ class S3ResultStore:
 
     Credentials come the standard boto3 way (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY env
     vars, a profile, an instance role); `endpoint_url` points at MinIO, SeaweedFS, Ceph...
-    Expiry: each object carries `x-amz-meta-expires-at`, checked on every read; and the bucket
-    gets a lifecycle rule on the prefix expiring objects after ceil(ttl in days) so storage is
-    reclaimed without us (skipped with a log line where the store refuses lifecycle rules).
+    Expiry: each object carries `x-amz-meta-expires-at`, checked on every read; and, with a
+    prefix, the bucket gets a lifecycle rule on `PREFIX/` expiring objects after ceil(ttl in
+    days) so storage is reclaimed without us (skipped with a log line where the store refuses
+    lifecycle rules). Without a prefix no rule is installed (one would expire the whole bucket,
+    objects we never wrote included) and an earlier version's whole-bucket rule is removed.
     """
 
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, ttl_s: float,
@@ -246,7 +257,11 @@ class S3ResultStore:
 
     def _add_lifecycle_rule(self) -> None:
         days = max(1, math.ceil(self._ttl_s / 86400))
-        rule_id = f"batchserve-expire-{self._prefix or 'all'}"
+        rule_id = f"batchserve-expire-{self._prefix}" if self._prefix else None
+        if rule_id is None:
+            log.warning("bucket %s: no prefix in --results, so no lifecycle rule (it would "
+                        "expire the whole bucket); expired images are only hidden. Use "
+                        "s3://%s/PREFIX to have them reclaimed", self._bucket, self._bucket)
         try:
             try:
                 rules = self._s3.get_bucket_lifecycle_configuration(Bucket=self._bucket)["Rules"]
@@ -254,11 +269,15 @@ class S3ResultStore:
                 if _code(exc) != "NoSuchLifecycleConfiguration":
                     raise
                 rules = []
-            rules = [r for r in rules if r.get("ID") != rule_id]
-            rules.append({"ID": rule_id, "Status": "Enabled", "Expiration": {"Days": days},
-                          "Filter": {"Prefix": f"{self._prefix}/" if self._prefix else ""}})
-            self._s3.put_bucket_lifecycle_configuration(
-                Bucket=self._bucket, LifecycleConfiguration={"Rules": rules})
+            kept = [r for r in rules if r.get("ID") not in (rule_id, _OLD_RULE_ID)]
+            if rule_id is not None:
+                kept.append({"ID": rule_id, "Status": "Enabled", "Expiration": {"Days": days},
+                             "Filter": {"Prefix": f"{self._prefix}/"}})
+            if kept:
+                self._s3.put_bucket_lifecycle_configuration(
+                    Bucket=self._bucket, LifecycleConfiguration={"Rules": kept})
+            elif rules:  # only the old whole-bucket rule was there
+                self._s3.delete_bucket_lifecycle(Bucket=self._bucket)
         except botocore.exceptions.ClientError as exc:
             # Some stores (or a key without the permission) refuse it; reads still expire.
             log.warning("bucket %s: no lifecycle rule (%s); expired images are only hidden",

@@ -19,6 +19,7 @@ from typing import Generic, Protocol, TypeVar
 
 from ..errors import BatchServeError, Draining, QueueFull, QueueTimeout
 from .batchsize import BatchSizes
+from .fair import FairShare
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,6 +48,8 @@ class Pending(Generic[T, R]):
     when the client named no timeout of its own."""
     teaches_patience: bool = False
     """Its client named no timeout: the age at which it gives up is what patience learns."""
+    tenant: str = ""
+    """Whose it is (a name from the tenants file, `""` without one): fair shares."""
 
     def effective_priority(self, now: float, aging_s: float) -> int:
         return self.priority + int((now - self.enqueued) // aging_s)
@@ -145,8 +148,10 @@ class RequestQueue(Generic[T, R]):
         aging_s: float = 5.0,
         clock: Clock = time.monotonic,
         hooks: Hooks | None = None,
+        fair: FairShare | None = None,
     ) -> None:
         self.max_queue = max_queue
+        self.fair = fair or FairShare()
         self.aging_s = aging_s
         self.clock = clock
         self.hooks: Hooks = hooks or NullHooks()
@@ -186,20 +191,51 @@ class RequestQueue(Generic[T, R]):
 
     def submit(
         self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0,
-        budget_s: float | None = None, teaches_patience: bool = False,
+        budget_s: float | None = None, teaches_patience: bool = False, tenant: str = "",
     ) -> asyncio.Future[Outcome[R]]:
         self.check_admission()
         now = self.clock()
+        active = self.tenants()
+        if tenant not in active:
+            self.fair.activate(tenant, active)
         future: asyncio.Future[Outcome[R]] = asyncio.get_running_loop().create_future()
         self._seq += 1
         item = Pending(payload, key, priority, now, now + timeout_s, self._seq, future,
-                       now + (timeout_s if budget_s is None else budget_s), teaches_patience)
+                       now + (timeout_s if budget_s is None else budget_s), teaches_patience,
+                       tenant)
         self.groups.setdefault(key, Group()).items.append(item)
         future.add_done_callback(partial(self._on_done, item))
         self._set_depth(self._depth + 1)
         self.idle.clear()
         self.wake.set()
         return future
+
+    def tenants(self) -> set[str]:
+        """Tenants with work queued or in flight."""
+        return ({p.tenant for g in self.groups.values() for p in g.items}
+                | {p.tenant for p in self.inflight})
+
+    def queued_by(self, tenant: str) -> int:
+        """Items of `tenant` queued or in flight (what its `max_queued` bounds)."""
+        return (sum(p.tenant == tenant for g in self.groups.values() for p in g.items)
+                + sum(p.tenant == tenant for p in self.inflight))
+
+    def ordered(self, key: Hashable, now: float) -> list[Pending[T, R]]:
+        """The items of `key` in the order slots go to them (aged priority, then the tenants'
+        fair turns, then arrival); the group is left in that order."""
+        group = self.groups.get(key)
+        if group is None:
+            return []
+        group.items = self.fair.order(group.items, self._rank(now))
+        return group.items
+
+    def _rank(self, now: float) -> Callable[[Pending[T, R]], int]:
+        """Aged priority, capped at the highest priority asked for by anything queued: aging
+        lifts old work level with the most urgent (it cannot starve), never above it, so a
+        tenant's backlog does not outrank another tenant's fresh work of the same priority just
+        by being old; among equals the fair turn decides."""
+        cap = max((p.priority for g in self.groups.values() for p in g.items), default=0)
+        return lambda p: min(cap, p.effective_priority(now, self.aging_s))
 
     def note_service_time(self, seconds: float, slots: int) -> None:
         """Records how long one round of `slots` concurrent items took (for `Retry-After`)."""
@@ -258,20 +294,25 @@ class RequestQueue(Generic[T, R]):
     def best(
         self, now: float, eligible: Callable[[Group[T, R]], bool] = lambda g: True
     ) -> Hashable | None:
-        """The eligible key with the highest (aged) priority, then the oldest item."""
+        """The eligible key with the highest (aged) priority, then the one holding the tenant
+        whose turn it is (see `fair`), then the oldest item."""
         keys = [k for k, g in self.groups.items() if eligible(g)]
         if not keys:
             return None
-        return min(keys, key=lambda k: (-self.groups[k].priority(now, self.aging_s),
+        rank = self._rank(now)
+        return min(keys, key=lambda k: (-max(map(rank, self.groups[k].items)),
+                                        self.fair.turn(p.tenant for p in self.groups[k].items),
                                         self.groups[k].oldest))
 
     def take(self, key: Hashable, count: int, now: float) -> list[Pending[T, R]]:
-        """Moves up to `count` items of `key` in flight: highest aged priority first, then FIFO."""
+        """Moves up to `count` items of `key` in flight: highest aged priority first, then the
+        tenants' fair turns, then FIFO."""
         group = self.groups.get(key)
         if group is None or count <= 0:
             return []
-        group.items.sort(key=lambda p: (-p.effective_priority(now, self.aging_s), p.seq))
+        self.ordered(key, now)
         taken, group.items = group.items[:count], group.items[count:]
+        self.fair.charge(taken)
         if not group.items:
             del self.groups[key]
         self._set_depth(self._depth - len(taken))
@@ -289,6 +330,7 @@ class RequestQueue(Generic[T, R]):
             del self.groups[key]
         self._set_depth(self._depth - len(chosen))
         self.inflight.extend(chosen)
+        self.fair.charge(chosen)
         return chosen
 
     def refuse(self, key: Hashable, items: list[Pending[T, R]], error: BatchServeError,
@@ -335,6 +377,7 @@ class RequestQueue(Generic[T, R]):
     def _settle(self) -> None:
         if self.empty():
             self.idle.set()
+            self.fair.forget(())
 
     async def wait(self, until: float | None) -> None:
         """Sleeps until something is submitted or cancelled, `poke`, or the clock reaches
@@ -426,11 +469,12 @@ class QueueLoop(Generic[T, R]):
 
     def submit(
         self, payload: T, *, key: Hashable, priority: int = 0, timeout_s: float = 300.0,
-        explicit_timeout: bool = True,
+        explicit_timeout: bool = True, tenant: str = "",
     ) -> asyncio.Future[Outcome[R]]:
         """Queues one item; `explicit_timeout=False`: its client named no timeout (what the
         whole-batch loop's learned patience uses)."""
-        return self.queue.submit(payload, key=key, priority=priority, timeout_s=timeout_s)
+        return self.queue.submit(payload, key=key, priority=priority, timeout_s=timeout_s,
+                                 tenant=tenant)
 
     def should_stop(self) -> Callable[[], bool]:
         """For the engine call now starting: true once nobody waits for its result."""

@@ -46,6 +46,7 @@ function showLive(data) {
   $("model").textContent = engine.model ? `${engine.model} on ${engine.device}` : "";
   $("key-field").hidden = !(data.auth && data.auth.t2i);
   fillSamplers(data.samplers);
+  fillSizes(data.sizes);
   showImageFields(data.image_inputs || []);
 }
 
@@ -63,6 +64,39 @@ function fillSamplers(samplers) {
     option.selected = name === samplers.default;
     select.add(option);
   }
+}
+
+// The served model family's sizes (SDXL: 1024x1024 and its buckets) replace the page's presets
+// once; the preview, "the init image's size" and "custom" stay.
+let sizesFilled = false;
+
+function fillSizes(sizes) {
+  if (!sizes || sizesFilled) return;
+  sizesFilled = true;
+  const select = $("size");
+  // A choice made before /v1/info answered is the user's: it stays, and stays selected.
+  const untouched = select.value === "512x512" && $("width").value === "512"
+    && $("height").value === "512";
+  const keep = new Set(["128x128", "image", "custom", untouched ? "" : select.value]);
+  for (const option of [...select.options]) {
+    if (!keep.has(option.value)) option.remove();
+  }
+  const before = select.querySelector('option[value="image"]');
+  for (const value of sizes.presets) {
+    if (keep.has(value)) continue;
+    const [w, h] = value.split("x").map(Number);
+    const shape = w > h ? " wide" : w < h ? " tall" : "";
+    const label = `${w} × ${h}${shape}${value === sizes.default ? " (default)" : ""}`;
+    select.add(new Option(label, value), before);
+  }
+  if (untouched) {
+    select.value = sizes.default;
+    onSizeChange();
+  }
+}
+
+function defaultSize() {
+  return (info && info.sizes && info.sizes.default) || "512x512";
 }
 
 // -- errors next to their field --------------------------------------------------------------
@@ -184,7 +218,7 @@ function clearImage() {
   $("mask_image").value = "";
   $("size").querySelector('option[value="image"]').disabled = true;
   if ($("size").value === "image") {
-    $("size").value = "512x512";
+    $("size").value = defaultSize();
     onSizeChange();
   }
   showImageFields((info && info.image_inputs) || []);

@@ -1,0 +1,116 @@
+"""Which family a `--model` is, read from what is on disk without torch: a diffusers folder's
+`model_index.json` (`_class_name`), a single file's tensor names (the safetensors header only),
+a preset's name. `resolve` applies `--model-family` and turns a mismatch into one start-up line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...settings import SettingsError
+
+FAMILIES = ("sd1", "sdxl", "generic")
+SERVED = ("sd1", "sdxl")
+"""Families with an engine today; `generic` (any other diffusers pipeline) is detected only."""
+
+PRESET_FAMILIES = {"tiny": "sd1", "tiny-inpaint": "sd1", "sd15": "sd1",
+                   "tiny-sdxl": "sdxl", "sdxl": "sdxl"}
+
+_PIPELINES = {
+    "StableDiffusionPipeline": "sd1",  # SD 1.x and 2.x share it
+    "StableDiffusionXLPipeline": "sdxl",
+}
+
+# A tensor name that only this family's original-layout checkpoints have, first match wins.
+_KEY_PREFIXES = (
+    ("conditioner.embedders.1.model.transformer.", "sdxl"),  # OpenCLIP bigG, SDXL base
+    ("conditioner.embedders.", "generic"),  # the SDXL refiner: bigG alone
+    ("double_blocks.", "generic"),  # FLUX
+    ("model.diffusion_model.double_blocks.", "generic"),
+    ("model.diffusion_model.joint_blocks.", "generic"),  # SD3
+    ("cond_stage_model.", "sd1"),  # CLIP ViT-L (1.x) or OpenCLIP ViT-H (2.x)
+    ("model.diffusion_model.input_blocks.", "sd1"),
+)
+
+
+def detect(model: str, model_config: str | None = None) -> str | None:
+    """The family of `model`, or None when nothing on this machine tells (a hub id not in the
+    local cache, a pickled single file without `--model-config`)."""
+    if model in PRESET_FAMILIES:
+        return PRESET_FAMILIES[model]
+    path = Path(model)
+    if path.is_dir():
+        return _from_index(path / "model_index.json")
+    if path.is_file():
+        if path.suffix.lower() == ".safetensors":
+            found = _from_keys(path)
+            if found is not None:
+                return found
+        return detect(model_config) if model_config else None
+    return _from_hub_cache(model)
+
+
+def served_family(model: str, asked: str = "auto", model_config: str | None = None) -> str:
+    """The family whose sizes and defaults the doors use, never raising (the engine's start
+    says what is wrong): the one asked for, else the detected one, else sd1 (sim, fakes)."""
+    if asked in SERVED:
+        return asked
+    found = detect(model, model_config)
+    return found if found in SERVED else "sd1"
+
+
+def resolve(asked: str, model: str, model_config: str | None = None) -> str:
+    """The family to serve: detected under `auto` (sd1 when nothing tells, as before families
+    existed), else the one asked for, which must agree with what is detected."""
+    if asked not in ("auto", *FAMILIES):
+        raise SettingsError(f"--model-family={asked!r}: must be one of auto, {', '.join(FAMILIES)}")
+    found = detect(model, model_config)
+    if asked == "auto":
+        family = found or "sd1"
+    elif found is not None and found != asked:
+        raise SettingsError(
+            f"--model-family={asked}: --model={model!r} is a {found} model; "
+            f"drop --model-family or set it to {found}"
+        )
+    else:
+        family = asked
+    if family not in SERVED:
+        raise SettingsError(
+            f"--model-family={family}: --model={model!r} is not a Stable Diffusion 1.x/2.x or "
+            f"SDXL text-to-image model; other diffusers pipelines are not supported yet"
+        )
+    return family
+
+
+def _from_index(index: Path) -> str | None:
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return _PIPELINES.get(str(name), "generic")
+
+
+def _from_keys(file: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            keys = list(f.keys())
+    except Exception:  # not readable as safetensors: the loader says why, naming --model
+        return None
+    for prefix, family in _KEY_PREFIXES:
+        if any(k.startswith(prefix) for k in keys):
+            return family
+    return None
+
+
+def _from_hub_cache(repo: str) -> str | None:
+    """A hub id's `model_index.json` when already in the local cache (never a download here:
+    loading the model downloads what it needs)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "model_index.json")
+    except Exception:  # not a valid repo id
+        return None
+    return _from_index(Path(cached)) if isinstance(cached, str) else None

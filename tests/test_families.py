@@ -1,0 +1,137 @@
+"""Model families: detection from what is on disk, `--model-family`, and the family each engine
+serves with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from batchserve.engines.families import detect, resolve
+from batchserve.settings import SettingsError
+
+
+def _folder(tmp_path: Path, class_name: str) -> str:
+    folder = tmp_path / class_name
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    return str(folder)
+
+
+def _single_file(tmp_path: Path, *keys: str) -> str:
+    path = tmp_path / "model.safetensors"
+    save_file({k: np.zeros(1, np.float32) for k in keys}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(("class_name", "family"), [
+    ("StableDiffusionPipeline", "sd1"),
+    ("StableDiffusionXLPipeline", "sdxl"),
+    ("FluxPipeline", "generic"),
+])
+def test_a_folder_is_known_by_its_pipeline_class(tmp_path: Path, class_name: str,
+                                                 family: str) -> None:
+    assert detect(_folder(tmp_path, class_name)) == family
+
+
+@pytest.mark.parametrize(("key", "family"), [
+    ("cond_stage_model.transformer.text_model.embeddings.position_ids", "sd1"),
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "sdxl"),
+    ("conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight", "generic"),
+    ("double_blocks.0.img_attn.proj.weight", "generic"),
+])
+def test_a_single_file_is_known_by_its_tensor_names(tmp_path: Path, key: str,
+                                                    family: str) -> None:
+    assert detect(_single_file(tmp_path, "model.diffusion_model.out.0.weight", key)) == family
+
+
+def test_presets_and_unknown_names() -> None:
+    assert detect("tiny") == "sd1"
+    assert detect("tiny-sdxl") == "sdxl"
+    assert detect("nobody/not-in-the-cache") is None
+    assert resolve("auto", "nobody/not-in-the-cache") == "sd1"  # as before families existed
+
+
+def test_a_mismatch_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "StableDiffusionXLPipeline")
+    assert resolve("auto", folder) == "sdxl"
+    assert resolve("sdxl", folder) == "sdxl"
+    with pytest.raises(SettingsError, match=r"^--model-family=sd1: .* is a sdxl model") as err:
+        resolve("sd1", folder)
+    assert "\n" not in str(err.value)
+
+
+def test_generic_is_not_served_yet(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"--model-family=generic: .*not supported yet"):
+        resolve("auto", _folder(tmp_path, "FluxPipeline"))
+    with pytest.raises(SettingsError, match="--model-family=generic"):
+        resolve("generic", "nobody/not-in-the-cache")
+
+
+def test_the_flag_wins_when_nothing_tells(tmp_path: Path) -> None:
+    assert resolve("sdxl", "nobody/not-in-the-cache") == "sdxl"
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not read")
+    assert detect(str(pickled)) is None
+    assert detect(str(pickled), _folder(tmp_path, "StableDiffusionXLPipeline")) == "sdxl"
+
+
+def test_the_engine_refuses_a_mismatch_before_loading() -> None:
+    from batchserve.engines.diffusion import DiffusionEngine
+    from batchserve.settings import Settings
+
+    with pytest.raises(SettingsError, match=r"^--model-family=sdxl: --model=.tiny. is a sd1"):
+        DiffusionEngine.load(Settings(model="tiny", model_family="sdxl", warmup=""))
+
+
+async def test_sdxl_defaults_and_sizes_reach_every_door() -> None:
+    """Served as SDXL (the family from the settings alone): /v1/info says which sizes, a request
+    without a size gets 1024x1024 through /t2i and OpenAI, the OpenAPI defaults say so."""
+    from inprocess import in_process
+
+    from fakes import FakeEngine
+
+    engine = FakeEngine()
+    async with in_process(engine, model_family="sdxl") as app:
+        info = (await app.client.get("/v1/info")).json()
+        assert info["sizes"]["default"] == "1024x1024"
+        assert "832x1216" in info["sizes"]["presets"]
+        assert info["sizes"]["multiple_of"] == 8
+        assert (await app.client.post("/t2i", json={"prompt": "a", "seed": 1})).status_code == 200
+        response = await app.client.post("/v1/images/generations", json={"prompt": "b"})
+        assert response.status_code == 200, response.text
+        spec = (await app.client.get("/openapi.json")).json()
+    assert [(i.width, i.height) for b in engine.batches for i in b] == [(1024, 1024)] * 2
+    text = str(spec)
+    assert "'default': '1024x1024'" in text and "'default': 1024" in text
+
+
+async def test_sd1_keeps_512_and_a_size_off_the_grid_names_its_field() -> None:
+    from inprocess import in_process
+
+    from fakes import FakeEngine
+
+    engine = FakeEngine()
+    async with in_process(engine) as app:
+        info = (await app.client.get("/v1/info")).json()
+        assert info["sizes"]["default"] == "512x512"
+        bad = await app.client.post("/t2i", json={"prompt": "a", "width": 1020})
+        assert (await app.client.post("/t2i", json={"prompt": "a"})).status_code == 200
+    assert bad.status_code == 422
+    assert bad.json()["error"]["field"] == "width"
+    assert [(i.width, i.height) for b in engine.batches for i in b] == [(512, 512)]
+
+
+def test_detection_and_the_service_import_no_torch() -> None:
+    """The scheduler and HTTP side (a `--role api` process) learn the family without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, batchserve.service, batchserve.engines.families as f; "
+            "f.detect('tiny-sdxl'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
