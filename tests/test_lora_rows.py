@@ -17,7 +17,7 @@ from test_stepwise import pixels, run_until_done
 
 from batchserve.engines import GenerationItem, LoraPick
 from batchserve.engines import tiny as tiny_preset
-from batchserve.engines.diffusion import DiffusionEngine
+from batchserve.engines.diffusion import DiffusionEngine, make_scheduler
 from batchserve.engines.lora import LoraLibrary
 from batchserve.engines.lora.files import Unusable, inspect, signature
 from batchserve.settings import Settings
@@ -97,6 +97,8 @@ def test_equals_diffusers_load_lora_weights_and_fused_lora(folder: Path,
         pipe = tiny_preset.build_pipeline()
         pipe.load_lora_weights(str(folder / f"{name}.safetensors"), adapter_name=name)
         pipe.set_adapters([name], [scale])
+        # as `DiffusionEngine.load` does: the served sampler, on the checkpoint's config
+        pipe.scheduler = make_scheduler(engine.settings.scheduler, pipe.scheduler.config)
         reference = DiffusionEngine(pipe, engine.plan, engine.settings)
         theirs = pixels(reference.generate([item(21)])[0])
         assert close(mine, theirs), name
