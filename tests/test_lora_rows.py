@@ -152,3 +152,18 @@ def test_files_that_do_not_fit_are_unusable_with_a_reason(tmp_path: Path) -> Non
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(Unusable, match="not a readable safetensors file"):
         inspect(junk, model)
+
+
+def test_sdxl_mixed_batch_equals_each_item_alone(tmp_path: Path) -> None:
+    from batchserve.engines import tiny_sdxl
+
+    pipe = tiny_sdxl.build_pipeline()
+    kohya(tmp_path / "a.safetensors", pipe, seed=5, text=False)
+    kohya(tmp_path / "b.safetensors", pipe, seed=6, text=False, rank=8)
+    xl = DiffusionEngine.load(Settings(model="tiny-sdxl", warmup="", lora_dir=str(tmp_path)))
+    xl.use_loras(LoraLibrary(tmp_path))
+    items = [item(1, ("a", 0.8)), item(2), item(3, ("b", 1.0), ("a", -0.5))]
+    batch = [pixels(image) for image in xl.generate(items)]
+    for got, one in zip(batch, items, strict=True):
+        assert close(got, pixels(xl.generate([one])[0])), one.loras
+    assert np.abs(batch[0] - pixels(xl.generate([item(1)])[0])).max() > 10
