@@ -1,10 +1,11 @@
 """SDXL items that start from an image (`tiny-sdxl`): each equals diffusers' own
 `StableDiffusionXLImg2ImgPipeline` / `StableDiffusionXLInpaintPipeline` for the same seed (uint8
 +-1), alone, in a whole batch with text-to-image strangers, and joined part-way into a running
-batch at its start step."""
+batch at its start step; a 9-channel (inpainting) SDXL UNet runs as such."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,9 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaint
 from PIL import Image
 from test_stepwise import pixels, run_until_done
 
-from batchserve.engines import GenerationItem
+from batchserve.engines import GenerationItem, tiny_sdxl
 from batchserve.engines.diffusion import DiffusionEngine, make_scheduler
+from batchserve.engines.init_latents import INPAINTING_CHANNELS
 from batchserve.engines.protocol import ImageInput
 from batchserve.settings import Settings
 
@@ -91,3 +93,42 @@ def test_in_a_batch_with_text_to_image_strangers_and_joined_part_way(
     assert joined.keys() == expected.keys()
     for it, image in joined.items():
         assert close(image, expected[it]) <= 1, it
+
+
+@pytest.fixture(scope="module")
+def inpainting(tmp_path_factory: pytest.TempPathFactory) -> DiffusionEngine:
+    """`tiny-sdxl` with a 9-channel (inpainting) UNet, saved as a diffusers folder: the path of
+    an SDXL inpainting checkpoint, detected from its UNet's input channels."""
+    pipe = tiny_sdxl.build_pipeline()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(tiny_sdxl.SEED)
+    try:
+        pipe.register_modules(unet=tiny_sdxl.unet(INPAINTING_CHANNELS))
+    finally:
+        torch.random.set_rng_state(state)
+    folder = tmp_path_factory.mktemp("tiny-sdxl-inpaint")
+    pipe.save_pretrained(folder)
+    return DiffusionEngine.load(Settings(model=str(folder), warmup=""))
+
+
+@pytest.mark.parametrize("strength,masked", [(1.0, True), (0.5, True), (0.5, False)])
+def test_an_sdxl_inpainting_unet_equals_diffusers_inpaint_pipeline(
+        inpainting: DiffusionEngine, strength: float, masked: bool) -> None:
+    assert inpainting.pipe.unet.config.in_channels == INPAINTING_CHANNELS
+    it = item(5, strength, masked=masked)
+    if not masked:  # the inpaint pipeline's way: an all-white mask
+        assert it.init is not None
+        as_inpaint = replace(it, init=replace(it.init, mask=b"\xff" * SIZE * SIZE))
+    assert close(alone(inpainting, it),
+                 diffusers_image(inpainting, it if masked else as_inpaint)) <= 1
+
+
+def test_an_sdxl_inpainting_unet_batches_text_and_image_items(
+        inpainting: DiffusionEngine) -> None:
+    batch = [item(30, None), item(31, 1.0, masked=True), item(32, 1.0)]
+    for it, image in zip(batch, inpainting.generate(batch), strict=True):
+        assert close(pixels(image), alone(inpainting, it)) <= 1, it
+    joined = run_until_done(inpainting, inpainting.prepare([item(33, None, steps=6)]),
+                            [item(34, 0.5, masked=True, steps=6)], join_after=3)
+    for it, image in joined.items():
+        assert close(image, alone(inpainting, it)) <= 1, it
