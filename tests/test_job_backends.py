@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from batchserve.errors import JobsQueueFull
 from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
 from batchserve.jobs.protocol import BackendUnavailable, Delivery, JobQueue, ResultStore
 from batchserve.jobs.record import JobRecord, Status, TransitionRefused, new_job_id
-from batchserve.jobs.redis import RedisQueue
-from batchserve.jobs.service import input_name
+from batchserve.jobs.redis import RedisQueue, max_len
+from batchserve.jobs.service import JobService, input_name
 from batchserve.jobs.stores import FileResultStore, S3ResultStore
+from batchserve.metrics import Metrics
+from batchserve.schema import Limits, validate
+from batchserve.settings import Settings
 
 from conftest import free_port
 from services import RedisServer, SeaweedS3, redis_server, seaweed_s3
@@ -273,6 +277,42 @@ async def test_waiting_and_position_follow_the_queue(queue: JobQueue) -> None:
     assert [d.job_id for d in taken] == [jobs[1].id, jobs[3].id]  # never the canceled one
     await queue.ack(delivery)
     assert await queue.waiting() == 0
+
+
+async def test_jobs_past_max_jobs_waiting_are_refused_on_every_queue(
+        queue: JobQueue) -> None:
+    """Issue 18 item 2: the bound is checked against the queue's own count (the Redis stream's
+    undelivered entries, shared by every api process); a pulled or canceled job frees a place."""
+    settings = Settings(model="fake", warmup="", max_jobs_waiting=2)
+    jobs = JobService(settings, Metrics(1), queue, MemoryResultStore(ttl_s=TTL_S))
+    limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
+    req = validate({"prompt": "a cat", "width": 64, "height": 64}, limits)
+    _, second = [await jobs.submit(req, "png") for _ in range(2)]
+    with pytest.raises(JobsQueueFull) as refused:
+        await jobs.submit(req, "png")
+    assert refused.value.status == 429 and (refused.value.retry_after_s or 0) > 0
+    assert await queue.waiting() == 2
+    await queue.pull("w", 1, 0)  # with a worker: no longer waiting
+    await jobs.submit(req, "png")
+    await jobs.cancel(second.id)
+    await jobs.submit(req, "png")
+    with pytest.raises(JobsQueueFull):
+        await jobs.submit(req, "png")
+    assert await queue.waiting() == 2
+
+
+async def test_the_redis_stream_is_trimmed_far_above_the_bound(redis: RedisServer) -> None:
+    """The approximate MAXLEN is only a safety net: never near `--max-jobs-waiting`."""
+    assert max_len(1000) >= 100_000 and max_len(50_000) == 500_000
+    queue = redis_queue(redis.url)
+    queue._max_len = 10  # tiny, to see the stream trimmed at all
+    try:
+        for _ in range(500):
+            await queue.create(record())
+        length = await queue._redis.xlen(queue._stream)
+        assert 10 <= length < 500
+    finally:
+        await queue.close()
 
 
 async def test_positions_after_work_is_acknowledged(queue: JobQueue) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from ..errors import BackendDown, BatchServeError, ValidationError
+from ..errors import BackendDown, BatchServeError, JobsQueueFull, ValidationError
 from ..jobs.service import PREFER_WAIT_MAX_S
 from ..jobs.webhooks import check_url
 from ..schema import IMAGE_FIELDS, decode, has_images, validate
@@ -52,10 +52,13 @@ class JobsDoor:
         if service.settings.log_prompts:
             record.update(prompt=req.prompt, negative_prompt=req.negative_prompt)
         base = str(request.base_url)
-        job = await self.jobs.submit(
-            req, req.format or "png", owner=self._owner(request), idempotency_key=key,
-            webhook=webhook, base_url=base,
-        )
+        try:
+            job = await self.jobs.submit(
+                req, req.format or "png", owner=self._owner(request), idempotency_key=key,
+                webhook=webhook, base_url=base,
+            )
+        except JobsQueueFull as exc:
+            raise gateway.rejecting(exc) from None
         record["job"] = job.id
         wait_s = _prefer_wait(request.headers.get("prefer"))
         headers = {"Location": self.jobs.urls(job.id, base)["get"]}

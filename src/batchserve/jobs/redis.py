@@ -39,7 +39,8 @@ _MAX_BLOCK_S = 5.0
 _COUNT_CAP = 10_000
 _CAS_TRIES = 20
 
-# KEYS: stream, job key, idempotency key ("" for none). ARGV: id, record, ttl ms, job key prefix.
+# KEYS: stream, job key, idempotency key ("" for none). ARGV: id, record, ttl ms, job key prefix,
+# the stream's approximate MAXLEN (a safety net far above --max-jobs-waiting, see `max_len`).
 # Returns {1, record} when created, {0, existing record} when the key had already made a job.
 _CREATE = """
 if KEYS[3] ~= '' then
@@ -50,7 +51,7 @@ if KEYS[3] ~= '' then
   end
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
 end
-local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[1])
 -- The entry's sequence number (entries ever added, this one included) gives its queue position
 -- by subtraction instead of a scan.
 local info, seq = redis.call('XINFO', 'STREAM', KEYS[1]), 0
@@ -95,14 +96,24 @@ return renewed
 """
 
 
+def max_len(max_waiting: int) -> int:
+    """The stream's approximate MAXLEN. The real bound is `--max-jobs-waiting`, checked by the
+    api against `waiting` before each XADD; this one only stops a stream growing without end
+    when that check is raced (many api processes at the edge) or skipped (an older api). It
+    counts held entries too (delivered, not acknowledged), hence far above the bound: trimming
+    would drop the oldest entries, jobs that then never run."""
+    return max(10 * max_waiting, max_waiting + 100_000)
+
+
 class RedisQueue:
     """`JobQueue` on a Redis Stream with a consumer group (see the module docstring)."""
 
     def __init__(self, url: str, *, ttl_s: float, visibility_timeout_s: float,
-                 prefix: str = "batchserve") -> None:
+                 prefix: str = "batchserve", max_waiting: int = 1000) -> None:
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._visibility_ms = max(1, round(visibility_timeout_s * 1000))
         self._stream = f"{prefix}:jobs"
+        self._max_len = max_len(max_waiting)
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idem:"
         # A short retry rides out a dropped connection; a server that is down fails fast so the
@@ -122,7 +133,7 @@ class RedisQueue:
         idem = f"{self._idem_prefix}{record.owner}:{idempotency_key}" if idempotency_key else ""
         keys = [self._stream, self._job_key(record.id), idem]
         args: list[bytes | str | int] = [record.id, record.dumps(), self._ttl_ms,
-                                         self._job_prefix]
+                                         self._job_prefix, self._max_len]
         async with self._guard():
             await self._ensure_group()
             _, raw = await self._create_script(keys=keys, args=args)
