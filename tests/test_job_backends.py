@@ -315,6 +315,58 @@ async def test_the_redis_stream_is_trimmed_far_above_the_bound(redis: RedisServe
         await queue.close()
 
 
+async def test_positions_skip_canceled_jobs_ahead_and_handed_back(queue: JobQueue) -> None:
+    """Issue 18 item 9 (checked): a job canceled ahead in the line, undelivered or handed back,
+    is not counted in anyone's position."""
+    jobs = [await queue.create(record()) for _ in range(4)]
+    await queue.transition(jobs[0].id, Status.CANCELED)
+    assert [await queue.position(j.id) for j in jobs] == [None, 0, 1, 2]
+    (delivery,) = await queue.pull("w", 1, 0)
+    await queue.release(delivery)  # back at the head of the line
+    await queue.transition(jobs[1].id, Status.CANCELED)
+    assert [await queue.position(j.id) for j in jobs] == [None, None, 0, 1]
+    assert await queue.waiting() == 2
+
+
+async def _consumers(queue: RedisQueue) -> set[str]:
+    infos = await queue._redis.xinfo_consumers(queue._stream, "workers")
+    return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in infos}
+
+
+async def test_redis_consumers_leave_and_dead_ones_are_swept(redis: RedisServer) -> None:
+    """Issue 18 item 9: a worker's clean stop deletes its consumer; dead consumers holding
+    nothing are deleted by any worker's pull; one still holding a job is never deleted (its
+    pending entry would be lost)."""
+    queue = redis_queue(redis.url, visibility_timeout_s=0.2)
+    try:
+        for _ in range(3):
+            await queue.create(record())
+        (done,) = await queue.pull("done", 1, 0)
+        await queue.ack(done)
+        (held,) = await queue.pull("holding", 1, 0)
+        (dead,) = await queue.pull("dead", 1, 0)
+        await queue.ack(dead)
+        assert await _consumers(queue) == {"done", "holding", "dead"}
+        await queue.leave("done")
+        await queue.leave("holding")  # still holds a job: kept
+        assert await _consumers(queue) == {"holding", "dead"}
+
+        async def swept() -> bool:  # Redis's own idle time: wait for it, not for a fixed time
+            await queue.prune()
+            return await _consumers(queue) == {"holding"}
+        deadline = time.monotonic() + 5
+        while not await swept():
+            assert time.monotonic() < deadline, await _consumers(queue)
+            await asyncio.sleep(0.05)
+        (again,) = await queue.pull("live", 1, 0)  # the dead holder's job is claimed...
+        assert again.job_id == held.job_id
+        await queue.ack(again)
+        await queue.prune()  # ...and then its name goes too
+        assert await _consumers(queue) == {"live"}
+    finally:
+        await queue.close()
+
+
 async def test_positions_after_work_is_acknowledged(queue: JobQueue) -> None:
     jobs = [await queue.create(record()) for _ in range(5)]
     for delivery in await queue.pull("w", 2, 0):
