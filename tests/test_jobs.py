@@ -441,6 +441,13 @@ async def test_result_redirect_answers_302_to_the_presigned_url(redirect: bool) 
             assert image.headers["location"].startswith(f"https://s3.example/bucket/{job}.png")
         else:
             assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        # The page's way (issue 18 item 10): its CSP (connect-src 'self') would block the 302.
+        page = await app.client.get(f"/v1/jobs/{job}/image?redirect=false")
+        assert page.status_code == 200 and page.content.startswith(b"\x89PNG")
+        script = (await app.client.get("/static/app.js")).text
+        assert "/image?redirect=false`" in script
+        csp = (await app.client.get("/")).headers["content-security-policy"]
+        assert "connect-src 'self'" in csp
 
 
 async def test_past_max_jobs_waiting_submits_are_429_and_nothing_is_stored() -> None:

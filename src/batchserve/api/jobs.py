@@ -81,7 +81,11 @@ class JobsDoor:
     async def image(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request)
         job_id = _job_id(request, record)
-        url = await self.jobs.image_redirect(job_id)
+        # `?redirect=false` asks for the bytes even with --result-redirect: the page's fetch may
+        # not follow a 302 to the store's origin (its CSP's connect-src is 'self', and the
+        # bucket would need CORS), so the page always asks this way.
+        wanted = request.query_params.get("redirect", "true").lower() not in ("false", "0")
+        url = await self.jobs.image_redirect(job_id) if wanted else None
         if url is not None:
             return RedirectResponse(url, status_code=302)
         data, media_type = await self.jobs.image_file(job_id)
