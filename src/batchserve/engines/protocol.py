@@ -20,12 +20,20 @@ StopCheck = Callable[[], bool]
 """Polled by an engine between denoising steps; true means nobody waits for the batch."""
 
 
+def exact(number: float) -> str:
+    """A float as short as `:g` writes it when that is exact (7.5, 7), else its shortest
+    round-trip form: `:g` keeps 6 digits, so two keys (7.1234561, 7.1234562) shared one label,
+    and forgetting one key's series removed the other's."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(float(number))
+
+
 def key_label(key: BatchKey) -> str:
     """The batching key as logs and metric labels show it (no user text):
     `512x512x20x7.5/euler-a` (no sampler part for the engine's default, ""), and
     `512x512x20x7.5@5/euler-a` for items joining at step 5 (img2img, inpainting)."""
     width, height, steps, guidance, sampler = key[:5]
-    label = f"{width}x{height}x{steps}x{guidance:g}"
+    label = f"{width}x{height}x{steps}x{exact(guidance)}"
     if len(key) > 5:
         label += f"@{key[5]}"
     return f"{label}/{sampler}" if sampler else label
