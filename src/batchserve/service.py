@@ -106,7 +106,7 @@ class Service:
             max_priority=settings.max_priority, max_cost=settings.max_cost,
             default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
             image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
-            default_size=self.sizes.default,
+            default_size=self.sizes.default, refiner=settings.refiner is not None,
         )
         try:
             self.tenants = tenants.Tenants.from_settings(settings.api_keys, settings.api_key)

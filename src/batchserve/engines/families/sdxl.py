@@ -103,3 +103,40 @@ class SDXL:
             yield {"prompt_embeds": text.embeds, "negative_prompt_embeds": text.negative_embeds,
                    "pooled_prompt_embeds": text.pooled,
                    "negative_pooled_prompt_embeds": text.negative_pooled}
+
+
+class Refiner:
+    """The SDXL refiner's conditioning (`StableDiffusionXLImg2ImgPipeline` with only
+    `text_encoder_2`): the second encoder's penultimate states and pooled output; the pipeline
+    adds the aesthetic-score time ids itself. An empty negative prompt is zeroed only when the
+    refiner's config says so (Stability's refiner does not)."""
+
+    def __init__(self, pipe: Any, second: PromptEncoder) -> None:
+        self.pipe = pipe
+        self.second = second
+        self.zero_empty = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, *, long_prompts: str, clip_skip: int,
+                     expansions: Mapping[str, str] | None = None) -> Refiner:
+        return cls(pipe, PromptEncoder(pipe.tokenizer_2, pipe.text_encoder_2, pipe.unet,
+                                       long_prompts=long_prompts, clip_skip=clip_skip,
+                                       expansions=expansions, penultimate=True))
+
+    @contextmanager
+    def conditioning(self, items: Sequence[GenerationItem]) -> Iterator[dict[str, Any]]:
+        """A whole batch's (one key's) refiner conditioning as the refiner pipeline's keyword
+        arguments, valid inside the block (which may hook the refiner's UNet)."""
+        negatives = [i.negative_prompt for i in items]
+        text = self.second.encode([i.prompt for i in items], negatives,
+                                  guidance=guided(self.pipe.unet, items[0]))
+        negative, negative_pooled = text.negative_embeds, text.negative_pooled
+        empty = [i for i, t in enumerate(negatives) if not t and self.zero_empty]
+        if empty and negative is not None and negative_pooled is not None:
+            negative, negative_pooled = negative.clone(), negative_pooled.clone()
+            negative[empty] = 0
+            negative_pooled[empty] = 0
+        with cross_attention_mask(self.pipe.unet, text.attention_mask):
+            yield {"prompt_embeds": text.prompt_embeds, "negative_prompt_embeds": negative,
+                   "pooled_prompt_embeds": text.pooled,
+                   "negative_pooled_prompt_embeds": negative_pooled}

@@ -1,0 +1,136 @@
+"""The SDXL refiner (`--refiner tiny-sdxl-refiner`): the hand-off equals diffusers' own
+ensemble of experts (base `denoising_end`, refiner `denoising_start`) for the same seed, an item
+is the same alone or among strangers, served under the whole-batch policies; bad input is a
+clear error naming the flag or field, with nothing queued."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from inprocess import in_process
+from PIL import Image
+from test_stepwise import pixels
+
+from batchserve.engines import GenerationItem
+from batchserve.engines.diffusion import DiffusionEngine
+from batchserve.schema import Limits, validate
+from batchserve.settings import Settings, SettingsError
+
+CAT = GenerationItem("a red cat", "", 1, 64, 64, 6, 7.5, refiner_switch=0.5)
+DOG = GenerationItem("a blue dog", "blurry", 2, 64, 64, 5, 5.0, "euler-a", refiner_switch=0.6)
+
+
+@pytest.fixture(scope="module")
+def engine() -> DiffusionEngine:
+    return DiffusionEngine.load(Settings(model="tiny-sdxl", refiner="tiny-sdxl-refiner",
+                                         warmup=""))
+
+
+def diff(a: object, b: object) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def _diffusers_ensemble(engine: DiffusionEngine, item: GenerationItem) -> object:
+    """diffusers' documented flow, on the prompt text: base to `denoising_end` as latents, the
+    refiner from `denoising_start` on them, one generator through both."""
+    scheduler = engine._scheduler_for(item)
+    engine.pipe.scheduler = scheduler
+    assert engine.refiner is not None
+    engine.refiner.scheduler = engine._scheduler_for(item)
+    generator = torch.Generator().manual_seed(item.seed)
+    common = {"prompt": item.prompt, "negative_prompt": item.negative_prompt or None,
+              "num_inference_steps": item.inference_steps,
+              "guidance_scale": item.guidance_scale, "generator": generator}
+    latents = engine.pipe(**common, width=item.width, height=item.height,
+                          denoising_end=item.refiner_switch, output_type="latent").images
+    image = engine.refiner(**common, image=latents,
+                           denoising_start=item.refiner_switch).images[0]
+    engine.sampler = ""  # the engine's sampler bookkeeping: rebuilt on the next batch
+    return image
+
+
+@pytest.mark.parametrize("item", [CAT, DOG], ids=["empty-negative", "negative-euler-a"])
+def test_hand_off_equals_diffusers_base_plus_refiner(engine: DiffusionEngine,
+                                                     item: GenerationItem) -> None:
+    ours = engine.generate([item])[0]
+    assert diff(ours, _diffusers_ensemble(engine, item)) <= 1
+    # The refiner changed the image: the same item without it differs (random weights and a
+    # few refiner steps: a small but certain difference).
+    assert diff(ours, engine.generate([replace(item, refiner_switch=0.0)])[0]) > 2
+
+
+def test_alone_equals_in_a_batch_of_strangers(engine: DiffusionEngine) -> None:
+    stranger = GenerationItem("something else entirely", "ugly", 9, 64, 64, 6, 7.5,
+                              refiner_switch=0.5)
+    alone = engine.generate([CAT])[0]
+    together = engine.generate([stranger, CAT])
+    assert diff(alone, together[1]) <= 1
+    assert diff(together[0], together[1]) > 10
+
+
+def test_the_switch_joins_the_batching_key() -> None:
+    plain = replace(CAT, refiner_switch=0.0)
+    assert len({CAT.key, plain.key, replace(CAT, refiner_switch=0.7).key}) == 3
+    assert plain.key == (64, 64, 6, 7.5, "")
+    from batchserve.engines import key_label
+    assert key_label(CAT.key) == "64x64x6x7.5+refiner@0.5"
+
+
+@pytest.mark.parametrize("policy", ["deadline", "eager"])
+async def test_served_under_whole_batch_policies_equals_alone(engine: DiffusionEngine,
+                                                              policy: str) -> None:
+    items = (CAT, replace(CAT, prompt="another cat", seed=7), DOG)
+    async with in_process(engine, flush_policy=policy,  # type: ignore[arg-type]
+                          max_wait_ms=50, refiner="tiny-sdxl-refiner") as app:
+        responses = await asyncio.gather(*(app.client.post("/t2i", json={
+            "prompt": i.prompt, "negative_prompt": i.negative_prompt, "seed": i.seed,
+            "width": i.width, "height": i.height, "inference_steps": i.inference_steps,
+            "guidance_scale": i.guidance_scale, "refiner_switch": i.refiner_switch,
+            **({"sampler": i.sampler} if i.sampler else {}),
+        }) for i in items))
+    for item, response in zip(items, responses, strict=True):
+        assert response.status_code == 200, response.text
+        served = Image.open(io.BytesIO(response.content)).convert("RGB")
+        assert diff(served, engine.generate([item])[0]) <= 1
+
+
+def test_info_names_the_refiner(engine: DiffusionEngine) -> None:
+    assert engine.info().to_dict()["refiner"] == "tiny-sdxl-refiner"
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, "half", True])
+def test_switch_out_of_range_names_the_field(value: object) -> None:
+    with pytest.raises(Exception, match="refiner_switch") as err:
+        validate({"prompt": "x", "refiner_switch": value}, Limits(refiner=True))
+    assert getattr(err.value, "field", None) == "refiner_switch"
+
+
+def test_switch_without_a_refiner_names_the_flag() -> None:
+    with pytest.raises(Exception, match=r"refiner_switch: .*--refiner"):
+        validate({"prompt": "x", "refiner_switch": 0.8}, Limits())
+    request = validate({"prompt": "x", "refiner_switch": 0.8}, Limits(refiner=True))
+    assert request.item().refiner_switch == 0.8
+
+
+async def test_switch_without_a_refiner_is_422_and_nothing_queued() -> None:
+    async with in_process() as app:
+        response = await app.client.post("/t2i", json={"prompt": "x", "refiner_switch": 0.8})
+        assert response.status_code == 422
+        assert "--refiner" in response.text
+        assert app.engine.batches == []
+
+
+def test_a_refiner_without_an_sdxl_base_names_the_flag() -> None:
+    with pytest.raises(SettingsError, match=r"^--refiner: .*SDXL base.*tiny is sd1"):
+        DiffusionEngine.load(Settings(model="tiny", refiner="tiny-sdxl-refiner", warmup=""))
+
+
+def test_a_refiner_under_continuous_is_a_clear_start_up_error() -> None:
+    with pytest.raises(SettingsError, match=r"^--refiner: .*continuous"):
+        DiffusionEngine.load(Settings(model="tiny-sdxl", refiner="tiny-sdxl-refiner",
+                                      flush_policy="continuous", warmup=""))
