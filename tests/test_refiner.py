@@ -134,3 +134,47 @@ def test_a_refiner_under_continuous_is_a_clear_start_up_error() -> None:
     with pytest.raises(SettingsError, match=r"^--refiner: .*continuous"):
         DiffusionEngine.load(Settings(model="tiny-sdxl", refiner="tiny-sdxl-refiner",
                                       flush_policy="continuous", warmup=""))
+
+
+async def test_doors_list_the_refiner_and_a1111_maps_its_fields(engine: DiffusionEngine) -> None:
+    async with in_process(engine, refiner="tiny-sdxl-refiner", max_wait_ms=1) as app:
+        models = (await app.client.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in models] == ["fake", "tiny-sdxl-refiner"]
+        listed = (await app.client.get("/sdapi/v1/sd-models")).json()
+        assert [m["title"] for m in listed] == ["fake", "tiny-sdxl-refiner"]
+        info = (await app.client.get("/v1/info")).json()
+        assert "tiny-sdxl-refiner" in str(info)
+        body = {"prompt": CAT.prompt, "seed": CAT.seed, "width": 64, "height": 64,
+                "steps": CAT.inference_steps, "cfg_scale": CAT.guidance_scale,
+                "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+                "refiner_checkpoint": "tiny-sdxl-refiner [abc123]", "refiner_switch_at": 0.5}
+        response = await app.client.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        wrong = await app.client.post("/sdapi/v1/txt2img",
+                                      json={**body, "refiner_checkpoint": "other"})
+        assert wrong.status_code == 422 and "refiner_checkpoint" in wrong.text
+        out_of_range = await app.client.post("/sdapi/v1/txt2img",
+                                             json={**body, "refiner_switch_at": 1.0})
+        assert out_of_range.status_code == 422 and "refiner_switch_at" in out_of_range.text
+        openai = await app.client.post("/v1/images/generations", json={
+            "prompt": CAT.prompt, "seed": CAT.seed, "size": "64x64",
+            "num_inference_steps": CAT.inference_steps, "refiner_switch": 0.5})
+        assert openai.status_code == 200, openai.text
+    import base64
+    served = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    assert diff(served.convert("RGB"), engine.generate([CAT])[0]) <= 1
+    via_openai = Image.open(io.BytesIO(base64.b64decode(openai.json()["data"][0]["b64_json"])))
+    assert diff(via_openai.convert("RGB"), engine.generate([CAT])[0]) <= 1
+
+
+async def test_a1111_refiner_checkpoint_without_a_refiner_names_the_field() -> None:
+    async with in_process() as app:
+        response = await app.client.post("/sdapi/v1/txt2img", json={
+            "prompt": "x", "refiner_checkpoint": "some-refiner", "refiner_switch_at": 0.8})
+        assert response.status_code == 422
+        assert "refiner_checkpoint" in response.text and "--refiner" in response.text
+        # The web UI's own "no refiner": ignored.
+        none = await app.client.post("/sdapi/v1/txt2img", json={
+            "prompt": "x", "refiner_checkpoint": "None", "refiner_switch_at": 0.8})
+        assert none.status_code == 200, none.text
+        assert all(i.refiner_switch == 0 for b in app.engine.batches for i in b)
