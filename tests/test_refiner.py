@@ -14,7 +14,7 @@ import pytest
 import torch
 from inprocess import in_process
 from PIL import Image
-from test_stepwise import pixels
+from test_stepwise import pixels, run_until_done
 
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import DiffusionEngine
@@ -81,8 +81,8 @@ def test_the_switch_joins_the_batching_key() -> None:
     assert key_label(CAT.key) == "64x64x6x7.5+refiner@0.5"
 
 
-@pytest.mark.parametrize("policy", ["deadline", "eager"])
-async def test_served_under_whole_batch_policies_equals_alone(engine: DiffusionEngine,
+@pytest.mark.parametrize("policy", ["deadline", "eager", "continuous"])
+async def test_served_under_every_policy_equals_alone(engine: DiffusionEngine,
                                                               policy: str) -> None:
     items = (CAT, replace(CAT, prompt="another cat", seed=7), DOG)
     async with in_process(engine, flush_policy=policy,  # type: ignore[arg-type]
@@ -130,10 +130,26 @@ def test_a_refiner_without_an_sdxl_base_names_the_flag() -> None:
         DiffusionEngine.load(Settings(model="tiny", refiner="tiny-sdxl-refiner", warmup=""))
 
 
-def test_a_refiner_under_continuous_is_a_clear_start_up_error() -> None:
-    with pytest.raises(SettingsError, match=r"^--refiner: .*continuous"):
-        DiffusionEngine.load(Settings(model="tiny-sdxl", refiner="tiny-sdxl-refiner",
-                                      flush_policy="continuous", warmup=""))
+@pytest.mark.parametrize("item", [CAT, DOG, replace(CAT, sampler="heun", refiner_switch=0.4)],
+                         ids=["dpm++", "euler-a", "heun"])
+def test_the_step_core_hand_off_equals_the_whole_batch(engine: DiffusionEngine,
+                                                       item: GenerationItem) -> None:
+    """One step core: the item's state moves to the refiner at its hand-off step, with the
+    refiner's own scheduler, timesteps and rows, as the two pipelines run it."""
+    whole = pixels(engine.generate([item])[0])
+    stepped = run_until_done(engine, engine.prepare([item]))
+    assert np.abs(stepped[item] - whole).max() <= 1
+
+
+def test_joining_a_running_batch_part_way_equals_alone(engine: DiffusionEngine) -> None:
+    """Base-stage and refiner-stage items share steps (one forward per stage); items without
+    a refiner run beside them."""
+    plain = GenerationItem("a lamp", "", 3, 64, 64, 4, 1.0)
+    late = replace(DOG, seed=11, refiner_switch=0.3)
+    alone = {item: pixels(engine.generate([item])[0]) for item in (CAT, plain, late)}
+    joined = run_until_done(engine, engine.prepare([CAT]), [plain, late], join_after=3)
+    for item, image in alone.items():
+        assert np.abs(joined[item] - image).max() <= 1, item
 
 
 async def test_doors_list_the_refiner_and_a1111_maps_its_fields(engine: DiffusionEngine) -> None:

@@ -185,10 +185,11 @@ class DiffusionEngine:
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
         self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
-        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.family)
         self.refiner = refiner
         self.refiner_family = None if refiner is None else _refiner_family(refiner, settings,
                                                                            self.addons)
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.family,
+                                        refiner, self.refiner_family)
 
     @classmethod
     def load(cls, settings: Settings) -> DiffusionEngine:
@@ -360,15 +361,10 @@ class DiffusionEngine:
 
 
 def check_refiner(settings: Settings, family: str) -> None:
-    """`--refiner` needs an SDXL base and a whole-batch policy (for now)."""
-    if settings.refiner is None:
-        return
-    if family != "sdxl":
+    """`--refiner` needs an SDXL base."""
+    if settings.refiner is not None and family != "sdxl":
         raise SettingsError(f"--refiner: the refiner needs an SDXL base model; --model "
                             f"{settings.model} is {family}")
-    if settings.flush_policy == "continuous":
-        raise SettingsError("--refiner: not available with --flush-policy continuous yet; use "
-                            "deadline or eager")
 
 
 def load_refiner(refiner: str, base: Any, torch_dtype: torch.dtype) -> Any:

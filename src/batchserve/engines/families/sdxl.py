@@ -105,6 +105,9 @@ class SDXL:
                    "negative_pooled_prompt_embeds": text.negative_pooled}
 
 
+AESTHETIC, NEGATIVE_AESTHETIC = 6.0, 2.5  # the refiner pipeline's defaults
+
+
 class Refiner:
     """The SDXL refiner's conditioning (`StableDiffusionXLImg2ImgPipeline` with only
     `text_encoder_2`): the second encoder's penultimate states and pooled output; the pipeline
@@ -122,6 +125,33 @@ class Refiner:
         return cls(pipe, PromptEncoder(pipe.tokenizer_2, pipe.text_encoder_2, pipe.unet,
                                        long_prompts=long_prompts, clip_skip=clip_skip,
                                        expansions=expansions, penultimate=True))
+
+    def time_ids(self, item: GenerationItem, score: float, like: torch.Tensor) -> torch.Tensor:
+        """[1, 5] (original size, crop top-left, aesthetic score) as the refiner pipeline's
+        `_get_add_time_ids` makes them by default; [1, 6] with a target size for a refiner
+        whose config does not ask for the aesthetic score."""
+        size = (item.height, item.width)
+        tail = (score,) if self.pipe.config.get("requires_aesthetics_score", False) else size
+        return torch.tensor([[*size, 0, 0, *tail]], dtype=like.dtype, device=like.device)
+
+    def rows(self, item: GenerationItem, *, guided: bool) -> list[Row]:
+        """The item's refiner rows, encoded alone: the second encoder's states, its pooled
+        output and the aesthetic-score time ids (6.0 for the prompt, 2.5 for the negative:
+        the pipeline's defaults)."""
+        text = self.second.encode([item.prompt], [item.negative_prompt], guidance=guided)
+        mask = text.attention_mask
+        assert text.pooled is not None
+        positive = Row(text.prompt_embeds, None if mask is None else mask[-1],
+                       {"text_embeds": text.pooled,
+                        "time_ids": self.time_ids(item, AESTHETIC, text.prompt_embeds)})
+        negative, pooled = text.negative_embeds, text.negative_pooled
+        if negative is None or pooled is None:
+            return [positive]
+        if not item.negative_prompt and self.zero_empty:
+            negative, pooled = torch.zeros_like(negative), torch.zeros_like(pooled)
+        return [Row(negative, None if mask is None else mask[0],
+                    {"text_embeds": pooled,
+                     "time_ids": self.time_ids(item, NEGATIVE_AESTHETIC, negative)}), positive]
 
     @contextmanager
     def conditioning(self, items: Sequence[GenerationItem]) -> Iterator[dict[str, Any]]:
