@@ -194,3 +194,10 @@ async def test_a1111_refiner_checkpoint_without_a_refiner_names_the_field() -> N
             "prompt": "x", "refiner_checkpoint": "None", "refiner_switch_at": 0.8})
         assert none.status_code == 200, none.text
         assert all(i.refiner_switch == 0 for b in app.engine.batches for i in b)
+
+
+def test_a_refiner_beside_the_simulated_engine_names_the_flag() -> None:
+    from batchserve.engines import load_engine
+
+    with pytest.raises(SettingsError, match=r"^--refiner: "):
+        load_engine(Settings(model="sim", refiner="tiny-sdxl-refiner"))
