@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,21 @@ def test_a_refiner_beside_the_simulated_engine_names_the_flag() -> None:
 
     with pytest.raises(SettingsError, match=r"^--refiner: "):
         load_engine(Settings(model="sim", refiner="tiny-sdxl-refiner"))
+
+
+def test_a_refiner_folder_equals_the_preset(engine: DiffusionEngine, tmp_path: Path) -> None:
+    """A diffusers folder (as Stability publishes the refiner) loads with the base's VAE and
+    second encoder and gives the preset's images."""
+    assert engine.refiner is not None
+    engine.refiner.save_pretrained(tmp_path / "refiner")
+    folder = DiffusionEngine.load(Settings(model="tiny-sdxl", refiner=str(tmp_path / "refiner"),
+                                           warmup=""))
+    assert folder.refiner.vae is folder.pipe.vae
+    assert folder.refiner.text_encoder_2 is folder.pipe.text_encoder_2
+    assert diff(folder.generate([CAT])[0], engine.generate([CAT])[0]) <= 1
+
+
+def test_a_refiner_that_is_not_one_names_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"^--refiner="):
+        DiffusionEngine.load(Settings(model="tiny-sdxl", refiner=str(tmp_path / "nothing"),
+                                      warmup=""))
