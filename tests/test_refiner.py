@@ -80,6 +80,8 @@ def test_the_switch_joins_the_batching_key() -> None:
     assert plain.key == (64, 64, 6, 7.5, "")
     from batchserve.engines import key_label
     assert key_label(CAT.key) == "64x64x6x7.5+refiner@0.5"
+    from batchserve.service import shape_label
+    assert shape_label(DOG.key) == "64x64x5x5+refiner@0.6/euler-a"
 
 
 @pytest.mark.parametrize("policy", ["deadline", "eager", "continuous"])
@@ -220,3 +222,13 @@ def test_a_refiner_that_is_not_one_names_the_flag(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"^--refiner="):
         DiffusionEngine.load(Settings(model="tiny-sdxl", refiner=str(tmp_path / "nothing"),
                                       warmup=""))
+
+
+def test_a_job_record_keeps_the_switch() -> None:
+    from batchserve.schema import T2IRequest
+
+    request = validate({"prompt": "x", "refiner_switch": 0.7, "seed": 3}, Limits(refiner=True))
+    assert request.fields()["refiner_switch"] == 0.7
+    assert T2IRequest.from_fields(request.fields()) == request
+    plain = validate({"prompt": "x", "seed": 3}, Limits(refiner=True))
+    assert "refiner_switch" not in plain.fields()

@@ -86,9 +86,12 @@ class T2IRequest:
         """The request as its fields (what a job stores and shows), without the door-side
         `timeout_given` (a job has no waiting client) and without pixels: an init image is
         described by its size, `strength` and `mask_blur`; its pixels are `pixels()`, stored
-        apart. `from_fields(fields, pixels)` rebuilds the request."""
+        apart; `refiner_switch` only when set. `from_fields(fields, pixels)` rebuilds the
+        request."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("timeout_given", "init")}
+        if not self.refiner_switch:
+            del data["refiner_switch"]  # a request without the refiner reads as before it
         if (init := self.init) is not None:
             size = {"width": init.width, "height": init.height}
             data.update(init_image=size, strength=init.strength)

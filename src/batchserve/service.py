@@ -668,11 +668,12 @@ def _work(item: GenerationItem) -> int:
 
 def shape_label(key: Hashable) -> str:
     """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` or,
-    for items joining at step 5, `512x512x20x7.5@5/euler-a` (as the request log writes it):
+    for items joining at step 5, `512x512x20x7.5@5/euler-a`, with the refiner
+    `1024x1024x30x7.5+refiner@0.8/euler-a` (as the request log writes it):
     numbers and names from closed sets only, never user text."""
     if not isinstance(key, tuple):
         return "other"
-    if len(key) in (5, 6) and isinstance(key[4], str) and key[4]:
+    if len(key) in (5, 6, 7) and isinstance(key[4], str) and key[4]:
         return key_label(cast(BatchKey, key))  # the whole-batch key
     numbers = "x".join(f"{p:g}" if isinstance(p, float) else str(p) for p in key
                        if not isinstance(p, str))
