@@ -107,7 +107,7 @@ class Service:
             max_priority=settings.max_priority, max_cost=settings.max_cost,
             default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
             image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
-            default_size=self.sizes.default,
+            default_size=self.sizes.default, refiner=settings.refiner is not None,
         )
         try:
             self.tenants = tenants.Tenants.from_settings(settings.api_keys, settings.api_key)
@@ -681,11 +681,12 @@ def _work(item: GenerationItem) -> int:
 
 def shape_label(key: Hashable) -> str:
     """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` or,
-    for items joining at step 5, `512x512x20x7.5@5/euler-a` (as the request log writes it):
+    for items joining at step 5, `512x512x20x7.5@5/euler-a`, with the refiner
+    `1024x1024x30x7.5+refiner@0.8/euler-a` (as the request log writes it):
     numbers and names from closed sets only, never user text."""
     if not isinstance(key, tuple):
         return "other"
-    if len(key) in (5, 6) and isinstance(key[4], str) and key[4]:
+    if len(key) in (5, 6, 7) and isinstance(key[4], str) and key[4]:
         return key_label(cast(BatchKey, key))  # the whole-batch key
     numbers = "x".join(exact(p) if isinstance(p, float) else str(p) for p in key
                        if not isinstance(p, str))

@@ -59,6 +59,11 @@ class Settings:
     allow_pickle: bool = _opt(
         False, "load pickle files (.ckpt/.pt/.pth/.bin): they can run code; trusted sources only"
     )
+    refiner: str | None = _opt(
+        None, "SDXL refiner (a diffusers folder, a single file or tiny-sdxl-refiner), sharing "
+        "the base's VAE and second text encoder; a request's refiner_switch hands it the last "
+        "steps"
+    )
     vae: str | None = _opt(None, "VAE replacing the model's: a diffusers folder or a single file")
     lora: str | None = _opt(
         None, "LoRA files fused into the weights at load: PATH[:SCALE], comma separated"
