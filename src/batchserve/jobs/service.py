@@ -301,9 +301,10 @@ class JobService:
         except KeyError:
             raise NotFound(f"no job {job_id} (unknown or expired)") from None
         if record.status.terminal:
-            self._ended_here(record)
+            # The input goes first: whoever waits on the job's end may look at the store.
             if record.request.get("init_image") is not None:
                 await self._drop_input(record.id)
+            self._ended_here(record)
         return record
 
     async def _drop_input(self, job_id: str) -> None:
