@@ -177,6 +177,7 @@ def server_args(opts: argparse.Namespace) -> list[str]:
     return ["--sim-base-ms", str(opts.sim_base_ms), "--sim-per-image-ms",
             str(opts.sim_per_image_ms), "--max-batch-size", str(opts.max_batch_size),
             "--max-wait-ms", str(opts.max_wait_ms), "--max-queue", str(opts.max_queue),
+            "--refusal-hold-max", str(opts.refusal_hold_max),
             "--drain-timeout-s", "30", "--warmup", ""]
 
 
@@ -260,6 +261,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--max-queue", type=int, default=32)
+    # A small waiting room: it holds some refused requests for a place (and is soaked too),
+    # and more users than it holds still meet the 429 backpressure the soak checks.
+    p.add_argument("--refusal-hold-max", type=int, default=4)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--steps", type=int, default=1)

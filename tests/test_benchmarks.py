@@ -331,3 +331,17 @@ def test_openloop_img2img_mix_sends_half_image_requests_that_run_fewer_steps() -
     assert openloop.capacity("img2img", 25.0, 15.0) > openloop.capacity("one-key", 25.0, 15.0)
     keys = openloop.ideal_keys("img2img")
     assert 0.4 < sum(k == (20, 7.5) for k in keys) / len(keys) < 0.6
+
+
+def test_retry_benchmark_phase_counts_images_refusals_and_engine_time() -> None:
+    from benchmarks.retry import phase
+
+    records = [
+        {"ok": True, "status": 200, "inference_ms": 1000.0, "batch_size": 2},
+        {"ok": True, "status": 200, "inference_ms": 600.0, "batch_size": 1},
+        {"ok": False, "status": 503, "inference_ms": 0.0, "batch_size": 0},
+        {"ok": False, "status": 0, "inference_ms": 0.0, "batch_size": 0},
+    ]
+    figures = phase(records, 10.0)
+    assert figures == {"images": 2, "images_per_s": 0.2, "refused": 1, "timed_out": 1,
+                       "engine_ms_per_image": 550.0}

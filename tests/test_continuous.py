@@ -160,3 +160,30 @@ def test_queue_overflow_gives_429_under_continuous(tmp_path: Path) -> None:
         overflow(pool, server, 16)
         server.proc.send_signal(signal.SIGTERM)
         assert exit_code(server) == 0
+
+
+async def test_a_prompt_stays_masked_in_engine_logs_after_its_client_leaves() -> None:
+    """Issue 18 item 10: on the step-wise path the engine thread may log a prompt after its
+    client left (the request's own registration ends then): the step call keeps it known."""
+    from batchserve.logs import KNOWN_PROMPTS
+    from batchserve.schema import validate
+
+    prompt = "a very secret lighthouse drawn at dusk by the sea"
+    seen: list[str] = []
+
+    class Logging(FakeStepEngine):
+        def step(self, states: object) -> None:
+            super().step(states)  # type: ignore[arg-type]
+            seen.append(KNOWN_PROMPTS.redact(f"engine says: {prompt}"))
+
+    gate = threading.Event()
+    engine = Logging(gate=gate)
+    async with in_process(engine, flush_policy="continuous") as app:  # type: ignore[arg-type]
+        req = validate({"prompt": prompt, "width": 64, "height": 64, "inference_steps": 1},
+                       app.service.limits)
+        future = app.service.submit(req, "png")
+        await eventually(engine.started.is_set)  # its step is running on the engine thread
+        future.cancel()  # the client left
+        gate.set()
+        await eventually(lambda: bool(seen))
+    assert prompt not in seen[0], seen

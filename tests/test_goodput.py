@@ -200,6 +200,39 @@ def test_learned_patience_budgets_requests_that_name_no_timeout(clock: FakeClock
     asyncio.run(scenario())
 
 
+def test_a_client_about_to_leave_does_not_get_fresh_retries_refused(clock: FakeClock) -> None:
+    """Issue 18: a queued request that can no longer finish in its (learned) budget must not
+    count as work ahead of a newcomer that can: the newcomer is admitted and starts first."""
+    async def scenario() -> None:
+        runner = HeldRunner()
+        b = adaptive_batcher(runner, clock)
+        run = Run(b, runner, clock)
+        busy = b.submit(("b", 0), key="b")  # another key keeps the engine busy
+        await _until(lambda: len(runner.batches) == 1)
+        for i in range(5):  # clients give up after about 3 s: patience ~3 s
+            fut = run.submit(i + 1, explicit=False)
+            clock.now += 3.0
+            fut.cancel()
+            await asyncio.sleep(0)
+        for _ in range(3):  # batches whose clients left: the cap falls 8 -> 4 -> 2 -> 1
+            b.adaptive.batch_ended("a", 8, 8, clock.now)
+        assert b.adaptive.cap("a") == 1
+        await _until(lambda: b.depth == 0)  # the loop dropped the cancelled ones
+        stale = run.submit(10, explicit=False)
+        clock.now += 2.0  # 1 s of its ~3 s budget left, one image takes 2 s: hopeless
+        fresh = run.submit(11, explicit=False)  # before: 2 s (stale) + 2 s (own) > 3 s, 503
+        assert b.depth == 2
+        await run.finish_batch()
+        assert runner.batches[1] == [("a", 11)]  # the one that can make it runs first
+        stale.cancel()  # its client leaves, as predicted, having cost the engine nothing
+        await run.finish_batch()
+        assert (await fresh).result == "img-a-11"
+        await busy
+        await run.close()
+
+    asyncio.run(scenario())
+
+
 def test_all_cancelled_running_batch_signals_stop_and_partly_cancelled_does_not(
     clock: FakeClock,
 ) -> None:

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from batchserve.errors import JobsQueueFull
 from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
 from batchserve.jobs.protocol import BackendUnavailable, Delivery, JobQueue, ResultStore
 from batchserve.jobs.record import JobRecord, Status, TransitionRefused, new_job_id
-from batchserve.jobs.redis import RedisQueue
-from batchserve.jobs.service import input_name
+from batchserve.jobs.redis import RedisQueue, max_len
+from batchserve.jobs.service import JobService, input_name
 from batchserve.jobs.stores import FileResultStore, S3ResultStore
+from batchserve.metrics import Metrics
+from batchserve.schema import Limits, validate
+from batchserve.settings import Settings
 
 from conftest import free_port
 from services import RedisServer, SeaweedS3, redis_server, seaweed_s3
@@ -273,6 +277,94 @@ async def test_waiting_and_position_follow_the_queue(queue: JobQueue) -> None:
     assert [d.job_id for d in taken] == [jobs[1].id, jobs[3].id]  # never the canceled one
     await queue.ack(delivery)
     assert await queue.waiting() == 0
+
+
+async def test_jobs_past_max_jobs_waiting_are_refused_on_every_queue(
+        queue: JobQueue) -> None:
+    """Issue 18 item 2: the bound is checked against the queue's own count (the Redis stream's
+    undelivered entries, shared by every api process); a pulled or canceled job frees a place."""
+    settings = Settings(model="fake", warmup="", max_jobs_waiting=2)
+    jobs = JobService(settings, Metrics(1), queue, MemoryResultStore(ttl_s=TTL_S))
+    limits = Limits(settings.max_pixels, settings.max_steps, settings.request_timeout_s)
+    req = validate({"prompt": "a cat", "width": 64, "height": 64}, limits)
+    _, second = [await jobs.submit(req, "png") for _ in range(2)]
+    with pytest.raises(JobsQueueFull) as refused:
+        await jobs.submit(req, "png")
+    assert refused.value.status == 429 and (refused.value.retry_after_s or 0) > 0
+    assert await queue.waiting() == 2
+    await queue.pull("w", 1, 0)  # with a worker: no longer waiting
+    await jobs.submit(req, "png")
+    await jobs.cancel(second.id)
+    await jobs.submit(req, "png")
+    with pytest.raises(JobsQueueFull):
+        await jobs.submit(req, "png")
+    assert await queue.waiting() == 2
+
+
+async def test_the_redis_stream_is_trimmed_far_above_the_bound(redis: RedisServer) -> None:
+    """The approximate MAXLEN is only a safety net: never near `--max-jobs-waiting`."""
+    assert max_len(1000) >= 100_000 and max_len(50_000) == 500_000
+    queue = redis_queue(redis.url)
+    queue._max_len = 10  # tiny, to see the stream trimmed at all
+    try:
+        for _ in range(500):
+            await queue.create(record())
+        length = await queue._redis.xlen(queue._stream)
+        assert 10 <= length < 500
+    finally:
+        await queue.close()
+
+
+async def test_positions_skip_canceled_jobs_ahead_and_handed_back(queue: JobQueue) -> None:
+    """Issue 18 item 9 (checked): a job canceled ahead in the line, undelivered or handed back,
+    is not counted in anyone's position."""
+    jobs = [await queue.create(record()) for _ in range(4)]
+    await queue.transition(jobs[0].id, Status.CANCELED)
+    assert [await queue.position(j.id) for j in jobs] == [None, 0, 1, 2]
+    (delivery,) = await queue.pull("w", 1, 0)
+    await queue.release(delivery)  # back at the head of the line
+    await queue.transition(jobs[1].id, Status.CANCELED)
+    assert [await queue.position(j.id) for j in jobs] == [None, None, 0, 1]
+    assert await queue.waiting() == 2
+
+
+async def _consumers(queue: RedisQueue) -> set[str]:
+    infos = await queue._redis.xinfo_consumers(queue._stream, "workers")
+    return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in infos}
+
+
+async def test_redis_consumers_leave_and_dead_ones_are_swept(redis: RedisServer) -> None:
+    """Issue 18 item 9: a worker's clean stop deletes its consumer; dead consumers holding
+    nothing are deleted by any worker's pull; one still holding a job is never deleted (its
+    pending entry would be lost)."""
+    queue = redis_queue(redis.url, visibility_timeout_s=0.2)
+    try:
+        for _ in range(3):
+            await queue.create(record())
+        (done,) = await queue.pull("done", 1, 0)
+        await queue.ack(done)
+        (held,) = await queue.pull("holding", 1, 0)
+        (dead,) = await queue.pull("dead", 1, 0)
+        await queue.ack(dead)
+        assert await _consumers(queue) == {"done", "holding", "dead"}
+        await queue.leave("done")
+        await queue.leave("holding")  # still holds a job: kept
+        assert await _consumers(queue) == {"holding", "dead"}
+
+        async def swept() -> bool:  # Redis's own idle time: wait for it, not for a fixed time
+            await queue.prune()
+            return await _consumers(queue) == {"holding"}
+        deadline = time.monotonic() + 5
+        while not await swept():
+            assert time.monotonic() < deadline, await _consumers(queue)
+            await asyncio.sleep(0.05)
+        (again,) = await queue.pull("live", 1, 0)  # the dead holder's job is claimed...
+        assert again.job_id == held.job_id
+        await queue.ack(again)
+        await queue.prune()  # ...and then its name goes too
+        assert await _consumers(queue) == {"live"}
+    finally:
+        await queue.close()
 
 
 async def test_positions_after_work_is_acknowledged(queue: JobQueue) -> None:

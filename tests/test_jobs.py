@@ -441,3 +441,36 @@ async def test_result_redirect_answers_302_to_the_presigned_url(redirect: bool) 
             assert image.headers["location"].startswith(f"https://s3.example/bucket/{job}.png")
         else:
             assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        # The page's way (issue 18 item 10): its CSP (connect-src 'self') would block the 302.
+        page = await app.client.get(f"/v1/jobs/{job}/image?redirect=false")
+        assert page.status_code == 200 and page.content.startswith(b"\x89PNG")
+        script = (await app.client.get("/static/app.js")).text
+        assert "/image?redirect=false`" in script
+        csp = (await app.client.get("/")).headers["content-security-policy"]
+        assert "connect-src 'self'" in csp
+
+
+async def test_past_max_jobs_waiting_submits_are_429_and_nothing_is_stored() -> None:
+    """Issue 18 item 2: the job queue is bounded; the 429 names its code and a Retry-After."""
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    async with in_process(engine, max_batch_size=1, max_wait_ms=0, max_jobs_waiting=2) as app:
+        running = await submitted(app, prompt="running")
+        await asyncio.to_thread(engine.started.wait, 5)
+        await submitted(app, prompt="in the batcher")
+        await eventually(lambda: app.service.batcher.depth >= 1)
+        waiting = [await submitted(app, prompt=f"waiting {i}") for i in range(2)]
+        assert await app.service.jobs.queue.waiting() == 2
+        refused = await submit(app, prompt="one too many")
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "jobs_queue_full"
+        assert int(refused.headers["retry-after"]) > 0
+        assert await app.service.jobs.queue.waiting() == 2
+        assert app.metric("batchserve_requests_rejected_total", reason="queue_full") == 1
+        # A canceled job leaves the queue: its place is free again.
+        assert (await app.client.delete(f"/v1/jobs/{waiting[0]}")).status_code == 200
+        admitted = await submitted(app, prompt="admitted")
+        gate.set()
+        for job in (running, admitted):
+            assert (await finished(app, job))["status"] == "succeeded"
+        assert "one too many" not in prompts(engine)

@@ -171,3 +171,22 @@ async def test_a_refused_job_pauses_pulling_instead_of_spinning() -> None:
 async def _stopped(runner: JobRunner) -> None:
     if runner._loop is not None:
         await asyncio.wait([runner._loop])  # ends when the refusals stopped its pulling
+
+
+class LeavingQueue(MemoryQueue):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.left: list[str] = []
+
+    async def leave(self, consumer: str) -> None:
+        self.left.append(consumer)
+
+
+async def test_a_clean_stop_removes_the_workers_consumer_name() -> None:
+    """Issue 18 item 9: consumer names must not pile up in a shared queue's group."""
+    queue = LeavingQueue(ttl_s=3600, visibility_timeout_s=120)
+    async with in_process(max_wait_ms=0, backends={"queue": queue}) as app:
+        runner = app.service.jobs.runner
+        assert runner is not None
+        assert await app.service.drain()  # the clean stop (SIGTERM)
+        assert queue.left == [runner.consumer]

@@ -104,3 +104,16 @@ def test_gpu_gauges_stay_zero_without_cuda(client: TestClient) -> None:
     metrics = scrape(client)
     assert value(metrics, "batchserve_gpu_memory_allocated_bytes") == 0
     assert value(metrics, "batchserve_gpu_memory_reserved_bytes") == 0
+
+
+def test_batch_key_labels_never_merge_two_keys() -> None:
+    """Issue 18 item 10: guidance was written with `:g` (6 digits), so two keys shared one
+    metric label and forgetting one removed the other's series."""
+    from batchserve.engines.protocol import key_label
+    from batchserve.service import shape_label
+
+    a, b = (512, 512, 20, 7.1234561, ""), (512, 512, 20, 7.1234562, "")
+    assert key_label(a) != key_label(b)
+    assert shape_label((512, 512, 7.1234561)) != shape_label((512, 512, 7.1234562))
+    assert key_label((512, 512, 20, 7.5, "euler-a")) == "512x512x20x7.5/euler-a"
+    assert key_label((512, 512, 20, 7.0, "")) == "512x512x20x7"

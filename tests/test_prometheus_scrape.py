@@ -39,8 +39,10 @@ pytestmark = pytest.mark.skipif(
 OK_REQUESTS = 16
 MAX_BATCH = 4
 # What Grafana would put in; `.*` is its "All" value for the instance/GPU variables.
+API_KEY = "scrape-test-key"
 VARIABLES = {
     "instance": ".*",
+    "tenant": ".*",
     "app": ".*",
     "gpu": ".*",
     "__rate_interval": "1m",
@@ -90,7 +92,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("scraped_server")
-    args = ("--model", "tiny", "--host", "127.0.0.1",
+    # With a key the server has a tenant ("default"), so the dashboard's tenant row has data.
+    args = ("--model", "tiny", "--host", "127.0.0.1", "--api-key", API_KEY,
             "--max-batch-size", str(MAX_BATCH), "--max-wait-ms", "1000")
     with running_server(*args, tmp_path=tmp, env={"BATCHSERVE_LOG_LEVEL": "warning"}) as server:
         yield server
@@ -144,7 +147,8 @@ def send_load(app_url: str) -> None:
     """OK_REQUESTS concurrent good requests and one invalid one; bounded in count and time."""
 
     async def burst() -> list[int]:
-        async with httpx.AsyncClient(base_url=app_url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=app_url, timeout=60,
+                                     headers={"authorization": f"Bearer {API_KEY}"}) as client:
             good = [
                 client.post("/t2i", json={
                     "prompt": f"a red cube {i}", "width": 64, "height": 64,
@@ -218,7 +222,9 @@ def test_template_variables_list_the_server(stack: Stack) -> None:
                 continue
             response = httpx.get(f"{stack.prometheus_url}/api/v1/label/{label}/values",
                                  params={"match[]": metric})
-            assert stack.instance in response.json()["data"], variable["name"]
+            # Instance variables list the server; the tenant variable its one tenant.
+            expected = "default" if label == "tenant" else stack.instance
+            assert expected in response.json()["data"], variable["name"]
 
 
 def test_the_load_is_counted(stack: Stack) -> None:

@@ -357,7 +357,7 @@ def test_sim_step_model_sleeps_per_step_and_per_static_batch(
     from batchserve.engines import GenerationItem, sim
 
     slept: list[float] = []
-    monkeypatch.setattr(sim, "_sleep_ms", slept.append)
+    monkeypatch.setattr(sim, "_sleep_ms", lambda ms, should_stop=None: slept.append(ms))
     engine = sim.SimEngine(base_ms=100, per_image_ms=10, step_ms=25, step_per_image_ms=15)
     items = [GenerationItem("p", "", s, 64, 64, 20, 7.5) for s in range(3)]
     engine.generate(items)

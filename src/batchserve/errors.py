@@ -105,6 +105,13 @@ class QueueFull(BatchServeError):
     status, code, reject_reason = 429, "queue_full", "queue_full"
 
 
+class JobsQueueFull(BatchServeError):
+    """`--max-jobs-waiting` jobs are already accepted and not yet taken by a worker (with
+    `Retry-After`); nothing was stored."""
+
+    status, code, reject_reason = 429, "jobs_queue_full", "queue_full"
+
+
 class GenerationFailed(BatchServeError):
     """The engine failed this request (a failing batch is bisected so only the request that
     causes the error fails); the message says so, the details are in the server log."""

@@ -49,6 +49,8 @@ class Limits:
     """Width and height must be multiples of it (the latent grid: VAE scale factor 8)."""
     default_size: tuple[int, int] = (512, 512)
     """width x height of a request that names none: the model family's (SDXL: 1024x1024)."""
+    refiner: bool = False
+    """An SDXL refiner is loaded (`--refiner`): requests may set `refiner_switch`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,8 @@ class T2IRequest:
     """The client named its own timeout_s (else learned patience may stand in for it)."""
     init: ImageInput | None = None
     """img2img / inpainting: the decoded init image (and mask) at width x height."""
+    refiner_switch: float = 0.0
+    """0 < x < 1 hands the last steps to the refiner; 0: none."""
 
     @property
     def key(self) -> BatchKey:
@@ -82,9 +86,12 @@ class T2IRequest:
         """The request as its fields (what a job stores and shows), without the door-side
         `timeout_given` (a job has no waiting client) and without pixels: an init image is
         described by its size, `strength` and `mask_blur`; its pixels are `pixels()`, stored
-        apart. `from_fields(fields, pixels)` rebuilds the request."""
+        apart; `refiner_switch` only when set. `from_fields(fields, pixels)` rebuilds the
+        request."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("timeout_given", "init")}
+        if not self.refiner_switch:
+            del data["refiner_switch"]  # a request without the refiner reads as before it
         if (init := self.init) is not None:
             size = {"width": init.width, "height": init.height}
             data.update(init_image=size, strength=init.strength)
@@ -122,6 +129,7 @@ class T2IRequest:
         return GenerationItem(
             self.prompt, self.negative_prompt, self.seed, self.width, self.height,
             self.inference_steps, self.guidance_scale, self.sampler, self.init,
+            self.refiner_switch,
         )
 
 
@@ -148,6 +156,7 @@ class Field:
     choices: tuple[str, ...] | None = None
     required: bool = False
     lo_exclusive: bool = False  # `lo` itself is out of range (strength: 0 < s)
+    hi_exclusive: bool = False  # `hi` itself is out of range (refiner_switch: x < 1)
 
     def check(self, value: Any, limits: Limits, label: str) -> Any:
         if self.type == "string":
@@ -163,9 +172,11 @@ class Field:
         lo, hi = _bound(self.lo, limits), _bound(self.hi, limits)
         if not math.isfinite(value) or (lo is not None and (
             value <= lo if self.lo_exclusive else value < lo
-        )) or (hi is not None and value > hi):
-            if self.lo_exclusive:
-                raise ValidationError(f"{label} must be greater than {_num(lo)} and at most "
+        )) or (hi is not None and (value >= hi if self.hi_exclusive else value > hi)):
+            if self.lo_exclusive or self.hi_exclusive:
+                low = "greater than" if self.lo_exclusive else "at least"
+                high = "less than" if self.hi_exclusive else "at most"
+                raise ValidationError(f"{label} must be {low} {_num(lo)} and {high} "
                                       f"{_num(hi)}", field=label)
             raise ValidationError(
                 f"{label} must be between {_num(lo)} and {_num(hi)}", field=label
@@ -204,7 +215,8 @@ class Field:
         if self.choices is not None:
             out["enum"] = list(self.choices)
         lowest = "exclusiveMinimum" if self.lo_exclusive else "minimum"
-        for key, bound in ((lowest, self.lo), ("maximum", self.hi)):
+        highest = "exclusiveMaximum" if self.hi_exclusive else "maximum"
+        for key, bound in ((lowest, self.lo), (highest, self.hi)):
             value = _bound(bound, limits)
             if value is not None:
                 out[key] = value
@@ -270,6 +282,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           "white is repainted, black kept (a mask with transparency: its opaque pixels)"),
     Field("mask_blur", "integer", "with mask_image: Gaussian blur radius of the mask, in output "
           "pixels", default=4, lo=0, hi=64),
+    Field("refiner_switch", "number", "with --refiner: the fraction of the steps after which "
+          "the SDXL refiner takes over (base denoising_end = refiner denoising_start); part of "
+          "the batching key", lo=0.0, hi=1.0, lo_exclusive=True, hi_exclusive=True),
 )}
 ALLOWED = tuple(FIELDS)
 IMAGE_FIELDS = ("init_image", "mask_image")
@@ -322,6 +337,7 @@ def validate(
     v = {name: FIELDS[name].check(value, limits, label(name)) for name, value in data.items()}
     steps = _steps(v, label)
     _check_image_fields(v, steps, limits, label)
+    _check_refiner(v, limits, label)
     # The size is known before decoding unless a side comes from the init image.
     derived = "init_image" in v and not ("width" in v and "height" in v)
     width, height = (v.get(side, default) for side, default in
@@ -362,7 +378,20 @@ def validate(
         sampler=v.get("sampler", limits.default_sampler),
         timeout_given="timeout_s" in v,
         init=init,
+        refiner_switch=v.get("refiner_switch", 0.0),
     )
+
+
+def _check_refiner(v: dict[str, Any], limits: Limits, label: Callable[[str], str]) -> None:
+    if "refiner_switch" not in v:
+        return
+    if not limits.refiner:
+        raise ValidationError(f"{label('refiner_switch')}: this server has no refiner "
+                              "(start it with --refiner)", field=label("refiner_switch"))
+    if "init_image" in v:
+        raise ValidationError(f"{label('refiner_switch')}: the refiner hand-off is for "
+                              "text-to-image; not with an init image",
+                              field=label("refiner_switch"))
 
 
 _SIZE_HINT = "; send width and height to resize the init image"

@@ -31,6 +31,7 @@ from .engines import (
 )
 from .engines.capabilities import image_inputs
 from .engines.families import FAMILY_SIZES, served_family
+from .engines.protocol import exact
 from .errors import (
     BatchServeError,
     Draining,
@@ -106,7 +107,7 @@ class Service:
             max_priority=settings.max_priority, max_cost=settings.max_cost,
             default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
             image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
-            default_size=self.sizes.default,
+            default_size=self.sizes.default, refiner=settings.refiner is not None,
         )
         try:
             self.tenants = tenants.Tenants.from_settings(settings.api_keys, settings.api_key)
@@ -584,13 +585,21 @@ class EngineSteps:
         return self._checked[1]
 
     async def _guarded(self, call: Callable[[], T], work: float,
-                       done_work: Callable[[T], float] | None = None) -> T:
+                       done_work: Callable[[T], float] | None = None, *,
+                       items: list[GenerationItem]) -> T:
+        """`items`: those the call works on, whose prompts stay known to the log's filter for
+        the call's length, as `_run_batch` does for a whole batch: a client that leaves
+        mid-call removes its prompts at once, while the engine thread may still log them."""
         service = self.service
+        texts = [t for i in items for t in (i.prompt, i.negative_prompt)]
+        KNOWN_PROMPTS.add(*texts)
         try:
             return await service.watchdog.guard(service.worker.submit(call), work, done_work)
         except EngineHung as exc:
             service._engine_hung(exc)
             raise
+        finally:
+            KNOWN_PROMPTS.remove(*texts)
 
     async def advance(self, joining: list[QueuedItem], active: list[tuple[QueuedItem, StepState]],
                       until: Callable[[], bool] | None = None,
@@ -609,7 +618,8 @@ class EngineSteps:
         most = 1 if until is None else min(
             [*(s.remaining for s in states), *(i.inference_steps for i in items)], default=1)
         ran = await self._guarded(partial(run_round, engine, items, states, until),
-                                  pixels * max(1, most), lambda r: pixels * max(1, r.steps))
+                                  pixels * max(1, most), lambda r: pixels * max(1, r.steps),
+                                  items=[*items, *(s.item for s in states)])
         self.service.waiting_room.opened()  # joiners left the queue, finished items the batch
         out: Advanced[asyncio.Future[bytes]] = Advanced(
             ran.joined, ran.join_error, ran.steps, ran.step_error, None, ran.finish_error)
@@ -621,17 +631,20 @@ class EngineSteps:
 
     async def prepare(self, joining: list[QueuedItem]) -> list[StepState]:
         states: list[StepState] = await self._guarded(
-            partial(self._engine().prepare, [q.item for q in joining]), 0)
+            partial(self._engine().prepare, [q.item for q in joining]), 0,
+            items=[q.item for q in joining])
         return states
 
     async def step(self, states: list[StepState]) -> None:
         work = sum(s.item.width * s.item.height for s in states)
-        await self._guarded(partial(self._engine().step, states), work)
+        await self._guarded(partial(self._engine().step, states), work,
+                            items=[s.item for s in states])
 
     async def finish(self, pairs: list[tuple[QueuedItem, StepState]]
                      ) -> list[asyncio.Future[bytes]]:
         engine = self._engine()
-        images = await self._guarded(partial(engine.finish, [s for _, s in pairs]), 0)
+        images = await self._guarded(partial(engine.finish, [s for _, s in pairs]), 0,
+                                     items=[s.item for _, s in pairs])
         self.service.metrics.gpu_memory(engine.memory_bytes())
         return self.service._encode_all(images, [q for q, _ in pairs])
 
@@ -668,13 +681,14 @@ def _work(item: GenerationItem) -> int:
 
 def shape_label(key: Hashable) -> str:
     """A batching key as a metric label and /v1/info key, e.g. `512x512x20x7.5/euler-a` or,
-    for items joining at step 5, `512x512x20x7.5@5/euler-a` (as the request log writes it):
+    for items joining at step 5, `512x512x20x7.5@5/euler-a`, with the refiner
+    `1024x1024x30x7.5+refiner@0.8/euler-a` (as the request log writes it):
     numbers and names from closed sets only, never user text."""
     if not isinstance(key, tuple):
         return "other"
-    if len(key) in (5, 6) and isinstance(key[4], str) and key[4]:
+    if len(key) in (5, 6, 7) and isinstance(key[4], str) and key[4]:
         return key_label(cast(BatchKey, key))  # the whole-batch key
-    numbers = "x".join(f"{p:g}" if isinstance(p, float) else str(p) for p in key
+    numbers = "x".join(exact(p) if isinstance(p, float) else str(p) for p in key
                        if not isinstance(p, str))
     return "/".join([numbers, *(p for p in key if isinstance(p, str))])
 

@@ -59,6 +59,11 @@ class Settings:
     allow_pickle: bool = _opt(
         False, "load pickle files (.ckpt/.pt/.pth/.bin): they can run code; trusted sources only"
     )
+    refiner: str | None = _opt(
+        None, "SDXL refiner (a diffusers folder, a single file or tiny-sdxl-refiner), sharing "
+        "the base's VAE and second text encoder; a request's refiner_switch hands it the last "
+        "steps"
+    )
     vae: str | None = _opt(None, "VAE replacing the model's: a diffusers folder or a single file")
     lora: str | None = _opt(
         None, "LoRA files fused into the weights at load: PATH[:SCALE], comma separated"
@@ -218,6 +223,10 @@ class Settings:
                             "last change, then read as 404")
     job_visibility_timeout_s: float = _opt(
         120.0, "a job held this long by a worker that stopped answering goes to another worker"
+    )
+    max_jobs_waiting: int = _opt(
+        1000, "jobs accepted and not yet taken by a worker (memory or Redis queue); beyond it "
+        "POST /v1/jobs answers 429 jobs_queue_full"
     )
     job_max_attempts: int = _opt(3, "deliveries of one job before it fails with worker_lost")
     webhook_secret: str | None = _opt(
@@ -561,6 +570,7 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _check_queue,
     _check_results,
     _check_roles,
+    _rule("max_jobs_waiting", lambda v: v >= 1, "must be >= 1"),
     _rule("job_ttl_s", lambda v: v > 0, "must be > 0"),
     _rule("job_visibility_timeout_s", lambda v: v > 0, "must be > 0"),
     _rule("job_max_attempts", lambda v: 1 <= v <= 100, "must be 1..100"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 from functools import partial
+from pathlib import PurePath
 from typing import Any
 
 import orjson
@@ -151,16 +152,44 @@ def _count(data: dict[str, Any], name: str) -> int:
 
 
 def translate(
-    data: dict[str, Any], limits: Limits, model: str, clip_skip: int = 1
+    data: dict[str, Any], limits: Limits, model: str, clip_skip: int = 1,
+    refiner: str | None = None,
 ) -> list[T2IRequest]:
     """An A1111 txt2img body to our requests, one per image (batch_size * n_iter)."""
     _refuse_unhonourable(data, model, clip_skip)
     ours, count = _common(data, limits)
+    _map_refiner(data, ours, refiner)
     return repeat(validate(ours, limits, _ALIASES_ALL, count=count), count)
 
 
 _ALIASES_ALL = {**_ALIASES, "sampler": "sampler_name", "init_image": "init_images",
-                "strength": "denoising_strength", "mask_image": "mask"}
+                "strength": "denoising_strength", "mask_image": "mask",
+                "refiner_switch": "refiner_switch_at"}
+REFINER_SWITCH_AT = 0.8  # A1111's default when a refiner is named without a switch
+
+
+def _map_refiner(data: dict[str, Any], ours: dict[str, Any], refiner: str | None) -> None:
+    """A1111's `refiner_checkpoint` (the served refiner, by its name or file name, a
+    " [hash]" suffix allowed) + `refiner_switch_at` to our `refiner_switch`. No checkpoint (or
+    "None", as the web UI sends): no refiner, whatever the switch says."""
+    name = data.get("refiner_checkpoint")
+    if name in (None, "", "None"):
+        return
+    if not isinstance(name, str):
+        raise ValidationError("refiner_checkpoint must be a string", field="refiner_checkpoint")
+    if refiner is None:
+        raise ValidationError("refiner_checkpoint: this server has no refiner (start it with "
+                              "--refiner)", field="refiner_checkpoint")
+    if name.split(" [")[0] not in _refiner_names(refiner):
+        raise ValidationError(f"refiner_checkpoint {name!r} is not served here; the refiner "
+                              f"is {refiner!r}", field="refiner_checkpoint")
+    switch = data.get("refiner_switch_at")
+    ours["refiner_switch"] = REFINER_SWITCH_AT if switch is None else switch
+
+
+def _refiner_names(refiner: str) -> set[str]:
+    path = PurePath(refiner)
+    return {refiner, path.name, path.stem}
 
 
 def _common(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], int]:
@@ -179,12 +208,14 @@ def _common(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], int]:
 
 
 def translate_img2img(
-    data: dict[str, Any], limits: Limits, model: str, clip_skip: int = 1
+    data: dict[str, Any], limits: Limits, model: str, clip_skip: int = 1,
+    refiner: str | None = None,
 ) -> list[T2IRequest]:
     """An A1111 img2img body to our requests, one per image (batch_size * n_iter). Decodes the
     images: call it off the event loop."""
     _refuse_unhonourable(data, model, clip_skip, img2img=True)
     ours, count = _common(data, limits)
+    _map_refiner(data, ours, refiner)
     ours.setdefault("width", 512)  # A1111's default size, not the init image's
     ours.setdefault("height", 512)
     ours["init_image"] = _init_image(data)
@@ -265,7 +296,7 @@ class A1111Door:
         try:
             data = decode(body)
             reqs = translate(data, service.limits, _model_title(service),
-                             service.settings.clip_skip)
+                             service.settings.clip_skip, service.settings.refiner)
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
         return await self._answer(request, record, data, reqs)
@@ -281,7 +312,7 @@ class A1111Door:
             raise gateway.rejecting(exc) from None
         reqs = await gateway.validated(partial(
             translate_img2img, data, service.limits, _model_title(service),
-            service.settings.clip_skip), images=True)
+            service.settings.clip_skip, service.settings.refiner), images=True)
         return await self._answer(request, record, data, reqs)
 
     async def _answer(self, request: Request, record: dict[str, Any], data: dict[str, Any],
@@ -351,9 +382,11 @@ class A1111Door:
 
     async def sd_models(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request, basic=True)
-        title = _model_title(self.service)
+        served = [_model_title(self.service)]
+        if self.service.settings.refiner:
+            served.append(self.service.settings.refiner)
         return JSONResponse([{"title": title, "model_name": title, "hash": None, "sha256": None,
-                              "filename": title, "config": None}])
+                              "filename": title, "config": None} for title in served])
 
     async def samplers(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request, basic=True)
@@ -432,6 +465,11 @@ def openapi(limits: Limits) -> dict[str, Any]:
     for name in ("batch_size", "n_iter"):
         props[name] = {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES, "default": 1,
                        "description": f"batch_size * n_iter <= {MAX_IMAGES}; all in one queue"}
+    props["refiner_checkpoint"] = {"type": ["string", "null"], "description": "the served "
+                                   "--refiner (its name or file name); null or \"None\": none"}
+    props["refiner_switch_at"] = FIELDS["refiner_switch"].json_schema(
+        limits, default=REFINER_SWITCH_AT, description="with refiner_checkpoint: our "
+        "refiner_switch: " + FIELDS["refiner_switch"].doc)
     for name in _REFUSED_TRUE:
         props[name] = {"type": "boolean", "const": False, "description": "true is refused"}
     error = {"description": "an error in A1111's shape",

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from ..errors import BackendDown, BatchServeError, ValidationError
+from ..errors import BackendDown, BatchServeError, JobsQueueFull, ValidationError
 from ..jobs.service import PREFER_WAIT_MAX_S
 from ..jobs.webhooks import check_url
 from ..schema import IMAGE_FIELDS, decode, has_images, validate
@@ -52,10 +52,13 @@ class JobsDoor:
         if service.settings.log_prompts:
             record.update(prompt=req.prompt, negative_prompt=req.negative_prompt)
         base = str(request.base_url)
-        job = await self.jobs.submit(
-            req, req.format or "png", owner=self._owner(request), idempotency_key=key,
-            webhook=webhook, base_url=base,
-        )
+        try:
+            job = await self.jobs.submit(
+                req, req.format or "png", owner=self._owner(request), idempotency_key=key,
+                webhook=webhook, base_url=base,
+            )
+        except JobsQueueFull as exc:
+            raise gateway.rejecting(exc) from None
         record["job"] = job.id
         wait_s = _prefer_wait(request.headers.get("prefer"))
         headers = {"Location": self.jobs.urls(job.id, base)["get"]}
@@ -78,7 +81,11 @@ class JobsDoor:
     async def image(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request)
         job_id = _job_id(request, record)
-        url = await self.jobs.image_redirect(job_id)
+        # `?redirect=false` asks for the bytes even with --result-redirect: the page's fetch may
+        # not follow a 302 to the store's origin (its CSP's connect-src is 'self', and the
+        # bucket would need CORS), so the page always asks this way.
+        wanted = request.query_params.get("redirect", "true").lower() not in ("false", "0")
+        url = await self.jobs.image_redirect(job_id) if wanted else None
         if url is not None:
             return RedirectResponse(url, status_code=302)
         data, media_type = await self.jobs.image_file(job_id)

@@ -32,7 +32,8 @@ MAX_N = 10
 RESPONSE_FORMATS = ("b64_json", "url")
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 # Our fields a client may send under the same name (extras beyond OpenAI's own).
-EXTRAS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "sampler")
+EXTRAS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "sampler",
+          "refiner_switch")
 IGNORED = ("model", "quality", "style", "user")  # accepted, change nothing here
 ALLOWED = ("prompt", "n", "size", "response_format", *IGNORED, *EXTRAS)
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -40,7 +41,7 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_
 # Edits: OpenAI's fields that change nothing here, and ours beyond the generation extras.
 EDIT_IGNORED = (*IGNORED, "input_fidelity", "safety_identifier", "output_compression",
                 "partial_images", "complexity")
-EDIT_EXTRAS = (*EXTRAS, "strength", "mask_blur")
+EDIT_EXTRAS = (*(name for name in EXTRAS if name != "refiner_switch"), "strength", "mask_blur")
 EDIT_ALLOWED = ("image", "mask", "prompt", "n", "size", "response_format", "output_format",
                 "background", "stream", *EDIT_IGNORED, *EDIT_EXTRAS)
 _EDIT_ALIASES = {"width": "size", "height": "size", "inference_steps": "num_inference_steps",
@@ -225,10 +226,12 @@ class OpenAIDoor:
 
     async def models(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request)
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.service.settings.model, "object": "model", "created": 0,
-            "owned_by": "batchserve",
-        }]})
+        settings = self.service.settings
+        served = [settings.model] + ([settings.refiner] if settings.refiner else [])
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "batchserve"}
+            for name in served
+        ]})
 
 
 def openapi(limits: Limits) -> dict[str, Any]:

@@ -88,7 +88,10 @@ def _jobs(limits: Limits) -> dict[str, Any]:
                 for media in MEDIA_TYPES.values()}},
              "302": {"description": "redirect to a presigned URL (--result-redirect)"},
              **_errors(401, 404)},
-            parameters=job_id,
+            parameters=[*job_id, {
+                "name": "redirect", "in": "query", "schema": {"type": "boolean", "default": True},
+                "description": "false: the bytes even with --result-redirect (a page whose CSP "
+                               "or CORS forbids following the 302)"}],
         )},
     }
 

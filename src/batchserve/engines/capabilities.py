@@ -17,16 +17,27 @@ INPAINT = "inpaint"
 """Repaints the masked region of an init image (`mask_image`, `mask_blur`)."""
 ALL_IMAGE_INPUTS = frozenset({IMG2IMG, INPAINT})
 
-# Per engine: the image inputs it implements. The diffusers engine (tiny, tiny-inpaint, sd15,
-# model folders and files) starts items from an image in its step core (`init_latents`): SD 1.x
-# takes both, a standard UNet inpainting by blending the known region back at each step, an
-# inpainting UNet (9 input channels) natively; a family without an img2img pipeline will keep
-# what it can. `sim` replays a GPU's timing: an image item runs its remaining steps and
-# gives back its init image, which is how the transport of inputs is tested end to end.
+# Per engine and family: the image inputs it implements. The diffusers engine starts items
+# from an image in its step core (`init_latents`) for the families whose step core is written
+# for it: SD 1.x and SDXL take both, a standard UNet inpainting by blending the known region
+# back at each step, an inpainting UNet (9 input channels) natively. Any other family (`generic`,
+# a pipeline this engine only runs as text-to-image) takes none: its requests with an image are
+# refused at validation, in the door's shape, rather than served from noise. `sim` replays a
+# GPU's timing: an image item runs its remaining steps and gives back its init image, which is
+# how the transport of inputs is tested end to end.
 _SIM = ALL_IMAGE_INPUTS
-_DIFFUSERS = ALL_IMAGE_INPUTS
+_FAMILIES: dict[str, frozenset[str]] = {"sd1": ALL_IMAGE_INPUTS, "sdxl": ALL_IMAGE_INPUTS}
 
 
 def image_inputs(settings: Settings) -> frozenset[str]:
-    """The image inputs (`IMG2IMG`, `INPAINT`) the model of `settings` takes."""
-    return _SIM if settings.model == "sim" else _DIFFUSERS
+    """The image inputs (`IMG2IMG`, `INPAINT`) the model of `settings` takes, from its family as
+    read from disk without loading it (`families.detect`; sd1 when nothing tells, as the engine
+    assumes then)."""
+    if settings.model == "sim":
+        return _SIM
+    from .families.detect import detect
+
+    family = settings.model_family
+    if family == "auto":
+        family = detect(settings.model, settings.model_config) or "sd1"
+    return _FAMILIES.get(family, frozenset())

@@ -54,6 +54,8 @@ HUB_PRESETS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 """`--model` names for real checkpoints on the hub."""
 PRESETS = {"tiny": "tiny", "tiny-inpaint": "tiny_inpaint", "tiny-sdxl": "tiny_sdxl", "sd15": "sd15"}
 """`--model` names built in code -> their module."""
+REFINER_PRESETS = {"tiny-sdxl-refiner"}
+"""`--refiner` names built in code (`tiny_sdxl_refiner`)."""
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _GPU_ONLY = "needs CUDA; off on this machine"
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # the same on CPU (inductor's C++ backend) and CUDA
@@ -175,7 +177,8 @@ def load_pipeline(settings: Settings, torch_dtype: torch.dtype, family: str = "s
 
 class DiffusionEngine:
     def __init__(self, pipe: Any, plan: Plan, settings: Settings,
-                 addons: checkpoints.Addons | None = None, scheduler_config: Any = None) -> None:
+                 addons: checkpoints.Addons | None = None, scheduler_config: Any = None,
+                 refiner: Any = None) -> None:
         self.pipe = pipe
         self.plan = plan
         self.settings = settings
@@ -186,9 +189,14 @@ class DiffusionEngine:
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
         self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
-        # Per-request LoRA: hooks on the layers adapters touch, only once one is loaded.
+        self.refiner = refiner
+        self.refiner_family = None if refiner is None else _refiner_family(refiner, settings,
+                                                                           self.addons)
+        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.family,
+                                        refiner, self.refiner_family)
+        # Per-request LoRA: hooks on the layers adapters touch, only once one is loaded. They
+        # apply to the base model only; the refiner runs as loaded (as in A1111).
         self.lora: LoraRuntime | None = None
-        self._steps = StepwiseDiffusion(pipe, plan.device, self._scheduler_for, self.family)
         if settings.lora_dir:
             self._start_lora()
 
@@ -198,6 +206,7 @@ class DiffusionEngine:
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         checkpoints.check_paths(settings)
         family = families.resolve(settings.model_family, settings.model, settings.model_config)
+        check_refiner(settings, family)
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype], family)
         base_config = pipe.scheduler.config
@@ -205,11 +214,16 @@ class DiffusionEngine:
         pipe.set_progress_bar_config(disable=True)
         pipe.to(plan.device)
         addons = checkpoints.apply_addons(pipe, settings)  # before compiling: LoRA edits weights
+        refiner = None
+        if settings.refiner is not None:
+            refiner = load_refiner(settings.refiner, pipe, _DTYPES[plan.dtype])
+            refiner.to(plan.device)
+            _apply(refiner, plan)
         _apply(pipe, plan)
         log.info("model %s loaded on %s/%s in %.1f s", settings.model, plan.device, plan.dtype,
                  time.perf_counter() - started)
         checkpoints.log_addons(addons, settings)
-        return cls(pipe, plan, settings, addons, base_config)
+        return cls(pipe, plan, settings, addons, base_config, refiner)
 
     def use_loras(self, library: LoraLibrary) -> None:
         """Serves the LoRA files of `library` per request: judges them against this model."""
@@ -236,6 +250,7 @@ class DiffusionEngine:
             extra={"family": self.family.name,
                    "vae_scale_factor": int(self.pipe.vae_scale_factor),
                    "schedulers": sorted(SCHEDULERS),
+                   "refiner": self.settings.refiner,
                    **checkpoints.describe(self.addons, self.settings)},
         )
 
@@ -262,9 +277,11 @@ class DiffusionEngine:
     def generate(
         self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
     ) -> list[Image]:
+        first = items[0]
+        if first.refiner_switch and self.refiner is None:
+            raise ValueError("refiner_switch: no refiner loaded (--refiner)")
         if any(i.init is not None for i in items) or self._steps.inpainting_unet:
             return self._generate_in_steps(items, should_stop)
-        first = items[0]
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
         sampler = first.sampler or self.settings.scheduler  # one per batch: it joins the key
         if sampler != self.sampler:
@@ -275,20 +292,25 @@ class DiffusionEngine:
         on_gpu = self.plan.device == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
+        switch = first.refiner_switch or None
         try:
             loras = self.lora.choices(items) if self.lora is not None else None
-            with torch.inference_mode(), self.family.conditioning(items, loras) as text, \
-                    self._unet_rows(loras, guided=text["negative_prompt_embeds"] is not None):
-                out = self.pipe(
-                    **text,
-                    width=first.width,
-                    height=first.height,
-                    num_inference_steps=first.inference_steps,
-                    guidance_scale=first.guidance_scale,
-                    generator=generators,
-                    output_type="pil",
-                    callback_on_step_end=step_end,
-                )
+            with torch.inference_mode():
+                with self.family.conditioning(items, loras) as text, \
+                        self._unet_rows(loras, guided=text["negative_prompt_embeds"] is not None):
+                    out = self.pipe(
+                        **text,
+                        width=first.width,
+                        height=first.height,
+                        num_inference_steps=first.inference_steps,
+                        guidance_scale=first.guidance_scale,
+                        generator=generators,
+                        output_type="latent" if switch else "pil",
+                        callback_on_step_end=step_end,
+                        **({"denoising_end": switch} if switch else {}),
+                    )
+                if switch:
+                    out = self._refine(items, out.images, generators, switch, step_end)
         except torch.OutOfMemoryError as exc:
             message = str(exc)
             # The traceback's frames hold the failed attempt's activations: drop them, and
@@ -308,6 +330,23 @@ class DiffusionEngine:
             return
         with self.lora.unet_rows(loras + loras if guided else loras):
             yield
+
+    def _refine(self, items: Sequence[GenerationItem], latents: torch.Tensor,
+                generators: list[torch.Generator], switch: float, step_end: Any) -> Any:
+        """diffusers' ensemble of experts: the refiner denoises the base's latents from
+        `denoising_start=switch`, with the same sampler and the items' generators (which
+        continue where the base left them, as when one calls both pipelines in turn)."""
+        first = items[0]
+        refiner, family = self.refiner, self.refiner_family
+        assert refiner is not None and family is not None
+        refiner.scheduler = make_scheduler(first.sampler or self.settings.scheduler,
+                                           self.scheduler_config or self.pipe.scheduler.config)
+        with family.conditioning(items) as text:
+            return refiner(
+                **text, image=latents, num_inference_steps=first.inference_steps,
+                denoising_start=switch, guidance_scale=first.guidance_scale,
+                generator=generators, output_type="pil", callback_on_step_end=step_end,
+            )
 
     def _generate_in_steps(
         self, items: Sequence[GenerationItem], should_stop: StopCheck | None
@@ -352,6 +391,45 @@ class DiffusionEngine:
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def check_refiner(settings: Settings, family: str) -> None:
+    """`--refiner` needs an SDXL base."""
+    if settings.refiner is not None and family != "sdxl":
+        raise SettingsError(f"--refiner: the refiner needs an SDXL base model; --model "
+                            f"{settings.model} is {family}")
+
+
+def load_refiner(refiner: str, base: Any, torch_dtype: torch.dtype) -> Any:
+    """The SDXL refiner, sharing the base's VAE and second text encoder (as diffusers'
+    ensemble-of-experts recipe loads it): a preset, a single file or a diffusers folder."""
+    import diffusers
+
+    if refiner in REFINER_PRESETS:
+        from .tiny_sdxl_refiner import build_refiner
+
+        return build_refiner(base)
+    shared = {"vae": base.vae, "text_encoder_2": base.text_encoder_2,
+              "tokenizer_2": base.tokenizer_2, "torch_dtype": torch_dtype,
+              "add_watermarker": False}
+    pipeline = diffusers.StableDiffusionXLImg2ImgPipeline
+    try:
+        if refiner.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
+            pipe = pipeline.from_single_file(refiner, **shared)
+        else:
+            pipe = pipeline.from_pretrained(refiner, **shared)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"--refiner={refiner}: cannot load an SDXL refiner: "
+                            f"{str(exc)[:300]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _refiner_family(refiner: Any, settings: Settings, addons: checkpoints.Addons) -> Any:
+    from .families.sdxl import Refiner
+
+    return Refiner.for_pipeline(refiner, long_prompts=settings.long_prompts,
+                                clip_skip=settings.clip_skip, expansions=addons.expansions())
 
 
 def _family_for(pipe: Any, settings: Settings, addons: checkpoints.Addons) -> Family:

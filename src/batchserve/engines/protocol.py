@@ -10,14 +10,24 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-BatchKey = tuple[int, int, int, float, str] | tuple[int, int, int, float, str, int]
-"""(width, height, inference_steps, guidance_scale, sampler[, start_step]): items sharing it
-share a forward pass. An item that starts from an init image past step 0 adds its start step
-(`GenerationItem.start_step`): a whole batch runs one schedule, so only items starting at the
-same step can share it."""
+BatchKey = (tuple[int, int, int, float, str] | tuple[int, int, int, float, str, int]
+            | tuple[int, int, int, float, str, int, float])
+"""(width, height, inference_steps, guidance_scale, sampler[, start_step[, refiner_switch]]):
+items sharing it share a forward pass. An item that starts from an init image past step 0 adds
+its start step (`GenerationItem.start_step`): a whole batch runs one schedule, so only items
+starting at the same step can share it. An item handed to the refiner adds its switch (and a
+start step, 0 for text-to-image): the whole batch changes UNet at one step."""
 
 StopCheck = Callable[[], bool]
 """Polled by an engine between denoising steps; true means nobody waits for the batch."""
+
+
+def exact(number: float) -> str:
+    """A float as short as `:g` writes it when that is exact (7.5, 7), else its shortest
+    round-trip form: `:g` keeps 6 digits, so two keys (7.1234561, 7.1234562) shared one label,
+    and forgetting one key's series removed the other's."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(float(number))
 
 
 def key_label(key: BatchKey) -> str:
@@ -25,9 +35,11 @@ def key_label(key: BatchKey) -> str:
     `512x512x20x7.5/euler-a` (no sampler part for the engine's default, ""), and
     `512x512x20x7.5@5/euler-a` for items joining at step 5 (img2img, inpainting)."""
     width, height, steps, guidance, sampler = key[:5]
-    label = f"{width}x{height}x{steps}x{guidance:g}"
-    if len(key) > 5:
+    label = f"{width}x{height}x{steps}x{exact(guidance)}"
+    if len(key) > 5 and key[5]:
         label += f"@{key[5]}"
+    if len(key) > 6:
+        label += f"+refiner@{exact(key[6])}"
     return f"{label}/{sampler}" if sampler else label
 
 
@@ -81,6 +93,9 @@ class GenerationItem:
     """One of `samplers.SAMPLERS`; "" is the engine's default (`--scheduler`)."""
     init: ImageInput | None = None
     """img2img / inpainting: what the item starts from (None: text-to-image, from noise)."""
+    refiner_switch: float = 0.0
+    """0 < x < 1: the fraction of the steps after which the SDXL refiner (`--refiner`) takes
+    over (the base's `denoising_end`, the refiner's `denoising_start`); 0: no refiner."""
     loras: tuple[LoraPick, ...] = ()
     """Per-request LoRA, applied to this item's rows only; never part of the batching key."""
 
@@ -94,6 +109,8 @@ class GenerationItem:
     def key(self) -> BatchKey:
         base = (self.width, self.height, self.inference_steps, self.guidance_scale, self.sampler)
         start = self.start_step
+        if self.refiner_switch:
+            return (*base, start, self.refiner_switch)
         return (*base, start) if start else base
 
 

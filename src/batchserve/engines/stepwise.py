@@ -34,6 +34,17 @@ SchedulerFactory = Callable[[GenerationItem], Any]
 
 
 @dataclass(eq=False, slots=True)
+class HandOff:
+    """An item's refiner stage, planned at prepare: a fresh scheduler (as the refiner pipeline
+    builds its own), its timesteps from `denoising_start` on, and the refiner's rows."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    rows: list[Row]
+    step_kwargs: dict[str, Any]
+
+
+@dataclass(eq=False, slots=True)
 class DiffusionState:
     item: GenerationItem
     scheduler: Any
@@ -49,27 +60,39 @@ class DiffusionState:
     """Its per-request LoRA (resident adapter keys and scales), for each of its rows."""
     init: InitLatents | None = None
     """An item started from an image: what its UNet rows and steps also need (`init_latents`)."""
+    stage: int = 0
+    """Which UNet its rows go through: 0 the base, 1 the SDXL refiner."""
+    hand_off: HandOff | None = None
+    """The refiner stage still to come (None: none, or already in it)."""
 
     @property
     def done(self) -> bool:
-        return self.index >= len(self.timesteps)
+        return self.index >= len(self.timesteps) and self.hand_off is None
 
     @property
     def remaining(self) -> int:
-        return max(0, len(self.timesteps) - self.index)
+        later = 0 if self.hand_off is None else len(self.hand_off.timesteps)
+        return max(0, len(self.timesteps) - self.index) + later
 
 
 class StepwiseDiffusion:
     """Prepare / step / finish over a loaded pipeline of any family."""
 
     def __init__(self, pipe: Any, device: str, scheduler_for: SchedulerFactory,
-                 family: Family, lora: LoraRuntime | None = None) -> None:
+                 family: Family, refiner: Any = None, refiner_family: Any = None,
+                 lora: LoraRuntime | None = None) -> None:
         self.pipe = pipe
         self.device = torch.device(device)
         self.scheduler_for = scheduler_for
         self.family = family
         self.lora = lora
+        self.refiner, self.refiner_family = refiner, refiner_family
+        """The SDXL refiner's pipeline and conditioning (`families.sdxl.Refiner`): the
+        second stage of items with a `refiner_switch`."""
         self.inpainting_unet = init_latents.is_inpainting_unet(pipe.unet)
+
+    def _unet(self, stage: int) -> Any:
+        return self.pipe.unet if stage == 0 else self.refiner.unet
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
         with torch.inference_mode(), _oom_guard(self):
@@ -85,9 +108,10 @@ class StepwiseDiffusion:
         encoder part included); padding across items happens per step."""
         return self.family.rows(item, guided=self._guided(item), lora=lora)
 
-    def _guided(self, item: GenerationItem) -> bool:
+    def _guided(self, item: GenerationItem, stage: int = 0) -> bool:
         # the pipeline's `do_classifier_free_guidance`
-        return item.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        return (item.guidance_scale > 1
+                and self._unet(stage).config.time_cond_proj_dim is None)
 
     def _prepare_one(self, item: GenerationItem, rows: list[Row],
                      lora: Choice = ()) -> DiffusionState:
@@ -103,23 +127,52 @@ class StepwiseDiffusion:
             shape=shape, dtype=rows[0][0].dtype, device=self.device,
             inpainting_unet=self.inpainting_unet, vae_scale_factor=pipe.vae_scale_factor,
             upcast=self.family.upcast_vae)
-        params = inspect.signature(scheduler.step).parameters
-        kwargs: dict[str, Any] = {}
-        if "eta" in params:
-            kwargs["eta"] = 0.0
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return DiffusionState(
-            item=item, scheduler=scheduler, generator=generator,
-            latents=latents, rows=rows, timesteps=timesteps, step_kwargs=kwargs, init=init,
-            lora=lora,
+        hand_off = None
+        if item.refiner_switch:
+            timesteps = timesteps[:_base_steps(scheduler, timesteps, item.refiner_switch)]
+            hand_off = self._plan_hand_off(item, generator)
+        state = DiffusionState(
+            item=item, scheduler=scheduler, generator=generator, latents=latents, rows=rows,
+            timesteps=timesteps, step_kwargs=_step_kwargs(scheduler, generator), init=init,
+            hand_off=hand_off, lora=lora,
         )
+        _maybe_hand_off(state)
+        return state
+
+    def _plan_hand_off(self, item: GenerationItem, generator: torch.Generator) -> HandOff:
+        """The refiner stage as `StableDiffusionXLImg2ImgPipeline` runs it with
+        `denoising_start=refiner_switch` (`get_timesteps`): a fresh scheduler whose timesteps
+        below the cut-off remain (one more for a second-order sampler cut mid-step), its begin
+        index set there."""
+        if self.refiner is None or self.refiner_family is None:
+            raise ValueError("refiner_switch: no refiner loaded (--refiner)")
+        scheduler = self.scheduler_for(item)
+        scheduler.set_timesteps(item.inference_steps, device=self.device)
+        cutoff = _cutoff(scheduler, item.refiner_switch)
+        count = int((scheduler.timesteps < cutoff).sum())
+        if scheduler.order == 2 and count % 2 == 0:
+            count += 1
+        begin = len(scheduler.timesteps) - count
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        rows = self.refiner_family.rows(item, guided=self._guided(item, stage=1))
+        return HandOff(scheduler, scheduler.timesteps[begin:], rows,
+                       _step_kwargs(scheduler, generator))
 
     def step(self, states: Sequence[StepState]) -> None:
+        """One denoising step of every state: one UNet forward per stage (the base's rows
+        together, the refiner's together), then each item's own scheduler update."""
         active = [_state(s) for s in states]
+        stages: dict[int, list[DiffusionState]] = {}
+        for state in active:
+            stages.setdefault(state.stage, []).append(state)
+        predicted: dict[int, torch.Tensor] = {}
         with torch.inference_mode(), _oom_guard(self):
-            noise = self._predict(active)
-        # Only after the forward pass succeeded: an OOM above leaves every state unchanged.
+            for stage, group in stages.items():
+                for state, pred in zip(group, self._predict(stage, group), strict=True):
+                    predicted[id(state)] = pred
+        noise = [predicted[id(state)] for state in active]
+        # Only after the forward passes succeeded: an OOM above leaves every state unchanged.
         with torch.inference_mode():
             for state, pred in zip(active, noise, strict=True):
                 t = state.timesteps[state.index]
@@ -130,8 +183,9 @@ class StepwiseDiffusion:
                     state.latents = state.init.after_step(state.latents, state.scheduler,
                                                           state.timesteps, state.index)
                 state.index += 1
+                _maybe_hand_off(state)
 
-    def _predict(self, states: list[DiffusionState]) -> list[torch.Tensor]:
+    def _predict(self, stage: int, states: list[DiffusionState]) -> list[torch.Tensor]:
         samples, times, rows = [], [], []
         for state in states:
             t = state.timesteps[state.index]
@@ -150,9 +204,10 @@ class StepwiseDiffusion:
             }
         choices = [s.lora for s in states for _ in s.rows]
         with contextlib.ExitStack() as stack:
-            if self.lora is not None and any(choices):
+            # per-request LoRA is the base model's: the refiner stage runs as loaded
+            if stage == 0 and self.lora is not None and any(choices):
                 stack.enter_context(self.lora.unet_rows(choices))
-            out = self.pipe.unet(
+            out = self._unet(stage)(
                 torch.cat(samples), torch.stack(times), encoder_hidden_states=embeds,
                 return_dict=False, **kwargs,
             )[0]
@@ -182,6 +237,43 @@ class StepwiseDiffusion:
     def free_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    """`prepare_extra_step_kwargs`: eta 0 and the item's generator where the sampler takes
+    them."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def _cutoff(scheduler: Any, fraction: float) -> int:
+    """The discrete timestep at `fraction` of the schedule (SDXL's `denoising_end` and
+    `denoising_start`)."""
+    total: int = scheduler.config.num_train_timesteps
+    return round(total - fraction * total)
+
+
+def _base_steps(scheduler: Any, timesteps: torch.Tensor, switch: float) -> int:
+    """The base's steps before the hand-off: those at or above the cut-off (the SDXL
+    pipeline's `denoising_end`)."""
+    return int((timesteps >= _cutoff(scheduler, switch)).sum())
+
+
+def _maybe_hand_off(state: DiffusionState) -> None:
+    """At its hand-off step an item's state moves to the refiner: its latents go on with the
+    refiner's scheduler, timesteps and rows (the refiner pipeline adds no noise when it
+    starts from `denoising_start`); its generator continues."""
+    hand_off = state.hand_off
+    if hand_off is None or state.index < len(state.timesteps):
+        return
+    state.scheduler, state.timesteps = hand_off.scheduler, hand_off.timesteps
+    state.rows, state.step_kwargs = hand_off.rows, hand_off.step_kwargs
+    state.index, state.stage, state.hand_off = 0, 1, None
 
 
 def _pad_rows(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:

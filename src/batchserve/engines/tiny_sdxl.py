@@ -36,10 +36,11 @@ def _text_config(vocab_size: int, hidden_size: int, **extra: Any) -> CLIPTextCon
     )
 
 
-def unet() -> UNet2DConditionModel:
+def unet(in_channels: int = 4) -> UNet2DConditionModel:
+    """`in_channels` 9: an inpainting UNet (latents, mask, masked image latents)."""
     return UNet2DConditionModel(
         sample_size=128,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,

@@ -25,6 +25,7 @@ def open_queue(settings: Settings) -> JobQueue:
         settings.queue,
         ttl_s=settings.job_ttl_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,
+        max_waiting=settings.max_jobs_waiting,
     )
     return queue
 

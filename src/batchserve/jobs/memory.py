@@ -174,6 +174,9 @@ class MemoryQueue:
                 renewed += 1
         return renewed
 
+    async def leave(self, consumer: str) -> None:
+        pass  # consumers are not registered: a delivery names its holder, nothing else does
+
     async def waiting(self) -> int:
         self._purge()
         return len(self._waiting)

@@ -79,6 +79,12 @@ class JobQueue(Protocol):
         were renewed."""
         ...
 
+    async def leave(self, consumer: str) -> None:
+        """`consumer` stops for good (a clean stop, after its held jobs were acknowledged or
+        released): the queue forgets its name unless it still holds deliveries, which then stay
+        pending for another worker."""
+        ...
+
     async def waiting(self) -> int:
         """Jobs accepted and not yet pulled by any worker: what an autoscaler scales on."""
         ...

@@ -17,7 +17,8 @@ compare-and-set on the record bytes; the move itself is `JobRecord.moved`, the o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -39,7 +40,8 @@ _MAX_BLOCK_S = 5.0
 _COUNT_CAP = 10_000
 _CAS_TRIES = 20
 
-# KEYS: stream, job key, idempotency key ("" for none). ARGV: id, record, ttl ms, job key prefix.
+# KEYS: stream, job key, idempotency key ("" for none). ARGV: id, record, ttl ms, job key prefix,
+# the stream's approximate MAXLEN (a safety net far above --max-jobs-waiting, see `max_len`).
 # Returns {1, record} when created, {0, existing record} when the key had already made a job.
 _CREATE = """
 if KEYS[3] ~= '' then
@@ -50,7 +52,7 @@ if KEYS[3] ~= '' then
   end
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
 end
-local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[1])
 -- The entry's sequence number (entries ever added, this one included) gives its queue position
 -- by subtraction instead of a scan.
 local info, seq = redis.call('XINFO', 'STREAM', KEYS[1]), 0
@@ -95,14 +97,48 @@ return renewed
 """
 
 
+def max_len(max_waiting: int) -> int:
+    """The stream's approximate MAXLEN. The real bound is `--max-jobs-waiting`, checked by the
+    api against `waiting` before each XADD; this one only stops a stream growing without end
+    when that check is raced (many api processes at the edge) or skipped (an older api). It
+    counts held entries too (delivered, not acknowledged), hence far above the bound: trimming
+    would drop the oldest entries, jobs that then never run."""
+    return max(10 * max_waiting, max_waiting + 100_000)
+
+
+# KEYS: stream. ARGV: group, min idle ms, one consumer's name ("" for all). Deletes consumers
+# that hold no pending entry: the one named (whatever its idle time), or every one idle at least
+# the given time. Never one with pending entries: DELCONSUMER would drop them from the PEL and
+# their jobs would never run. Returns how many were deleted.
+_PRUNE = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  local named = ARGV[3] ~= '' and info['name'] == ARGV[3]
+  local dead = ARGV[3] == '' and tonumber(info['idle']) >= tonumber(ARGV[2])
+  if tonumber(info['pending']) == 0 and (named or dead) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+# A consumer is dead once idle this many visibility timeouts: a live worker calls XREADGROUP at
+# least every `_MAX_BLOCK_S`, so its idle time never gets near.
+DEAD_CONSUMER_TIMEOUTS = 3
+
+
 class RedisQueue:
     """`JobQueue` on a Redis Stream with a consumer group (see the module docstring)."""
 
     def __init__(self, url: str, *, ttl_s: float, visibility_timeout_s: float,
-                 prefix: str = "batchserve") -> None:
+                 prefix: str = "batchserve", max_waiting: int = 1000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._visibility_ms = max(1, round(visibility_timeout_s * 1000))
         self._stream = f"{prefix}:jobs"
+        self._max_len = max_len(max_waiting)
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idem:"
         # A short retry rides out a dropped connection; a server that is down fails fast so the
@@ -114,6 +150,9 @@ class RedisQueue:
         self._create_script = self._redis.register_script(_CREATE)
         self._cas_script = self._redis.register_script(_CAS)
         self._renew_script = self._redis.register_script(_RENEW)
+        self._prune_script = self._redis.register_script(_PRUNE)
+        self._clock = clock
+        self._pruned_at: float | None = None
         self._group_ready = False
 
     # --- records -------------------------------------------------------------------------
@@ -122,7 +161,7 @@ class RedisQueue:
         idem = f"{self._idem_prefix}{record.owner}:{idempotency_key}" if idempotency_key else ""
         keys = [self._stream, self._job_key(record.id), idem]
         args: list[bytes | str | int] = [record.id, record.dumps(), self._ttl_ms,
-                                         self._job_prefix]
+                                         self._job_prefix, self._max_len]
         async with self._guard():
             await self._ensure_group()
             _, raw = await self._create_script(keys=keys, args=args)
@@ -172,6 +211,7 @@ class RedisQueue:
             return []
         async with self._guard():
             await self._ensure_group()
+            await self._prune_dead()
             deliveries = await self._reclaim(consumer, max_count)
             want = max_count - len(deliveries)
             if want > 0:
@@ -206,6 +246,31 @@ class RedisQueue:
             renewed = await self._renew_script(
                 keys=[self._stream], args=[GROUP, consumer, *(d.token for d in deliveries)])
         return int(renewed)
+
+    async def leave(self, consumer: str) -> None:
+        async with self._guard():
+            await self._ensure_group()
+            await self._prune_script(keys=[self._stream], args=[GROUP, 0, consumer])
+
+    async def prune(self) -> int:
+        """Deletes the consumers dead past `DEAD_CONSUMER_TIMEOUTS` visibility timeouts that
+        hold nothing (workers killed without a clean stop); every `pull` does it, at most once
+        per visibility timeout, so any live worker cleans up after the dead ones."""
+        async with self._guard():
+            await self._ensure_group()
+            return await self._sweep()
+
+    async def _prune_dead(self) -> None:
+        due = self._pruned_at is None or (
+            self._clock() - self._pruned_at >= self._visibility_ms / 1000)
+        if due:
+            await self._sweep()
+
+    async def _sweep(self) -> int:
+        self._pruned_at = self._clock()
+        removed = await self._prune_script(
+            keys=[self._stream], args=[GROUP, DEAD_CONSUMER_TIMEOUTS * self._visibility_ms, ""])
+        return int(removed)
 
     async def waiting(self) -> int:
         async with self._guard():

@@ -355,6 +355,12 @@ class JobRunner:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))
         await self.stop()
+        # A clean stop leaves no consumer name behind in a shared queue (jobs still held stay
+        # pending under it for another worker; the name goes once they are claimed).
+        try:
+            await self.queue.leave(self.consumer)
+        except Exception as exc:  # the stop goes on: a dead consumer is swept by the others
+            log.warning("could not remove consumer %s from the job queue: %s", self.consumer, exc)
 
     async def stop(self) -> None:
         self.stop_pulling()

@@ -8,7 +8,8 @@ renders in the door's shape):
   image format. `owner` scopes `idempotency_key` (a digest of the API key, "" without auth): the
   same key returns the existing job, whatever the body. `webhook` must already be checked
   (`webhooks.check_url`). `base_url` is where clients reach this API (the webhook body's URLs).
-  503 (`NotReady`/`Draining`/`BackendDown`, with Retry-After) means nothing was stored.
+  503 (`NotReady`/`Draining`/`BackendDown`, with Retry-After) and 429 (`JobsQueueFull`, once
+  `--max-jobs-waiting` jobs wait in the queue, shared or not) mean nothing was stored.
 - `await jobs.get(job_id)` -> `JobRecord`; `NotFound` (404) for unknown, malformed or expired ids.
 - `await jobs.wait(job_id, timeout_s)` -> `JobRecord`, as soon as it is terminal or at the
   timeout. In one process (memory queue) it sleeps until the job ends; with a shared queue it
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tenants
 from ..encode import MEDIA_TYPES
-from ..errors import BackendDown, Gone, JobNotFinished, NotFound
+from ..errors import BackendDown, Gone, JobNotFinished, JobsQueueFull, NotFound
 from .protocol import BackendUnavailable, JobQueue, ResultStore
 from .record import JobRecord, Status, TransitionRefused, new_job_id
 from .webhooks import WebhookSender
@@ -62,6 +63,9 @@ _ID = re.compile(r"job_[A-Za-z0-9_-]{22}")
 PREFER_WAIT_MAX_S = 60
 PRESIGNED_EXPIRES_S = 300
 INPUT_MEDIA_TYPE = "application/octet-stream"
+# A full job queue drains at the engines' pace, minutes for a thousand jobs: a client polling
+# faster than this only adds load.
+JOBS_FULL_RETRY_AFTER_S = 30
 
 
 def input_name(job_id: str) -> str:
@@ -127,6 +131,7 @@ class JobService:
         base_url: str = "",
     ) -> JobRecord:
         self._admit()
+        await self._check_room()
         record = JobRecord(
             id=new_job_id(), status=Status.QUEUED, created_at=self._clock(),
             request=req.fields(), format=fmt, owner=owner, webhook=webhook,
@@ -149,6 +154,19 @@ class JobService:
         elif pixels is not None:  # the idempotency key named an existing job: ours is unused
             await self._drop_input(record.id)
         return stored
+
+    async def _check_room(self) -> None:
+        """429 once `--max-jobs-waiting` jobs wait. Counted on the queue itself (the Redis
+        stream's undelivered entries for a shared one), so every api process sees the same
+        bound; two processes may both pass at the edge, so the bound is approximate by the
+        number of concurrent submits, which the stream's MAXLEN safety net absorbs."""
+        limit = self.settings.max_jobs_waiting
+        with backend_errors():
+            waiting = await self.queue.waiting()
+        if waiting >= limit:
+            raise JobsQueueFull(
+                f"{waiting} jobs are already waiting (--max-jobs-waiting {limit}); retry later",
+                retry_after_s=JOBS_FULL_RETRY_AFTER_S)
 
     async def inputs(self, record: JobRecord) -> bytes | None:
         """The pixels of the job's init image and mask, or None for a job without one or once
@@ -283,9 +301,10 @@ class JobService:
         except KeyError:
             raise NotFound(f"no job {job_id} (unknown or expired)") from None
         if record.status.terminal:
-            self._ended_here(record)
+            # The input goes first: whoever waits on the job's end may look at the store.
             if record.request.get("init_image") is not None:
                 await self._drop_input(record.id)
+            self._ended_here(record)
         return record
 
     async def _drop_input(self, job_id: str) -> None:

@@ -86,7 +86,12 @@ class Deadlines:
                     budget_end: float = math.inf) -> float | None:
         """When a request submitted now would finish: the rest of the running batch, the groups
         of no lower priority, then its own group's batches up to and including its own. None
-        while its own shape's batch time is unknown; other unknown shapes count as free."""
+        while its own shape's batch time is unknown; other unknown shapes count as free.
+
+        Queued items that can no longer finish in their budget even alone (`hopeless`) are not
+        counted: `fit` starts any item that can still make it before them, so they delay no
+        newcomer that can. Counting them refused every fresh retry while a client that was
+        about to leave still sat in the queue, and the engine idled in between (issue 18)."""
         predict = self.adaptive.predict
         if predict(key, 1) is None:
             return None
@@ -96,11 +101,12 @@ class Deadlines:
             if took is not None:
                 ahead += max(0.0, running.started + took - now)
         for k, items in queued.items():
-            if k != key and items and max(
-                p.effective_priority(now, self.aging_s) for p in items
+            live = [p for p in items if not self.hopeless(k, p, now)]
+            if k != key and live and max(
+                p.effective_priority(now, self.aging_s) for p in live
             ) >= priority:
-                ahead += self._batches_time(k, len(items))
-        members = queued.get(key, ())
+                ahead += self._batches_time(k, len(live))
+        members = [p for p in queued.get(key, ()) if not self.hopeless(key, p, now)]
         before = sum(1 for p in members if p.effective_priority(now, self.aging_s) >= priority)
         cap = self.adaptive.cap(key)
         batches_before = before // cap
@@ -113,6 +119,12 @@ class Deadlines:
                 wait = max(0.0, wait_until - now)
         own = self._batches_time(key, batches_before * cap) + (predict(key, mine) or 0.0)
         return now + max(ahead, wait) + own
+
+    def hopeless(self, key: Hashable, item: Queued, now: float) -> bool:
+        """It would end past its budget even in a batch of one started now (False while the
+        shape's batch time is unknown)."""
+        one = self.adaptive.predict(key, 1)
+        return one is not None and now + one > item.budget_end
 
     def _batches_time(self, key: Hashable, n: int) -> float:
         """Predicted seconds to run `n` queued items of `key` in batches of its cap."""

@@ -309,7 +309,8 @@ async function viaJobs(text, onStatus) {
   if (job.status !== "succeeded") {
     throw new Refused({ field: null, message: job.error ? job.error.message : `job ${job.status}` });
   }
-  const image = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}/image`, { headers: headers() });
+  const image = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}/image?redirect=false`,
+                            { headers: headers() });  // bytes, never a 302 the CSP would block
   if (!image.ok) throw new Refused(await errorOf(image));
   const r = job.result;
   return { blob: await image.blob(), seed: String(r.seed), batch: String(r.batch_size),

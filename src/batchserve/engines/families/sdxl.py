@@ -111,3 +111,70 @@ class SDXL:
             yield {"prompt_embeds": text.embeds, "negative_prompt_embeds": text.negative_embeds,
                    "pooled_prompt_embeds": text.pooled,
                    "negative_pooled_prompt_embeds": text.negative_pooled}
+
+
+AESTHETIC, NEGATIVE_AESTHETIC = 6.0, 2.5  # the refiner pipeline's defaults
+
+
+class Refiner:
+    """The SDXL refiner's conditioning (`StableDiffusionXLImg2ImgPipeline` with only
+    `text_encoder_2`): the second encoder's penultimate states and pooled output; the pipeline
+    adds the aesthetic-score time ids itself. An empty negative prompt is zeroed only when the
+    refiner's config says so (Stability's refiner does not)."""
+
+    def __init__(self, pipe: Any, second: PromptEncoder) -> None:
+        self.pipe = pipe
+        self.second = second
+        self.zero_empty = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, *, long_prompts: str, clip_skip: int,
+                     expansions: Mapping[str, str] | None = None) -> Refiner:
+        return cls(pipe, PromptEncoder(pipe.tokenizer_2, pipe.text_encoder_2, pipe.unet,
+                                       long_prompts=long_prompts, clip_skip=clip_skip,
+                                       expansions=expansions, penultimate=True))
+
+    def time_ids(self, item: GenerationItem, score: float, like: torch.Tensor) -> torch.Tensor:
+        """[1, 5] (original size, crop top-left, aesthetic score) as the refiner pipeline's
+        `_get_add_time_ids` makes them by default; [1, 6] with a target size for a refiner
+        whose config does not ask for the aesthetic score."""
+        size = (item.height, item.width)
+        tail = (score,) if self.pipe.config.get("requires_aesthetics_score", False) else size
+        return torch.tensor([[*size, 0, 0, *tail]], dtype=like.dtype, device=like.device)
+
+    def rows(self, item: GenerationItem, *, guided: bool) -> list[Row]:
+        """The item's refiner rows, encoded alone: the second encoder's states, its pooled
+        output and the aesthetic-score time ids (6.0 for the prompt, 2.5 for the negative:
+        the pipeline's defaults)."""
+        text = self.second.encode([item.prompt], [item.negative_prompt], guidance=guided)
+        mask = text.attention_mask
+        assert text.pooled is not None
+        positive = Row(text.prompt_embeds, None if mask is None else mask[-1],
+                       {"text_embeds": text.pooled,
+                        "time_ids": self.time_ids(item, AESTHETIC, text.prompt_embeds)})
+        negative, pooled = text.negative_embeds, text.negative_pooled
+        if negative is None or pooled is None:
+            return [positive]
+        if not item.negative_prompt and self.zero_empty:
+            negative, pooled = torch.zeros_like(negative), torch.zeros_like(pooled)
+        return [Row(negative, None if mask is None else mask[0],
+                    {"text_embeds": pooled,
+                     "time_ids": self.time_ids(item, NEGATIVE_AESTHETIC, negative)}), positive]
+
+    @contextmanager
+    def conditioning(self, items: Sequence[GenerationItem]) -> Iterator[dict[str, Any]]:
+        """A whole batch's (one key's) refiner conditioning as the refiner pipeline's keyword
+        arguments, valid inside the block (which may hook the refiner's UNet)."""
+        negatives = [i.negative_prompt for i in items]
+        text = self.second.encode([i.prompt for i in items], negatives,
+                                  guidance=guided(self.pipe.unet, items[0]))
+        negative, negative_pooled = text.negative_embeds, text.negative_pooled
+        empty = [i for i, t in enumerate(negatives) if not t and self.zero_empty]
+        if empty and negative is not None and negative_pooled is not None:
+            negative, negative_pooled = negative.clone(), negative_pooled.clone()
+            negative[empty] = 0
+            negative_pooled[empty] = 0
+        with cross_attention_mask(self.pipe.unet, text.attention_mask):
+            yield {"prompt_embeds": text.prompt_embeds, "negative_prompt_embeds": negative,
+                   "pooled_prompt_embeds": text.pooled,
+                   "negative_pooled_prompt_embeds": negative_pooled}
