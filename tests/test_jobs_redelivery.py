@@ -125,6 +125,9 @@ class Refusing:
     async def wait_loaded(self) -> str:
         return "ready"
 
+    async def prefetch_loras(self, requests: Any) -> None:
+        pass
+
     def submit(self, request: Any, fmt: str = "png", *, online: bool = True) -> Any:
         self.refused += 1
         if self.refused >= self.limit and self.runner is not None:

@@ -29,6 +29,7 @@ WASTE_REASONS = ("cancelled", "timeout", "drain")
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 JOB_STATUSES = ("queued", "succeeded", "failed", "canceled")
+LORA_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 HTTP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
@@ -137,6 +138,25 @@ class Metrics:
         self._gpu_reserved = Gauge(
             "batchserve_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", registry=r
         )
+        self._lora_loads = Histogram(
+            "batchserve_lora_load_seconds", "Per-request LoRA files read onto the device "
+            "(a cache miss), by how long the read took", buckets=LORA_BUCKETS, registry=r,
+        )
+        self._lora_hits = Counter(
+            "batchserve_lora_hits", "Per-request LoRA uses served by a resident adapter",
+            registry=r,
+        )
+        self._lora_evictions = Counter(
+            "batchserve_lora_evictions", "Adapters dropped from the LoRA cache (--lora-cache-mb), "
+            "least recently used first", registry=r,
+        )
+        self._lora_resident = Gauge(
+            "batchserve_lora_resident", "Adapters resident in the LoRA cache", registry=r,
+        )
+        self._lora_bytes = Gauge(
+            "batchserve_lora_resident_bytes", "Device memory the resident adapters take",
+            registry=r,
+        )
         self._ready = Gauge("batchserve_ready", "1 when loaded, warmed and accepting", registry=r)
         self._jobs = Counter(
             "batchserve_jobs", "Async jobs accepted (queued) and ended here, by status",
@@ -225,6 +245,24 @@ class Metrics:
     @_never_raise
     def held(self, n: int) -> None:
         self._held.set(n)
+
+    @_never_raise
+    def lora_loaded(self, name: str, seconds: float) -> None:
+        self._lora_loads.observe(seconds)  # no name label: names are the operator's files,
+        # but a label per file would grow without bound as files come and go
+
+    @_never_raise
+    def lora_hit(self) -> None:
+        self._lora_hits.inc()
+
+    @_never_raise
+    def lora_evicted(self) -> None:
+        self._lora_evictions.inc()
+
+    @_never_raise
+    def lora_resident(self, count: int, nbytes: int) -> None:
+        self._lora_resident.set(count)
+        self._lora_bytes.set(nbytes)
 
     @_never_raise
     def left_room(self, outcome: str) -> None:

@@ -22,7 +22,7 @@ import orjson
 from . import images
 from .engines import BatchKey, GenerationItem, key_label
 from .engines.capabilities import IMG2IMG, INPAINT
-from .engines.protocol import ImageInput
+from .engines.protocol import ImageInput, LoraPick
 from .errors import MalformedJSON, ValidationError
 from .images import MaskRule
 from .samplers import DEFAULT_SAMPLER, SAMPLERS
@@ -51,6 +51,10 @@ class Limits:
     """width x height of a request that names none: the model family's (SDXL: 1024x1024)."""
     refiner: bool = False
     """An SDXL refiner is loaded (`--refiner`): requests may set `refiner_switch`."""
+    max_loras: int = 4
+    """Most adapters one request may name in `loras` (`--max-loras-per-request`)."""
+    lora_problem: Callable[[str], str | None] | None = None
+    """What is wrong with naming a LoRA of `--lora-dir` (None: usable); None: no --lora-dir."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,8 @@ class T2IRequest:
     """img2img / inpainting: the decoded init image (and mask) at width x height."""
     refiner_switch: float = 0.0
     """0 < x < 1 hands the last steps to the refiner; 0: none."""
+    loras: tuple[LoraPick, ...] = ()
+    """Per-request LoRA: files of `--lora-dir` with their scales; not in the batching key."""
 
     @property
     def key(self) -> BatchKey:
@@ -92,6 +98,10 @@ class T2IRequest:
                 if f.name not in ("timeout_given", "init")}
         if not self.refiner_switch:
             del data["refiner_switch"]  # a request without the refiner reads as before it
+        if self.loras:
+            data["loras"] = [{"name": p.name, "scale": p.scale} for p in self.loras]
+        else:
+            del data["loras"]  # likewise without LoRA
         if (init := self.init) is not None:
             size = {"width": init.width, "height": init.height}
             data.update(init_image=size, strength=init.strength)
@@ -113,6 +123,8 @@ class T2IRequest:
         plain = dict(data)
         size, mask = plain.pop("init_image", None), plain.pop("mask_image", None)
         strength, blur = plain.pop("strength", None), plain.pop("mask_blur", 0)
+        loras = tuple(LoraPick(str(p["name"]), float(p["scale"]))
+                      for p in plain.pop("loras", ()))
         init = None
         if size is not None:
             width, height = int(size["width"]), int(size["height"])
@@ -123,13 +135,13 @@ class T2IRequest:
                                  f"({0 if pixels is None else len(pixels)} of {expected} bytes)")
             init = ImageInput(width, height, pixels[:rgb], float(strength),
                               pixels[rgb:] if mask is not None else None, int(blur))
-        return cls(**plain, init=init)
+        return cls(**plain, init=init, loras=loras)
 
     def item(self) -> GenerationItem:
         return GenerationItem(
             self.prompt, self.negative_prompt, self.seed, self.width, self.height,
             self.inference_steps, self.guidance_scale, self.sampler, self.init,
-            self.refiner_switch,
+            self.refiner_switch, self.loras,
         )
 
 
@@ -161,6 +173,8 @@ class Field:
     def check(self, value: Any, limits: Limits, label: str) -> Any:
         if self.type == "string":
             return self._check_text(value, label)
+        if self.type == "loras":
+            return _check_loras(value, limits, label)
         if self.type == "image":
             if not isinstance(value, str | bytes):
                 raise ValidationError(f"{label} must be a base64 string", field=label)
@@ -212,6 +226,15 @@ class Field:
         out: dict[str, Any] = {"type": self.type, "description": self.doc}
         if self.type == "image":
             out.update(type="string", contentEncoding="base64")
+        if self.type == "loras":
+            out.update(type="array", maxItems=limits.max_loras, items={
+                "type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "description": "a LoRA of --lora-dir (its file "
+                             "stem), as GET /v1/loras lists them"},
+                    "scale": {"type": "number", "minimum": -LORA_SCALE, "maximum": LORA_SCALE,
+                              "default": 1.0},
+                }})
         if self.choices is not None:
             out["enum"] = list(self.choices)
         lowest = "exclusiveMinimum" if self.lo_exclusive else "minimum"
@@ -285,6 +308,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("refiner_switch", "number", "with --refiner: the fraction of the steps after which "
           "the SDXL refiner takes over (base denoising_end = refiner denoising_start); part of "
           "the batching key", lo=0.0, hi=1.0, lo_exclusive=True, hi_exclusive=True),
+    Field("loras", "loras", "with --lora-dir: per-request LoRA, a list of {name, scale} "
+          "(at most --max-loras-per-request, scale -4..4, default 1); not part of the batching "
+          "key: requests with different LoRAs share one batch"),
 )}
 ALLOWED = tuple(FIELDS)
 IMAGE_FIELDS = ("init_image", "mask_image")
@@ -379,7 +405,48 @@ def validate(
         timeout_given="timeout_s" in v,
         init=init,
         refiner_switch=v.get("refiner_switch", 0.0),
+        loras=v.get("loras", ()),
     )
+
+
+LORA_SCALE = 4.0
+
+
+def _check_loras(value: Any, limits: Limits, label: str) -> tuple[LoraPick, ...]:
+    """`loras`: a list of {name, scale}; every name a usable file of `--lora-dir`."""
+    if not isinstance(value, list):
+        raise ValidationError(f"{label} must be a list of {{name, scale}} objects", field=label)
+    if value and limits.lora_problem is None:
+        raise ValidationError(f"{label}: this server serves no per-request LoRA (start it with "
+                              "--lora-dir)", field=label)
+    if len(value) > limits.max_loras:
+        raise ValidationError(f"{label}: at most {limits.max_loras} LoRAs per request "
+                              "(--max-loras-per-request)", field=label)
+    picks: list[LoraPick] = []
+    for i, pick in enumerate(value):
+        at = f"{label}[{i}]"
+        if not isinstance(pick, dict):
+            raise ValidationError(f"{at} must be an object {{name, scale}}", field=at)
+        extra = sorted(set(pick) - {"name", "scale"})
+        if extra:
+            raise ValidationError(f"{at}: unknown field {extra[0]!r}; allowed: name, scale",
+                                  field=f"{at}.{extra[0]}")
+        name, scale = pick.get("name"), pick.get("scale", 1.0)
+        if not isinstance(name, str):
+            raise ValidationError(f"{at}.name must be a string", field=f"{at}.name")
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+            math.isfinite(scale) and -LORA_SCALE <= scale <= LORA_SCALE
+        ):
+            raise ValidationError(f"{at}.scale must be a number between {-LORA_SCALE:g} and "
+                                  f"{LORA_SCALE:g}", field=f"{at}.scale")
+        if any(p.name == name for p in picks):
+            raise ValidationError(f"{at}.name: {name!r} is named twice", field=f"{at}.name")
+        assert limits.lora_problem is not None
+        problem = limits.lora_problem(name)
+        if problem is not None:
+            raise ValidationError(f"{at}.name: {problem}", field=f"{at}.name")
+        picks.append(LoraPick(name, float(scale)))
+    return tuple(picks)
 
 
 def _check_refiner(v: dict[str, Any], limits: Limits, label: Callable[[str], str]) -> None:

@@ -9,10 +9,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import __version__, tenants
@@ -31,6 +32,7 @@ from .engines import (
 )
 from .engines.capabilities import image_inputs
 from .engines.families import FAMILY_SIZES, served_family
+from .engines.lora import LoraLibrary, LoraUnavailable
 from .engines.protocol import exact
 from .errors import (
     BatchServeError,
@@ -102,12 +104,18 @@ class Service:
         self.sizes = FAMILY_SIZES[
             served_family(settings.model, settings.model_family, settings.model_config)
         ]
+        # Per-request LoRA: the folder is listed here (names are checked at every door); the
+        # engine judges each file against the model once loaded (`use_loras`).
+        self.loras = (LoraLibrary(Path(settings.lora_dir), rescan_s=settings.lora_rescan_s)
+                      if settings.lora_dir else None)
         self.limits = Limits(
             settings.max_pixels, settings.max_steps, settings.request_timeout_s,
             max_priority=settings.max_priority, max_cost=settings.max_cost,
             default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
             image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
             default_size=self.sizes.default, refiner=settings.refiner is not None,
+            max_loras=settings.max_loras_per_request,
+            lora_problem=self.loras.problem if self.loras is not None else None,
         )
         try:
             self.tenants = tenants.Tenants.from_settings(settings.api_keys, settings.api_key)
@@ -123,6 +131,7 @@ class Service:
         # Requests' init images are decoded here, off the loop: as many at once as images are
         # encoded, which bounds the memory that decoding untrusted uploads can take.
         self.decoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="decode")
+        self.lora_reader = ThreadPoolExecutor(1, thread_name_prefix="lora-read")
         self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
         self.adaptive = Adaptive(
@@ -193,6 +202,12 @@ class Service:
                     "step-wise interface (prepare/step/finish); use --flush-policy=deadline "
                     "or eager"
                 )
+            if self.loras is not None:
+                use = getattr(engine, "use_loras", None)
+                if use is None:
+                    raise SettingsError(f"--lora-dir: the engine of --model={settings.model} "
+                                        "cannot apply per-request LoRA")
+                await self.worker.run(partial(use, self.loras, self.metrics))
             warmup_started = time.monotonic()
             timings = await self.worker.run(self._warmup_call(engine, info.device))
             # The first prediction the watchdog bounds batches by (lenient: it includes the
@@ -307,6 +322,7 @@ class Service:
         await self._stop_engine()
         self.encoder.shutdown(wait=False, cancel_futures=True)
         self.decoder.shutdown(wait=False, cancel_futures=True)
+        self.lora_reader.shutdown(wait=False, cancel_futures=True)
 
     async def _stop_engine(self) -> None:
         """Interrupts the engine between two steps and waits for its thread to end, so no
@@ -395,6 +411,21 @@ class Service:
             raise Draining("server is shutting down; retry on another instance", retry_after_s=5)
         if self.state != self.READY:
             raise NotReady(f"server is {self.state}; model not ready", retry_after_s=5)
+
+    async def prefetch_loras(self, requests: Sequence[T2IRequest]) -> None:
+        """Reads the requests' LoRA files onto the device before they are queued, on a thread
+        of their own: the engine keeps running other batches meanwhile, and finds the adapters
+        ready when their items run. A file gone since validation is a 422 here."""
+        names = sorted({pick.name for r in requests for pick in r.loras})
+        runtime = getattr(self.engine, "lora", None)
+        if not names or runtime is None:
+            return
+        loop = asyncio.get_running_loop()
+        for name in names:
+            try:
+                await loop.run_in_executor(self.lora_reader, runtime.prefetch, name)
+            except LoraUnavailable as exc:
+                raise ValidationError(f"loras: {exc}", field="loras") from None
 
     def submit(
         self, request: T2IRequest, fmt: str = "png", *, online: bool = True
@@ -507,6 +538,19 @@ class Service:
             "images_total": int(images or 0),
         }
 
+    def lora_listing(self) -> dict[str, Any]:
+        """`--lora-dir`'s files as requests may name them, and which are resident now."""
+        if self.loras is None:
+            return {"enabled": False, "loras": [], "resident": []}
+        runtime = getattr(self.engine, "lora", None)
+        resident = runtime.resident_names() if runtime is not None else []
+        return {
+            "enabled": True, "max_per_request": self.settings.max_loras_per_request,
+            "loras": [{**e.describe(), "resident": name in resident}
+                      for name, e in self.loras.entries().items()],
+            "resident": resident,
+        }
+
     def info(self) -> dict[str, Any]:
         s = self.settings
         return {
@@ -522,6 +566,8 @@ class Service:
             },
             "engine": self.engine.info().to_dict() if self.engine else None,
             "sizes": self.sizes.to_dict(s.max_pixels),
+            "loras": {key: value for key, value in self.lora_listing().items()
+                      if key != "loras"},
             "batching": {
                 "key": ["width", "height"] if self.continuous else
                        ["width", "height", "inference_steps", "guidance_scale", "sampler",

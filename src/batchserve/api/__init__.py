@@ -36,6 +36,7 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/v1/info", ops.info, methods=["GET"]),
+        Route("/v1/loras", ops.loras, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
     ]
     if gateway.service.role == "worker":
@@ -68,6 +69,8 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
         a1111_route("img2img", sd.img2img, "POST"),
         a1111_route("sd-models", sd.sd_models, "GET"),
         a1111_route("samplers", sd.samplers, "GET"),
+        a1111_route("loras", sd.loras, "GET"),
+        a1111_route("refresh-loras", sd.refresh_loras, "POST"),
         a1111_route("schedulers", sd.schedulers, "GET"),
         a1111_route("options", sd.get_options, "GET"),
         a1111_route("options", sd.set_options, "POST"),

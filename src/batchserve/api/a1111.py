@@ -21,6 +21,7 @@ Errors use the shape of A1111's own exception handler (a FastAPI app):
 from __future__ import annotations
 
 import base64
+import re
 from functools import partial
 from pathlib import PurePath
 from typing import Any
@@ -204,7 +205,38 @@ def _common(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], int]:
         ours["seed"] = seed
     name = data.get("sampler_name") or data.get("sampler_index")
     ours["sampler"] = sampler_for(name, data.get("scheduler"), limits.default_sampler)
+    if isinstance(ours.get("prompt"), str):
+        ours["prompt"], loras = lora_tags(ours["prompt"])
+        if loras:
+            ours["loras"] = loras
     return ours, count
+
+
+_LORA_TAG = re.compile(r"<lora:([^:<>]*)((?::[^:<>]*)*)>", re.IGNORECASE)
+
+
+def lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's extra-network syntax: `<lora:NAME>` or `<lora:NAME:WEIGHT>` in the prompt,
+    removed from it and returned as our `loras` (names and weights checked by `validate`). A
+    separate text-encoder weight (`<lora:NAME:TE:UNET>`) is refused: rows take one scale."""
+    picks: list[dict[str, Any]] = []
+
+    def take(match: re.Match[str]) -> str:
+        name, rest = match.group(1).strip(), match.group(2)
+        weights = [w.strip() for w in rest.split(":")[1:]] if rest else []
+        if len(weights) > 1 and len(set(weights)) > 1:
+            raise _refuse("prompt", f"<lora:{name}:{':'.join(weights)}> with separate text "
+                          "encoder and UNet weights")
+        try:
+            scale = float(weights[0]) if weights and weights[0] else 1.0
+        except ValueError:
+            raise ValidationError(f"prompt: <lora:{name}:{weights[0]}>: the weight must be a "
+                                  "number", field="prompt") from None
+        picks.append({"name": name, "scale": scale})
+        return ""
+
+    clean = _LORA_TAG.sub(take, prompt)
+    return (" ".join(clean.split()) if picks else prompt), picks
 
 
 def translate_img2img(
@@ -388,6 +420,22 @@ class A1111Door:
         return JSONResponse([{"title": title, "model_name": title, "hash": None, "sha256": None,
                               "filename": title, "config": None} for title in served])
 
+    async def loras(self, request: Request, record: dict[str, Any]) -> Response:
+        """A1111's listing of LoRA networks: the usable files of `--lora-dir` (names as the
+        `<lora:NAME:WEIGHT>` prompt syntax takes them; file names only, never server paths)."""
+        self.gateway.authorize(request, basic=True)
+        library = self.service.loras
+        entries = library.entries() if library is not None else {}
+        return JSONResponse([{"name": name, "alias": name, "path": e.file.path.name,
+                              "metadata": {}} for name, e in entries.items() if e.usable])
+
+    async def refresh_loras(self, request: Request, record: dict[str, Any]) -> Response:
+        """Lists `--lora-dir` again now (files added or changed are judged at once)."""
+        self.gateway.authorize(request, basic=True)
+        if self.service.loras is not None:
+            self.service.loras.refresh()
+        return JSONResponse(None)
+
     async def samplers(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request, basic=True)
         return JSONResponse([
@@ -499,6 +547,10 @@ def openapi(limits: Limits) -> dict[str, Any]:
         ),
         "/sdapi/v1/sd-models": route("get", "The served model", "a1111_sd_models"),
         "/sdapi/v1/samplers": route("get", "Served samplers, by A1111 name", "a1111_samplers"),
+        "/sdapi/v1/loras": route("get", "LoRA files of --lora-dir, usable per request with "
+                                 "<lora:NAME:WEIGHT> in the prompt", "a1111_loras"),
+        "/sdapi/v1/refresh-loras": route("post", "List --lora-dir again now",
+                                         "a1111_refresh_loras"),
         "/sdapi/v1/schedulers": route("get", "Served schedules", "a1111_schedulers"),
         "/sdapi/v1/options": {
             **route("get", "Options (the served model)", "a1111_get_options"),

@@ -311,6 +311,7 @@ class Gateway:
         overloaded (`--refusal-hold-s`): a client that retries at once on a refusal then
         waits for a place instead of making the next request straight away."""
         try:
+            await self.service.prefetch_loras(requests)
             return await self.service.waiting_room.admit(
                 lambda: self.submit_all(requests, fmt), (QueueFull, Overloaded))
         except BatchServeError as exc:

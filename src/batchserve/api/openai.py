@@ -18,6 +18,7 @@ import time
 from functools import partial
 from typing import Any
 
+import orjson
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,7 +34,7 @@ RESPONSE_FORMATS = ("b64_json", "url")
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 # Our fields a client may send under the same name (extras beyond OpenAI's own).
 EXTRAS = ("negative_prompt", "num_inference_steps", "guidance_scale", "seed", "sampler",
-          "refiner_switch")
+          "refiner_switch", "loras")
 IGNORED = ("model", "quality", "style", "user")  # accepted, change nothing here
 ALLOWED = ("prompt", "n", "size", "response_format", *IGNORED, *EXTRAS)
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -117,8 +118,15 @@ async def edit_fields(form: FormData) -> dict[str, Any]:
 
 
 def _form_value(name: str, text: str) -> Any:
-    """A text field as the JSON value it stands for, where our field is a number."""
+    """A text field as the JSON value it stands for, where our field is a number (or, for
+    `loras`, the JSON list as text: a form has no lists of objects)."""
     kind = "integer" if name == "n" else FIELDS[name].type if name in FIELDS else "string"
+    if kind == "loras":
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise ValidationError("loras must be a JSON list of {name, scale} objects",
+                                  field="loras") from None
     try:
         if kind == "integer" and _INTEGER.fullmatch(text.strip()):
             return int(text)

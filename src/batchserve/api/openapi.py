@@ -114,6 +114,8 @@ def _ops(limits: Limits) -> dict[str, Any]:
         **get("/healthz", "Liveness", "healthz"),
         **get("/readyz", "200 when loaded, warmed and accepting; else 503", "readyz"),
         **get("/v1/info", "Model, device, tuning, batching, limits, live state", "info"),
+        **get("/v1/loras", "LoRA files of --lora-dir a request may name (usable or why not, "
+              "resident or not)", "loras"),
         **get("/metrics", "Prometheus metrics", "metrics", "text/plain"),
         **get("/openapi.json", "This document", "openapi"),
         **get("/docs", "This document, rendered", "docs", "text/html", "page"),

@@ -31,6 +31,11 @@ class OpsRoutes:
     async def info(self, request: Request) -> Response:
         return JSONResponse(self.service.info())
 
+    async def loras(self, request: Request) -> Response:
+        """The files of `--lora-dir` a request's `loras` may name, each usable or not (with the
+        reason) and whether its adapter is resident now; open like /v1/info."""
+        return JSONResponse(self.service.lora_listing())
+
     async def metrics(self, request: Request) -> Response:
         if self.service.settings.protect_metrics:
             self.gateway.authorize(request)

@@ -27,7 +27,7 @@ from . import checkpoints, families
 from .families.base import Family
 from .lora.library import LoraLibrary
 from .lora.rows import Choice
-from .lora.runtime import LoraRuntime
+from .lora.runtime import LoraEvents, LoraRuntime
 from .prompts import PromptEncoder
 from .protocol import BatchKey, EngineInfo, GenerationItem, StepState, StopCheck, Switch
 from .stepwise import StepwiseDiffusion
@@ -225,14 +225,18 @@ class DiffusionEngine:
         checkpoints.log_addons(addons, settings)
         return cls(pipe, plan, settings, addons, base_config, refiner)
 
-    def use_loras(self, library: LoraLibrary) -> None:
+    def use_loras(self, library: LoraLibrary, events: LoraEvents | None = None) -> None:
         """Serves the LoRA files of `library` per request: judges them against this model."""
-        self._start_lora().attach(library)
+        runtime = self._start_lora()
+        if events is not None:
+            runtime.events = events
+        runtime.attach(library)
 
     def _start_lora(self) -> LoraRuntime:
         """The per-request LoRA runtime, hooked into the step core and every text encoder."""
         if self.lora is None:
-            self.lora = LoraRuntime(self.pipe, self.plan.device, self.pipe.unet.dtype)
+            self.lora = LoraRuntime(self.pipe, self.plan.device, self.pipe.unet.dtype,
+                                    cache_bytes=self.settings.lora_cache_mb << 20)
             self._steps.lora = self.lora
             for encoder in self.family.encoders:
                 encoder.lora = self.lora

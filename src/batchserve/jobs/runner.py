@@ -29,7 +29,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -43,6 +43,7 @@ from ..errors import (
     NotReady,
     Overloaded,
     QueueFull,
+    ValidationError,
 )
 from ..schema import T2IRequest
 from .protocol import BackendUnavailable, Delivery
@@ -81,6 +82,10 @@ class Generator(Protocol):
     def submit(self, request: T2IRequest, fmt: str = "png", *, online: bool = True
                ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
         """Queues one image; the outcome's result is a future of the encoded bytes."""
+        ...
+
+    async def prefetch_loras(self, requests: Sequence[T2IRequest]) -> None:
+        """Reads the requests' LoRA files onto the device before they are queued."""
         ...
 
 
@@ -226,6 +231,11 @@ class JobRunner:
             # don't retry it.
             await self._end(d, Status.FAILED, error=JobError(
                 "invalid_request", f"the stored request cannot run here: {exc}"))
+            return
+        try:
+            await self.generator.prefetch_loras([req])
+        except ValidationError as exc:  # its LoRA file is gone since it was accepted
+            await self._end(d, Status.FAILED, error=JobError("invalid_request", exc.message))
             return
         try:
             # Its tenant's fair share: the runner's task is nobody's request, so say whose.

@@ -4,6 +4,6 @@ bookkeeping of resident adapters (`runtime`). Importing this package imports no 
 
 from __future__ import annotations
 
-from .library import Entry, LoraFile, LoraLibrary, name_problem
+from .library import Entry, LoraFile, LoraLibrary, LoraUnavailable, name_problem
 
-__all__ = ["Entry", "LoraFile", "LoraLibrary", "name_problem"]
+__all__ = ["Entry", "LoraFile", "LoraLibrary", "LoraUnavailable", "name_problem"]

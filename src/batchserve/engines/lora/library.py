@@ -29,6 +29,10 @@ Inspect = Callable[[Path], Any]
 raises an exception whose message says why the file does not fit."""
 
 
+class LoraUnavailable(RuntimeError):
+    """A request names a LoRA that is gone or unusable (since it was accepted)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LoraFile:
     name: str
@@ -134,7 +138,7 @@ class LoraLibrary:
             return bad
         entry = self.get(name)
         if entry is None:
-            return "no LoRA of that name; GET /v1/loras lists them"
+            return f"no LoRA named {name!r}; GET /v1/loras (A1111: /sdapi/v1/loras) lists them"
         if entry.error is not None:
             return f"LoRA {name!r} cannot be used: {entry.error}"
         return None
