@@ -68,6 +68,12 @@ def prepare_example_data(root: Path) -> None:
     """What `$EXAMPLE_DATA` holds. Extend it when an example needs a file (an input image, a
     LoRA made for the tiny model...): the example names it as `$EXAMPLE_DATA/...`."""
     Image.new("RGB", (256, 256), (200, 40, 40)).save(root / "input.png")
+    from loras import kohya  # a LoRA file for the tiny model, as kohya's scripts write one
+
+    from batchserve.engines import tiny
+
+    (root / "loras").mkdir()
+    kohya(root / "loras" / "ink.safetensors", tiny.build_pipeline(), seed=1)
 
 
 class Servers:
