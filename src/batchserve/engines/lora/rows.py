@@ -67,6 +67,9 @@ class _Layer:
         if x.shape[0] != self.owner.size:
             raise RowMismatch(f"a LoRA layer saw {x.shape[0]} rows where {self.owner.size} "
                               "were set")
+        single = self.owner.single
+        if single is not None and self.conv is None and self._batched(x, output, single):
+            return output
         for group in groups:
             delta = self.deltas.get(group.key)
             if delta is None:
@@ -79,6 +82,29 @@ class _Layer:
             else:
                 output.index_add_(0, group.index, change.to(output.dtype))
         return output
+
+    def _batched(self, x: torch.Tensor, output: torch.Tensor, single: _Single) -> bool:
+        """Rows with one adapter each, several adapters of one rank on this (linear) layer:
+        every row's two projections in two batched matmuls (punica's BGMV), each row with its
+        own adapter's weights (zeros for a row without one here), instead of a gather, two
+        matmuls and a scatter per adapter. False when the adapters' ranks differ here."""
+        deltas = [self.deltas.get(key) if key else None for key in single.keys]
+        present = [d for d in deltas if d is not None]
+        if not present:
+            return True  # nothing of these rows' adapters touches this layer
+        rank, dtype = present[0].down.shape[0], present[0].down.dtype
+        if any(d.down.shape[0] != rank or d.down.dtype != dtype for d in present):
+            return False
+        down_zero = torch.zeros_like(present[0].down)
+        up_zero = torch.zeros_like(present[0].up)
+        down = torch.stack([d.down if d is not None else down_zero for d in deltas])
+        up = torch.stack([d.up if d is not None else up_zero for d in deltas])
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # [B, tokens, in]
+        hidden = torch.bmm(rows, down.transpose(1, 2))  # [B, tokens, r]
+        change = torch.bmm(hidden, up.transpose(1, 2))  # [B, tokens, out]
+        change = change * single.scales.to(dtype).view(-1, 1, 1)
+        output.add_(change.reshape(output.shape).to(output.dtype))
+        return True
 
     def _apply(self, x: torch.Tensor, delta: Delta) -> torch.Tensor:
         conv = self.conv
@@ -95,6 +121,7 @@ class ComponentRows:
         self.model = model
         self.layers: dict[str, _Layer] = {}
         self.active: list[_Group] = []
+        self.single: _Single | None = None  # set when rows have one adapter each, several
         self.size = 0
         self._modules = dict(model.named_modules())
 
@@ -126,10 +153,11 @@ class ComponentRows:
             yield
             return
         self.active, self.size = groups, len(choices)
+        self.single = _single(choices, groups)
         try:
             yield
         finally:
-            self.active, self.size = [], 0
+            self.active, self.size, self.single = [], 0, None
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         weight = next(self.model.parameters())
@@ -155,6 +183,23 @@ def _groups(choices: Sequence[Choice], where: tuple[torch.device, torch.dtype]
                len(index) == len(choices))
         for key, index in rows.items()
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Single:
+    """Every row has at most one adapter and the batch has several: row i's adapter key
+    ("" for none) and scale, for the batched path."""
+
+    keys: tuple[str, ...]
+    scales: torch.Tensor  # [rows]
+
+
+def _single(choices: Sequence[Choice], groups: list[_Group]) -> _Single | None:
+    if len(groups) < 2 or any(len(choice) > 1 for choice in choices):
+        return None  # one adapter for all rows (the plain path is cheaper) or combinations
+    keys = tuple(choice[0][0] if choice and choice[0][1] != 0 else "" for choice in choices)
+    scales = [choice[0][1] if choice else 0.0 for choice in choices]
+    return _Single(keys, torch.tensor(scales, device=groups[0].scales.device))
 
 
 class RowAdapters:
