@@ -339,3 +339,37 @@ def test_the_tiny_engine_repaints_an_uploaded_image(browser: Any, page_server: S
     got = Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB")
     difference = np.abs(np.asarray(got, np.int16) - np.asarray(picture, np.int16))
     assert difference.max() > 10  # repainted by the model
+
+
+def test_the_page_offers_the_lora_files_and_sends_the_chosen_one(browser: Any,
+                                                                  tmp_path: Path) -> None:
+    from loras import kohya
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from batchserve.engines import tiny
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    kohya(folder / "ink.safetensors", tiny.build_pipeline(), seed=1)
+    (folder / "old.ckpt").write_bytes(b"a pickle: listed as unusable, not offered")
+    with running_server("--model", "tiny", "--lora-dir", str(folder), "--max-wait-ms", "0",
+                        "--warmup", "64x64x1", tmp_path=tmp_path) as server:
+        open_page(browser, server.url)
+        until(browser, lambda d: d.find_element(By.ID, "lora-field").is_displayed())
+        offered = [o.get_attribute("value") for o in
+                   Select(browser.find_element(By.ID, "lora")).options]
+        assert offered == ["", "ink"]
+        set_value(browser, "prompt", "a lighthouse")
+        Select(browser.find_element(By.ID, "size")).select_by_value("custom")
+        set_value(browser, "width", "64")
+        set_value(browser, "height", "64")
+        set_value(browser, "inference_steps", "1")
+        Select(browser.find_element(By.ID, "lora")).select_by_value("ink")
+        set_value(browser, "lora_scale", "9")  # the server's rule, shown next to the field
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: d.find_element(By.ID, "lora-error").text != "")
+        assert "loras[0].scale" in browser.find_element(By.ID, "lora-error").text
+        set_value(browser, "lora_scale", "0.8")
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: len(finished_images(d)) == 1)

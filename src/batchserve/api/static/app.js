@@ -9,7 +9,7 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORE = "batchserve.api_key";
 const FIELDS = ["prompt", "negative_prompt", "width", "height", "inference_steps",
                 "guidance_scale", "sampler", "seed", "count", "api_key", "init_image",
-                "strength", "mask_image", "mask_blur"];
+                "strength", "mask_image", "mask_blur", "lora"];
 const MAX_COUNT = 8;
 const POLL_MS = [250, 250, 500, 500, 1000];  // jobs polling backoff, then every second
 
@@ -47,6 +47,7 @@ function showLive(data) {
   $("key-field").hidden = !(data.auth && data.auth.t2i);
   fillSamplers(data.samplers);
   fillSizes(data.sizes);
+  fillLoras(data.loras);
   showImageFields(data.image_inputs || []);
 }
 
@@ -63,6 +64,25 @@ function fillSamplers(samplers) {
     const option = new Option(name === samplers.default ? `${name} (default)` : name, name);
     option.selected = name === samplers.default;
     select.add(option);
+  }
+}
+
+// Per-request LoRA (--lora-dir): the usable files of GET /v1/loras, listed once; one per
+// submit from the page (the API takes up to --max-loras-per-request).
+let lorasFilled = false;
+
+async function fillLoras(loras) {
+  if (!loras || !loras.enabled || lorasFilled) return;
+  lorasFilled = true;
+  try {
+    const listing = await (await fetch("/v1/loras", { cache: "no-store" })).json();
+    const select = $("lora");
+    for (const entry of listing.loras) {
+      if (entry.usable) select.add(new Option(entry.name, entry.name));
+    }
+    $("lora-field").hidden = false;
+  } catch (err) {
+    lorasFilled = false;  // tried again at the next refresh
   }
 }
 
@@ -107,7 +127,8 @@ function clearErrors() {
 }
 
 function showError(field, message) {
-  const name = field === "num_inference_steps" ? "inference_steps" : field;
+  const name = field === "num_inference_steps" ? "inference_steps"
+    : field && field.startsWith("loras") ? "lora" : field;
   const slot = FIELDS.includes(name) ? $(`${name}-error`) : null;
   (slot || $("form-error")).textContent = message;  // the server's message, as is
   const input = slot ? $(name) : null;
@@ -132,6 +153,11 @@ function readForm() {
     if (raw !== "") body[name] = Number.isNaN(Number(raw)) ? raw : Number(raw);
   }
   if ($("sampler").value) body.sampler = $("sampler").value;
+  if ($("lora").value) {
+    const raw = $("lora_scale").value.trim();
+    const scale = raw === "" ? 1 : Number.isNaN(Number(raw)) ? raw : Number(raw);
+    body.loras = [{ name: $("lora").value, scale }];
+  }
   if (painting.dataUrl) {
     body.init_image = painting.dataUrl;
     if (painting.maskUrl) body.mask_image = painting.maskUrl;
