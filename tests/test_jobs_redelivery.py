@@ -128,7 +128,8 @@ class Refusing:
     async def prefetch_loras(self, requests: Any) -> None:
         pass
 
-    def submit(self, request: Any, fmt: str = "png", *, online: bool = True) -> Any:
+    def submit(self, request: Any, fmt: str = "png", *, online: bool = True,
+               progress_key: str | None = None) -> Any:
         self.refused += 1
         if self.refused >= self.limit and self.runner is not None:
             self.runner.stop_pulling()

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +33,7 @@ from .engines import (
 from .engines.capabilities import image_inputs
 from .engines.families import FAMILY_SIZES, served_family
 from .engines.lora import LoraLibrary, LoraUnavailable
-from .engines.protocol import exact
+from .engines.protocol import Preview, PreviewsSteps, exact, reports_steps
 from .errors import (
     BatchServeError,
     Draining,
@@ -51,6 +51,7 @@ from .jobs.service import JobService
 from .jobs.webhooks import WebhookSender
 from .logs import KNOWN_PROMPTS
 from .metrics import Metrics
+from .progress import BATCH, Progress, ProgressBoard
 from .samplers import SAMPLERS
 from .sched.adaptive import Adaptive
 from .sched.request_queue import QueueLoop
@@ -132,6 +133,8 @@ class Service:
         # encoded, which bounds the memory that decoding untrusted uploads can take.
         self.decoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="decode")
         self.lora_reader = ThreadPoolExecutor(1, thread_name_prefix="lora-read")
+        self.progress = ProgressBoard(preview_every=settings.preview_every)
+        self._reports_steps = False  # the engine's generate takes on_step (set at load)
         self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
         self.adaptive = Adaptive(
@@ -180,6 +183,8 @@ class Service:
             self.metrics.ready(True)
             self._settled.set()
             return
+        if self.settings.queue != "memory":  # api processes elsewhere stream our jobs' steps
+            self.progress.mirror = self._mirror_progress(asyncio.get_running_loop())
         loop_task = asyncio.create_task(self.batcher.run(), name="batch-loop")
         loop_task.add_done_callback(self._loop_ended)
         self._tasks = [loop_task, asyncio.create_task(self._load(), name="load-model")]
@@ -225,6 +230,7 @@ class Service:
             self._settled.set()
             return
         self.engine = engine
+        self._reports_steps = reports_steps(engine)
         if self.state == self.STARTING:
             self.state = self.READY
             self.metrics.ready(True)
@@ -232,6 +238,31 @@ class Service:
                      time.monotonic() - self._started, settings.model, info.device, info.dtype,
                      settings.max_batch_size, self.batcher.max_wait_s * 1000)
         self._settled.set()
+
+    def _mirror_progress(self, loop: asyncio.AbstractEventLoop
+                         ) -> Callable[[str, Progress], None]:
+        """Copies jobs' progress into the shared queue backend (engine thread -> loop), at
+        most every `MIRROR_EVERY_S` per job (and always its last step): a few small writes a
+        second per running job, whatever the step rate."""
+        written: dict[str, float] = {}
+        queue = self.jobs.queue
+
+        def mirror(key: str, progress: Progress) -> None:
+            if key == BATCH:
+                return
+            last = written.get(key, 0.0)
+            if progress.at - last < MIRROR_EVERY_S and progress.step < progress.steps:
+                return
+            written[key] = progress.at
+            if progress.step >= progress.steps:
+                written.pop(key, None)
+            loop.call_soon_threadsafe(self._spawn, queue.put_progress(key, progress))
+
+        return mirror
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(_quiet)
 
     @property
     def ready(self) -> bool:
@@ -428,7 +459,8 @@ class Service:
                 raise ValidationError(f"loras: {exc}", field="loras") from None
 
     def submit(
-        self, request: T2IRequest, fmt: str = "png", *, online: bool = True
+        self, request: T2IRequest, fmt: str = "png", *, online: bool = True,
+        progress_key: str | None = None,
     ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
         """Queues one request; its outcome's result is a future of the encoded image. A worker's
         job runner submits too (roles all and worker), with `online=False`: nobody holds a
@@ -439,7 +471,7 @@ class Service:
                 raise Draining("worker is not accepting jobs", retry_after_s=5)
         else:
             self.check_admitting()
-        queued = QueuedItem(request.item(), fmt)
+        queued = QueuedItem(request.item(), fmt, progress_key=progress_key)
         # Under `continuous` items of any steps and guidance share steps: the key is the shape.
         key = (request.width, request.height) if self.continuous else request.key
         future = self.batcher.submit(
@@ -447,6 +479,8 @@ class Service:
             explicit_timeout=request.timeout_given or not online, tenant=tenants.CURRENT.get(),
         )
         queued.outcome = future
+        if progress_key is not None:  # generated (or not): its progress is no longer news
+            future.add_done_callback(lambda _: self.progress.drop(progress_key))
         self.metrics.admitted()
         if not self.settings.log_prompts:
             # Known to the log's prompt filter until answered (and while generating, below).
@@ -466,8 +500,10 @@ class Service:
 
         texts = [t for q in batch for t in q.texts]
         KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
+        progress = {"on_step": partial(self._batch_stepped, batch)} if self._reports_steps else {}
         call = self.worker.run(
-            partial(engine.generate, [q.item for q in batch], should_stop=should_stop)
+            partial(engine.generate, [q.item for q in batch], should_stop=should_stop,
+                    **progress)
         )
         started = time.monotonic()
         self.running = (len(batch), started)
@@ -481,9 +517,51 @@ class Service:
             KNOWN_PROMPTS.remove(*texts)
             self.last_batch_s = time.monotonic() - started
             self.running = None
+            self.progress.drop(BATCH)
             self.waiting_room.opened()
         self.metrics.gpu_memory(engine.memory_bytes())
         return self._encode_all(images, batch)
+
+    def _batch_stepped(self, batch: list[QueuedItem], done: int, total: int,
+                       preview: Preview | None) -> None:
+        """A whole batch's step (engine thread): every keyed item's progress, and the
+        batch's own for A1111; previews only where someone follows."""
+        board = self.progress
+        for i, queued in enumerate([*batch, None]):
+            key = BATCH if queued is None else queued.progress_key
+            if key is None:
+                continue
+            image = (preview(0 if queued is None else i)
+                     if preview is not None and board.wants_preview(key, done) else None)
+            board.put(key, done, total, image)
+
+    def steps_reporter(self, queued: list[QueuedItem]
+                       ) -> Callable[[Sequence[StepState]], None]:
+        """For `continuous`: each step of the running batch (`run_round`'s `after_step`,
+        engine thread), its states in the order of `queued`."""
+        board, engine = self.progress, self.engine
+        previews = engine if isinstance(engine, PreviewsSteps) else None
+
+        def stepped(states: Sequence[StepState]) -> None:
+            furthest: tuple[float, int, int, StepState] | None = None
+            for q, state in zip(queued, states, strict=False):
+                total = q.item.inference_steps - q.item.start_step
+                done = max(0, total - state.remaining)
+                if furthest is None or done / max(1, total) > furthest[0]:
+                    furthest = (done / max(1, total), done, total, state)
+                if q.progress_key is not None:
+                    image = (previews.preview(state) if previews is not None
+                             and board.wants_preview(q.progress_key, done) else None)
+                    board.put(q.progress_key, done, total, image)
+            if all(state.done for state in states):
+                board.drop(BATCH)  # the batch emptied (joiners make the next one's)
+            elif furthest is not None:
+                _, done, total, state = furthest
+                image = (previews.preview(state) if previews is not None
+                         and board.wants_preview(BATCH, done) else None)
+                board.put(BATCH, done, total, image)
+
+        return stepped
 
     def _encode_all(self, images: list[Image], batch: list[QueuedItem]
                     ) -> list[asyncio.Future[bytes]]:
@@ -663,7 +741,8 @@ class EngineSteps:
         pixels = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
         most = 1 if until is None else min(
             [*(s.remaining for s in states), *(i.inference_steps for i in items)], default=1)
-        ran = await self._guarded(partial(run_round, engine, items, states, until),
+        reporter = self.service.steps_reporter([*(q for q, _ in active), *joining])
+        ran = await self._guarded(partial(run_round, engine, items, states, until, reporter),
                                   pixels * max(1, most), lambda r: pixels * max(1, r.steps),
                                   items=[*items, *(s.item for s in states)])
         self.service.waiting_room.opened()  # joiners left the queue, finished items the batch
@@ -709,6 +788,7 @@ class QueuedItem:
     item: GenerationItem
     fmt: str
     outcome: asyncio.Future[Any] | None = None  # the batcher's future, once queued
+    progress_key: str | None = None  # a job's id: its steps go to the progress board
 
     @property
     def wanted(self) -> bool:
@@ -718,6 +798,15 @@ class QueuedItem:
     @property
     def texts(self) -> tuple[str, str]:
         return self.item.prompt, self.item.negative_prompt
+
+
+MIRROR_EVERY_S = 0.25
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    """Progress is best effort: a failed write is dropped, not logged per step."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _work(item: GenerationItem) -> int:

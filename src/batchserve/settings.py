@@ -152,6 +152,11 @@ class Settings:
         5.0, "request-log lines per second for refused requests (429/503); the others are "
         "counted in the next line's suppressed field (every accepted request keeps its line)"
     )
+    preview_every: int = _opt(
+        5, "progress previews (a linear latent-to-RGB projection, no VAE pass) every this many "
+        "denoising steps, made only while someone follows the request (job events, A1111's "
+        "/sdapi/v1/progress); 0: none"
+    )
     request_timeout_s: float = _opt(
         300.0, "default timeout_s: max time from admission to image (queue + generation), "
         "and the most a request may ask for"
@@ -557,6 +562,7 @@ _CHECKS: list[Callable[[Settings], None]] = [
     _rule("refusal_hold_s", lambda v: 0 <= v <= 300, "must be 0..300"),
     _rule("refusal_hold_max", lambda v: v >= 0, "must be >= 0"),
     _rule("log_refusals_per_s", lambda v: v >= 0, "must be >= 0"),
+    _rule("preview_every", lambda v: 0 <= v <= 1000, "must be 0..1000"),
     _rule("watchdog_min_s", lambda v: v >= 1, "must be >= 1"),
     _rule("max_body_bytes", lambda v: v >= 1024, "must be >= 1024"),
     _check_image_limits,

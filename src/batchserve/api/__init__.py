@@ -62,6 +62,7 @@ def routes(gateway: Gateway) -> list[BaseRoute]:
         jobs_route("/v1/jobs/{job_id}", jobs.get, "GET"),
         jobs_route("/v1/jobs/{job_id}", jobs.cancel, "DELETE"),
         jobs_route("/v1/jobs/{job_id}/image", jobs.image, "GET"),
+        jobs_route("/v1/jobs/{job_id}/events", jobs.events, "GET"),
         openai_route("/v1/images/generations", oai.generations, "POST"),
         openai_route("/v1/images/edits", oai.edits, "POST"),
         openai_route("/v1/models", oai.models, "GET"),

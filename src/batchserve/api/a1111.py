@@ -32,6 +32,7 @@ from starlette.responses import Response
 
 from ..errors import BatchServeError, ValidationError
 from ..images import MaskRule
+from ..progress import BATCH
 from ..samplers import SAMPLERS
 from ..schema import FIELDS, MAX_SEED, Limits, T2IRequest, decode, repeat, validate
 from ..service import Service
@@ -166,6 +167,7 @@ def translate(
 _ALIASES_ALL = {**_ALIASES, "sampler": "sampler_name", "init_image": "init_images",
                 "strength": "denoising_strength", "mask_image": "mask",
                 "refiner_switch": "refiner_switch_at"}
+WATCH_S = 10.0  # previews are made this long after a /progress poll
 REFINER_SWITCH_AT = 0.8  # A1111's default when a refiner is named without a switch
 
 
@@ -473,22 +475,36 @@ class A1111Door:
         return JSONResponse(None)
 
     async def progress(self, request: Request, record: dict[str, Any]) -> Response:
-        """From the queue and the running batch; no per-step progress or preview image."""
+        """The running batch's real progress (its furthest item: step, steps, a preview as
+        `current_image` while someone polls, every `--preview-every` steps), the ETA from its
+        step rate plus the queue ahead from the last batch times. Polling turns previews on
+        for `WATCH_S`."""
         self.gateway.authorize(request, basic=True)
-        live = self.service.live()
+        service = self.service
+        board = service.progress
+        board.watch(BATCH, WATCH_S)
+        live = service.live()
         last = live["last_batch_s"]
-        running = live["running_batch_size"] > 0
-        done = min(0.99, live["running_for_s"] / last) if running and last else 0.0
-        jobs = live["queue_depth"] + (1 if running else 0)
-        eta = (max(0.0, last - live["running_for_s"]) if running else 0.0) if last else 0.0
+        now = board.get(BATCH)
+        step = steps = 0
+        done = eta = 0.0
+        if now is not None:
+            step, steps, done = now.step, now.steps, now.fraction
+            eta = now.seconds_left()
+        elif live["running_batch_size"] and last:  # an engine that reports no steps
+            done = min(0.99, live["running_for_s"] / last)
+            eta = max(0.0, last - live["running_for_s"])
         if last:
-            eta += last * -(-live["queue_depth"] // self.service.settings.max_batch_size)
+            eta += last * -(-live["queue_depth"] // service.settings.max_batch_size)
+        running = now is not None or live["running_batch_size"] > 0
+        image = (base64.b64encode(now.preview).decode("ascii")
+                 if now is not None and now.preview else None)
         return JSONResponse({
-            "progress": round(done, 3), "eta_relative": round(eta, 3),
-            "state": {"skipped": False, "interrupted": False, "job": "", "job_count": jobs,
-                      "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
-                      "sampling_steps": 0},
-            "current_image": None, "textinfo": None,
+            "progress": round(min(done, 0.999), 3), "eta_relative": round(eta, 3),
+            "state": {"skipped": False, "interrupted": False, "job": "", "job_count":
+                      live["queue_depth"] + (1 if running else 0), "job_timestamp": "0",
+                      "job_no": 0, "sampling_step": step, "sampling_steps": steps},
+            "current_image": image, "textinfo": None,
         })
 
     async def interrupt(self, request: Request, record: dict[str, Any]) -> Response:

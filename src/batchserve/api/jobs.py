@@ -1,6 +1,7 @@
 """The async jobs door: `POST /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/image`,
-`DELETE /v1/jobs/{id}`. A translation onto `service.jobs` (`jobs.service.JobService`): the body is
-the `/t2i` body (same `schema` validation, same errors) plus an optional `webhook`."""
+`GET /v1/jobs/{id}/events` (Server-Sent Events, `jobs.events`), `DELETE /v1/jobs/{id}`. A
+translation onto `service.jobs` (`jobs.service.JobService`): the body is the `/t2i` body (same
+`schema` validation, same errors) plus an optional `webhook`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import re
 from functools import partial
 from typing import Any
 
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from ..errors import BackendDown, BatchServeError, JobsQueueFull, ValidationError
+from ..jobs.events import PING_S, JobEvents
 from ..jobs.service import PREFER_WAIT_MAX_S
 from ..jobs.webhooks import check_url
 from ..schema import IMAGE_FIELDS, decode, has_images, validate
@@ -77,6 +80,21 @@ class JobsDoor:
         job = await self.jobs.get(_job_id(request, record))
         position = await self.jobs.position(job)
         return JSONResponse(self.jobs.view(job, str(request.base_url), position))
+
+    async def events(self, request: Request, record: dict[str, Any]) -> Response:
+        """`GET /v1/jobs/{id}/events`: the job as Server-Sent Events (`JobEvents`), resumed
+        after the event a reconnecting client names in `Last-Event-ID`."""
+        self.gateway.authorize(request)
+        job_id = _job_id(request, record)
+        await self.jobs.get(job_id)  # 404 now, in the door's shape, rather than in the stream
+        try:
+            last = int(request.headers.get("last-event-id") or 0)
+        except ValueError:
+            last = 0
+        stream = JobEvents(self.jobs, self.service.progress, job_id, str(request.base_url),
+                           last)
+        return EventSourceResponse(stream.events(), ping=PING_S,
+                                   headers={"Cache-Control": "no-store"})
 
     async def image(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request)

@@ -93,6 +93,16 @@ def _jobs(limits: Limits) -> dict[str, Any]:
                 "description": "false: the bytes even with --result-redirect (a page whose CSP "
                                "or CORS forbids following the 302)"}],
         )},
+        "/v1/jobs/{job_id}/events": {"get": op(
+            "The job as Server-Sent Events: queued (position), started, progress (step, steps, "
+            "fraction, preview), then succeeded, failed or canceled with the job's view",
+            "jobs_events",
+            {"200": {"description": "an event stream", "content": {"text/event-stream": {
+                "schema": {"type": "string"}}}}, **_errors(401, 404)},
+            parameters=[*job_id, {
+                "name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                "description": "resume after this event (a reconnecting client's last id)"}],
+        )},
     }
 
 

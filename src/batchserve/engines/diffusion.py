@@ -28,8 +28,17 @@ from .families.base import Family
 from .lora.library import LoraLibrary
 from .lora.rows import Choice
 from .lora.runtime import LoraEvents, LoraRuntime
+from .preview import latent_preview
 from .prompts import PromptEncoder
-from .protocol import BatchKey, EngineInfo, GenerationItem, StepState, StopCheck, Switch
+from .protocol import (
+    BatchKey,
+    EngineInfo,
+    GenerationItem,
+    OnStep,
+    StepState,
+    StopCheck,
+    Switch,
+)
 from .stepwise import StepwiseDiffusion
 
 log = logging.getLogger("batchserve.engine")
@@ -279,20 +288,22 @@ class DiffusionEngine:
         return timings
 
     def generate(
-        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None,
+        on_step: OnStep | None = None,
     ) -> list[Image]:
         first = items[0]
         if first.refiner_switch and self.refiner is None:
             raise ValueError("refiner_switch: no refiner loaded (--refiner)")
         if any(i.init is not None for i in items) or self._steps.inpainting_unet:
-            return self._generate_in_steps(items, should_stop)
+            return self._generate_in_steps(items, should_stop, on_step)
         generators = [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items]
         sampler = first.sampler or self.settings.scheduler  # one per batch: it joins the key
         if sampler != self.sampler:
             config = self.scheduler_config or self.pipe.scheduler.config
             self.pipe.scheduler = make_scheduler(sampler, config)
             self.sampler = sampler
-        step_end = None if should_stop is None else _stop_between_steps(should_stop)
+        step_end = (None if should_stop is None and on_step is None
+                    else _between_steps(should_stop, on_step, self.family.name))
         on_gpu = self.plan.device == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
@@ -353,7 +364,8 @@ class DiffusionEngine:
             )
 
     def _generate_in_steps(
-        self, items: Sequence[GenerationItem], should_stop: StopCheck | None
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None,
+        on_step: OnStep | None = None,
     ) -> list[Image]:
         """A whole batch through the step core: image items (they share a key, so a start step),
         and every batch of an inpainting UNet, which the text-to-image pipeline cannot run. One
@@ -361,10 +373,13 @@ class DiffusionEngine:
         if self.plan.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         states = self._steps.prepare(items)
+        total = max(s.remaining for s in states)
         step = 0
         while active := [s for s in states if not s.done]:
             self._steps.step(active)
             step += 1
+            if on_step is not None:
+                on_step(step, total, lambda i: self.preview(states[i]))
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after step {step}")
         return self._steps.finish(states)
@@ -376,6 +391,14 @@ class DiffusionEngine:
 
     def step(self, states: Sequence[StepState]) -> None:
         self._steps.step(states)
+
+    def preview(self, state: StepState) -> bytes | None:
+        """A running item's preview (`preview.latent_preview`) from its latents now."""
+        latents = getattr(state, "latents", None)
+        family = self.family if getattr(state, "stage", 0) == 0 else self.refiner_family
+        if latents is None or family is None:
+            return None
+        return latent_preview(latents, family.name)
 
     def finish(self, states: Sequence[StepState]) -> list[Image]:
         return self._steps.finish(states)
@@ -449,12 +472,18 @@ def _family_for(pipe: Any, settings: Settings, addons: checkpoints.Addons) -> Fa
     return SD1(PromptEncoder.for_pipeline(pipe, **options))
 
 
-def _stop_between_steps(should_stop: StopCheck) -> Any:
-    """A diffusers step-end callback raising `Interrupted` (rather than setting
+def _between_steps(should_stop: StopCheck | None, on_step: OnStep | None, family: str) -> Any:
+    """A diffusers step-end callback: reports the step (its previews read the latents the
+    callback is handed) and raises `Interrupted` once nobody waits (rather than setting
     `pipe._interrupt`, which skips the remaining steps but still runs the VAE decode)."""
 
     def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if should_stop():
+        if on_step is not None:
+            latents = kwargs.get("latents")
+            preview = None if latents is None else (
+                lambda i: latent_preview(latents[i], family))
+            on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or step + 1), preview)
+        if should_stop is not None and should_stop():
             raise Interrupted(f"stopped after step {step + 1}")
         return kwargs
 

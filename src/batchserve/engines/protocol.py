@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,14 @@ start step, 0 for text-to-image): the whole batch changes UNet at one step."""
 
 StopCheck = Callable[[], bool]
 """Polled by an engine between denoising steps; true means nobody waits for the batch."""
+
+Preview = Callable[[int], bytes | None]
+"""Row `i`'s preview at this step (a small JPEG from a linear latent-to-RGB projection, no VAE
+pass), computed only when called; None where the family has no projection."""
+
+OnStep = Callable[[int, int, Preview | None], None]
+"""Called by `generate` (when it takes `on_step`) after each denoising step: (steps done,
+steps in all, the step's previews). Runs on the engine thread: it must return quickly."""
 
 
 def exact(number: float) -> str:
@@ -164,6 +173,8 @@ class Engine(Protocol):
 
         Raises `errors.EngineOutOfMemory` when the batch does not fit in device memory, and
         `errors.Interrupted` between two denoising steps once `should_stop()` is true.
+        Engines that report progress also take `on_step: OnStep | None` (the service looks at
+        the signature once: `reports_steps`).
         """
         ...
 
@@ -217,6 +228,24 @@ class StepEngine(Protocol):
         ...
 
 
+def reports_steps(engine: object) -> bool:
+    """Whether `engine.generate` takes `on_step` (progress of whole batches)."""
+    generate = getattr(engine, "generate", None)
+    if generate is None:
+        return False
+    try:
+        return "on_step" in inspect.signature(generate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@runtime_checkable
+class PreviewsSteps(Protocol):
+    """Optional, beside `StepEngine`: a running item's preview between steps."""
+
+    def preview(self, state: StepState) -> bytes | None: ...
+
+
 def step_engine(engine: object) -> StepEngine | None:
     """`engine` as a `StepEngine` when it offers the step-wise interface, else None."""
     return engine if isinstance(engine, StepEngine) else None
@@ -240,7 +269,8 @@ class StepRound:
 
 
 def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
-              active: Sequence[StepState], until: Callable[[], bool] | None = None
+              active: Sequence[StepState], until: Callable[[], bool] | None = None,
+              after_step: Callable[[Sequence[StepState]], None] | None = None,
               ) -> StepRound:
     """One iteration of continuous batching in ONE call on the engine thread: `joining` are
     prepared, then steps run for `active` plus the joiners (if prepare failed, for `active`
@@ -250,7 +280,7 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
     Steps run back to back while nothing changes, so the engine does not wait for the event
     loop between them: a hop to the loop and back costs little on an idle host but a whole
     scheduling slice when the loop's CPU is busy (HTTP, encoding), and the engine idles
-    meanwhile."""
+    meanwhile. `after_step(stepping)` (active, then the joiners) reports each step."""
     out = StepRound()
     if joining:
         try:
@@ -267,6 +297,8 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
             out.step_error = exc
             return out
         out.steps += 1
+        if after_step is not None:
+            after_step(stepping)
         done = [s for s in stepping if s.done]
         if done:
             try:

@@ -21,7 +21,7 @@ from functools import lru_cache
 from PIL import Image
 
 from ..errors import Interrupted
-from .protocol import EngineInfo, GenerationItem, StepState, StopCheck, Switch
+from .protocol import EngineInfo, GenerationItem, OnStep, StepState, StopCheck, Switch
 
 
 @lru_cache(maxsize=16)
@@ -90,15 +90,18 @@ class SimEngine:
         return self.step_ms + self.step_per_image_ms * n
 
     def generate(
-        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None,
+        on_step: OnStep | None = None,
     ) -> list[Image.Image]:
         """Sleeps its batch time in one slice per denoising step (the per-batch time spread
-        over the steps, plus the step model's time), checking `should_stop` after each, as the
-        diffusers engine does."""
+        over the steps, plus the step model's time), reporting each step and checking
+        `should_stop` after it, as the diffusers engine does (no previews: no latents)."""
         n, steps = len(items), max(1, _steps(items[0]))
         slice_ms = (self.base_ms + self.per_image_ms * n) / steps + self._step_ms(n)
         for step in range(steps):
             _sleep_ms(slice_ms, should_stop)
+            if on_step is not None:
+                on_step(step + 1, steps, None)
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after step {step + 1} of {steps}")
         return [_image(i) for i in items]

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..progress import Progress
 from .protocol import Delivery
 from .record import JobRecord, Status
 
@@ -186,6 +187,12 @@ class MemoryQueue:
             return self._waiting.index(job_id)
         except ValueError:
             return None
+
+    async def put_progress(self, job_id: str, progress: Progress) -> None:
+        pass  # one process: the progress board is read directly
+
+    async def progress(self, job_id: str) -> Progress | None:
+        return None
 
     async def ping(self) -> None:
         pass

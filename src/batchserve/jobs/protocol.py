@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..progress import Progress
 from .record import JobRecord, Status
 
 
@@ -91,6 +92,15 @@ class JobQueue(Protocol):
 
     async def position(self, job_id: str) -> int | None:
         """Best-effort 0-based position among the waiting jobs, None if not waiting."""
+        ...
+
+    async def put_progress(self, job_id: str, progress: Progress) -> None:
+        """Shares a running job's latest progress with other processes (best effort, bounded:
+        one small value per job, expiring soon). A backend local to one process keeps none."""
+        ...
+
+    async def progress(self, job_id: str) -> Progress | None:
+        """The latest progress another process shared for `job_id` (None: none, or local)."""
         ...
 
     async def ping(self) -> None:

@@ -8,6 +8,8 @@ Layout under one key prefix (default `batchserve`):
 - `{p}:job:{id}` a hash: `record` (the `JobRecord` JSON) and `entry` (its stream entry id),
   expiring `ttl_s` after its last change.
 - `{p}:idem:{owner}:{key}` the job id an idempotency key gave, `SET NX` with the same TTL.
+- `{p}:progress:{id}` a running job's newest step and preview (JSON), overwritten by its worker,
+  expiring `PROGRESS_TTL_S` after the last write: what an api process streams as progress.
 
 Every read-modify-write is one Lua script, so concurrent api and worker processes never
 interleave inside one: `create` (idempotency check + XADD + record) and `transition` (a
@@ -16,11 +18,13 @@ compare-and-set on the record bytes; the move itself is `JobRecord.moved`, the o
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -28,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..progress import Progress
 from .protocol import BackendUnavailable, Delivery
 from .record import JobRecord, Status, TransitionRefused
 
@@ -35,6 +40,7 @@ GROUP = "workers"
 # Blocking reads stay well inside the socket timeout so a dead server shows as an error, not a
 # hang; callers loop on `pull` anyway.
 _SOCKET_TIMEOUT_S = 10.0
+PROGRESS_TTL_S = 30.0  # a worker that died mid-job stops showing progress soon
 _MAX_BLOCK_S = 5.0
 # `position` and the `waiting` fallback count stream entries; past this they say "at least".
 _COUNT_CAP = 10_000
@@ -141,6 +147,7 @@ class RedisQueue:
         self._max_len = max_len(max_waiting)
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idem:"
+        self._progress_prefix = f"{prefix}:progress:"
         # A short retry rides out a dropped connection; a server that is down fails fast so the
         # api answers 503 at once and workers back off on their own schedule.
         self._redis = aioredis.Redis.from_url(
@@ -279,6 +286,28 @@ class RedisQueue:
             if lag is None:  # an XDEL ahead of the group makes Redis unsure: count entries
                 lag = len(await self._entries("(" + last, "+"))
             return lag + len(await self._stale())
+
+    async def put_progress(self, job_id: str, progress: Progress) -> None:
+        """`{p}:progress:{id}`: the newest step (and preview) of a running job, for an api
+        process's event stream; overwritten each time, gone `PROGRESS_TTL_S` after the last."""
+        value = orjson.dumps({"step": progress.step, "steps": progress.steps,
+                              "preview": (base64.b64encode(progress.preview).decode("ascii")
+                                          if progress.preview else None)})
+        async with self._guard():
+            await self._redis.set(self._progress_prefix + job_id, value,
+                                  px=round(PROGRESS_TTL_S * 1000))
+
+    async def progress(self, job_id: str) -> Progress | None:
+        async with self._guard():
+            raw = await self._redis.get(self._progress_prefix + job_id)
+        if raw is None:
+            return None
+        try:
+            data = orjson.loads(raw)
+            preview = base64.b64decode(data["preview"]) if data.get("preview") else None
+            return Progress(int(data["step"]), int(data["steps"]), preview)
+        except (ValueError, KeyError, TypeError):
+            return None  # written by another version: progress is best effort
 
     async def position(self, job_id: str) -> int | None:
         """Stale entries first (the next `pull` claims them before new ones, oldest first),

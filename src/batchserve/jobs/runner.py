@@ -79,9 +79,11 @@ class Generator(Protocol):
         """Returns once loading ended, ready or failed."""
         ...
 
-    def submit(self, request: T2IRequest, fmt: str = "png", *, online: bool = True
+    def submit(self, request: T2IRequest, fmt: str = "png", *, online: bool = True,
+               progress_key: str | None = None,
                ) -> asyncio.Future[Outcome[asyncio.Future[bytes]]]:
-        """Queues one image; the outcome's result is a future of the encoded bytes."""
+        """Queues one image; the outcome's result is a future of the encoded bytes; its steps
+        are reported under `progress_key` (the job's id)."""
         ...
 
     async def prefetch_loras(self, requests: Sequence[T2IRequest]) -> None:
@@ -241,7 +243,8 @@ class JobRunner:
             # Its tenant's fair share: the runner's task is nobody's request, so say whose.
             token = tenants.CURRENT.set(record.tenant)
             try:
-                held.future = self.generator.submit(req, record.format, online=False)
+                held.future = self.generator.submit(req, record.format, online=False,
+                                                    progress_key=d.job_id)
             finally:
                 tenants.CURRENT.reset(token)
         except (Draining, NotReady, QueueFull, Overloaded) as exc:  # not now: later or elsewhere
