@@ -226,3 +226,44 @@ async def test_the_host_is_resolved_at_send_time_and_private_addresses_refused(
         assert posted == [f"https://{address}/h"]
     sender.allow_private = True
     assert await sender.deliver("https://hooks.example/h", "job2", b"{}")
+
+
+async def test_webhook_events_filter_started_progress_and_completed(tmp_path: Any) -> None:
+    """Replicate's filter: `started` when a worker begins it, `progress` at most every
+    `progress_webhook_s` with its step, `completed` at the end; the event in a header."""
+    from test_progress import Held
+
+    from batchserve.engines.diffusion import DiffusionEngine
+
+    engine = Held(DiffusionEngine.load(Settings(model="tiny", warmup="")), hold_at=2)
+    engine.gate.set()
+    hosts = "127.0.0.1,127.0.0.1:{port}"
+    async with receiver(204) as hook:
+        allowed = hosts.format(port=hook.port)
+        sender = WebhookSender(SECRET, Settings(webhook_allow_hosts=allowed,
+                                                webhook_secret=SECRET).webhook_hosts(),
+                               allow_private=True)
+        async with in_process(engine, max_wait_ms=0,  # type: ignore[arg-type]
+                              webhook_secret=SECRET, webhook_allow_hosts=allowed,
+                              backends={"webhooks": sender}) as app:
+            app.service.jobs.progress_webhook_s = 0.01
+            body = {**SMALL, "inference_steps": 4, "webhook": hook.url,
+                    "webhook_events": ["started", "progress"]}
+            made = await app.client.post("/v1/jobs", json=body)
+            assert made.status_code == 202, made.text
+            await asyncio.to_thread(engine.reached.wait, 30)
+            await eventually(lambda: any(h["x-batchserve-event"] == "progress"
+                                         for _, h, _ in hook.calls), 30)
+            engine.resume.set()
+            await app.service.jobs.wait(made.json()["id"], 30)
+            await sender.close(10)
+            events = [h["x-batchserve-event"] for _, h, _ in hook.calls]
+            assert events[0] == "started" and "completed" not in events, events
+            progress = [orjson.loads(b) for _, h, b in hook.calls
+                        if h["x-batchserve-event"] == "progress"]
+            assert progress[0]["progress"]["steps"] == 4 and progress[0]["status"] == "running"
+            bad = await app.client.post("/v1/jobs", json={**SMALL, "webhook_events": ["started"]})
+            assert bad.status_code == 422 and bad.json()["error"]["field"] == "webhook_events"
+            odd = await app.client.post("/v1/jobs", json={**SMALL, "webhook": hook.url,
+                                                          "webhook_events": ["output"]})
+            assert odd.status_code == 422 and "started, progress, completed" in odd.text

@@ -133,7 +133,6 @@ class Service:
         # encoded, which bounds the memory that decoding untrusted uploads can take.
         self.decoder = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="decode")
         self.lora_reader = ThreadPoolExecutor(1, thread_name_prefix="lora-read")
-        self.progress = ProgressBoard(preview_every=settings.preview_every)
         self._reports_steps = False  # the engine's generate takes on_step (set at load)
         self.continuous = settings.flush_policy == "continuous"
         wait_s = 0.0 if settings.flush_policy == "eager" else settings.max_wait_s
@@ -162,6 +161,8 @@ class Service:
             settings, self.metrics, queue or open_queue(settings), store or open_store(settings),
             admit=self.check_accepting_jobs, webhooks=webhooks,
         )
+        self.progress = ProgressBoard(preview_every=settings.preview_every)
+        self.jobs.progress_source = self.progress.get  # `progress` webhooks of jobs run here
         self.runner = (JobRunner(self, self.jobs, settings, self.metrics)
                        if self.role != "api" else None)
         self.jobs.runner = self.runner

@@ -18,6 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from ..errors import BackendDown, BatchServeError, JobsQueueFull, ValidationError
 from ..jobs.events import PING_S, JobEvents
 from ..jobs.service import PREFER_WAIT_MAX_S
+from ..jobs.webhooks import EVENTS as WEBHOOK_EVENTS
 from ..jobs.webhooks import check_url
 from ..schema import IMAGE_FIELDS, decode, has_images, validate
 from .common import Gateway, JSONResponse
@@ -40,6 +41,7 @@ class JobsDoor:
         try:
             data = decode(body)
             webhook = data.pop("webhook", None)
+            events = _webhook_events(data.pop("webhook_events", None), webhook)
             if webhook is not None:
                 webhook = check_url(webhook, service.settings.webhook_hosts())
             key = _idempotency_key(request)
@@ -58,7 +60,7 @@ class JobsDoor:
         try:
             job = await self.jobs.submit(
                 req, req.format or "png", owner=self._owner(request), idempotency_key=key,
-                webhook=webhook, base_url=base,
+                webhook=webhook, base_url=base, webhook_events=events,
             )
         except JobsQueueFull as exc:
             raise gateway.rejecting(exc) from None
@@ -121,6 +123,20 @@ class JobsDoor:
             return ""
         given = request.headers.get("authorization", "").partition(" ")[2].strip()
         return hashlib.sha256(given.encode()).hexdigest()[:16]
+
+
+def _webhook_events(value: Any, webhook: Any) -> tuple[str, ...]:
+    """`webhook_events`: which of the job's moments its webhook hears (Replicate's filter)."""
+    if value is None:
+        return ("completed",)
+    if webhook is None:
+        raise ValidationError("webhook_events needs a webhook", field="webhook_events")
+    if not isinstance(value, list) or not value or not all(
+        isinstance(e, str) and e in WEBHOOK_EVENTS for e in value
+    ) or len(set(value)) != len(value):
+        raise ValidationError(f"webhook_events must be a non-empty list of distinct events "
+                              f"among {', '.join(WEBHOOK_EVENTS)}", field="webhook_events")
+    return tuple(value)
 
 
 def _job_id(request: Request, record: dict[str, Any]) -> str:

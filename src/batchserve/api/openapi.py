@@ -55,8 +55,14 @@ def _jobs(limits: Limits) -> dict[str, Any]:
     body = request_schema(limits)
     body["properties"]["webhook"] = {
         "type": "string", "format": "uri",
-        "description": "POSTed the job's final view when it ends (hosts in "
-        "--webhook-allow-hosts)"}
+        "description": "POSTed the job's view when it ends (hosts in "
+        "--webhook-allow-hosts); header X-Batchserve-Event says which moment"}
+    body["properties"]["webhook_events"] = {
+        "type": "array", "items": {"type": "string", "enum": ["started", "progress",
+                                                             "completed"]},
+        "uniqueItems": True, "minItems": 1, "default": ["completed"],
+        "description": "which moments the webhook hears: started, progress (at most one "
+        "every 5 s, with its step), completed (the end, whatever it is)"}
     job = {"description": "the job", "content": {"application/json": {"schema": {
         "$ref": "#/components/schemas/Job"}}}}
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]

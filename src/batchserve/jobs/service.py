@@ -41,16 +41,17 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .. import tenants
 from ..encode import MEDIA_TYPES
 from ..errors import BackendDown, Gone, JobNotFinished, JobsQueueFull, NotFound
+from ..progress import Progress
 from .protocol import BackendUnavailable, JobQueue, ResultStore
 from .record import JobRecord, Status, TransitionRefused, new_job_id
-from .webhooks import WebhookSender
+from .webhooks import PROGRESS_EVERY_S, WebhookSender
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -117,6 +118,11 @@ class JobService:
         self._ended: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, int] = {}
         self._closing = False
+        self.progress_source: Callable[[str], Progress | None] | None = None
+        """A running job's progress here (the service's board), for `progress` webhooks."""
+        self.progress_webhook_s = PROGRESS_EVERY_S
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._progress_hooks: dict[str, asyncio.Future[None]] = {}
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -129,14 +135,17 @@ class JobService:
         idempotency_key: str | None = None,
         webhook: str | None = None,
         base_url: str = "",
+        webhook_events: Sequence[str] = ("completed",),
     ) -> JobRecord:
         self._admit()
         await self._check_room()
+        extra: dict[str, Any] = {"base_url": base_url.rstrip("/")}
+        if webhook is not None and tuple(webhook_events) != ("completed",):
+            extra["webhook_events"] = list(webhook_events)  # absent: completed only, as before
         record = JobRecord(
             id=new_job_id(), status=Status.QUEUED, created_at=self._clock(),
             request=req.fields(), format=fmt, owner=owner, webhook=webhook,
-            priority=req.priority, extra={"base_url": base_url.rstrip("/")},
-            tenant=tenants.CURRENT.get(),
+            priority=req.priority, extra=extra, tenant=tenants.CURRENT.get(),
         )
         pixels = req.pixels()
         if pixels is not None:  # before the record: a worker never sees a job without its input
@@ -305,7 +314,32 @@ class JobService:
             if record.request.get("init_image") is not None:
                 await self._drop_input(record.id)
             self._ended_here(record)
+        elif status is Status.RUNNING and record.webhook and self.webhooks is not None:
+            wanted = _webhook_events(record)
+            if "started" in wanted:
+                self.webhooks.send(record.webhook, record.id, self._hook_body(record),
+                                   "started")
+            if "progress" in wanted and self.progress_source is not None:
+                self._progress_hooks[record.id] = asyncio.ensure_future(
+                    self._progress_webhooks(record))
         return record
+
+    def _hook_body(self, record: JobRecord, **more: Any) -> dict[str, Any]:
+        return {**self.view(record, str(record.extra.get("base_url", ""))), **more}
+
+    async def _progress_webhooks(self, record: JobRecord) -> None:
+        """A running job's step, at most every `progress_webhook_s`, while it runs here."""
+        source, sender = self.progress_source, self.webhooks
+        assert source is not None and sender is not None and record.webhook
+        sent = 0
+        while True:
+            await self._sleep(self.progress_webhook_s)
+            progress = source(record.id)
+            if progress is None or progress.step <= sent:
+                continue
+            sent = progress.step
+            sender.send(record.webhook, record.id,
+                        self._hook_body(record, progress=progress.to_dict()), "progress")
 
     async def _drop_input(self, job_id: str) -> None:
         """Best effort: a store that cannot be reached now lets the input expire with the job."""
@@ -318,11 +352,13 @@ class JobService:
     def _ended_here(self, record: JobRecord) -> None:
         if (ended := self._ended.get(record.id)) is not None:
             ended.set()
+        if (hooks := self._progress_hooks.pop(record.id, None)) is not None:
+            hooks.cancel()
         finished = record.completed_at if record.completed_at is not None else self._clock()
         self.metrics.job_status(record.status, max(0.0, finished - record.created_at))
-        if record.webhook and self.webhooks is not None:
-            body = self.view(record, str(record.extra.get("base_url", "")))
-            self.webhooks.send(record.webhook, record.id, body)
+        if record.webhook and self.webhooks is not None \
+                and "completed" in _webhook_events(record):
+            self.webhooks.send(record.webhook, record.id, self._hook_body(record))
 
     def stop_waiting(self) -> None:
         """Ends every `wait` now with the job as it is (the server is about to exit: a
@@ -367,6 +403,10 @@ class JobService:
             raise JobNotFinished(f"job {job_id} is {record.status}; only a succeeded job has "
                                  "an image")
         return record
+
+
+def _webhook_events(record: JobRecord) -> tuple[str, ...]:
+    return tuple(record.extra.get("webhook_events", ("completed",)))
 
 
 def _iso(ts: float | None) -> str | None:

@@ -36,6 +36,12 @@ from ..errors import ValidationError
 log = logging.getLogger("batchserve.webhooks")
 SIGNATURE_HEADER = "X-Batchserve-Signature"
 DELIVERY_HEADER = "X-Batchserve-Delivery"
+EVENT_HEADER = "X-Batchserve-Event"
+EVENTS = ("started", "progress", "completed")
+"""What a job's `webhook_events` may name (Replicate's filter): `completed` (the default, the
+job's end whatever it is), `started` (a worker began it), `progress` (at most one per
+`PROGRESS_EVERY_S` while it runs, with its step)."""
+PROGRESS_EVERY_S = 5.0
 MAX_URL = 2048
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")  # control characters and spaces
@@ -136,14 +142,17 @@ class WebhookSender:
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[bool]] = set()
 
-    def send(self, url: str, job_id: str, payload: dict[str, Any]) -> None:
-        """Delivers in the background; never raises into the caller."""
-        task = asyncio.create_task(self.deliver(url, job_id, orjson.dumps(payload)),
+    def send(self, url: str, job_id: str, payload: dict[str, Any],
+             event: str = "completed") -> None:
+        """Delivers in the background; never raises into the caller. `event` travels in the
+        `X-Batchserve-Event` header (the body is the job's view either way)."""
+        task = asyncio.create_task(self.deliver(url, job_id, orjson.dumps(payload), event),
                                    name=f"webhook-{job_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def deliver(self, url: str, job_id: str, body: bytes) -> bool:
+    async def deliver(self, url: str, job_id: str, body: bytes,
+                      event: str = "completed") -> bool:
         """True once the receiver answered 2xx."""
         try:
             check_url(url, self.allow_hosts)
@@ -152,7 +161,8 @@ class WebhookSender:
             log.warning("webhook for %s not sent: %s", job_id, exc.message)
             return False
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secret, body),
-                   DELIVERY_HEADER: job_id, "User-Agent": "batchserve-webhook"}
+                   DELIVERY_HEADER: job_id, EVENT_HEADER: event,
+                   "User-Agent": "batchserve-webhook"}
         for attempt in range(1, self.tries + 1):
             outcome = await self._post(target, body, headers)
             if outcome == "ok":
