@@ -78,7 +78,7 @@ def set_value(driver: Any, element_id: str, value: str) -> None:
 
 def finished_images(driver: Any) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = driver.execute_script("""
-        return [...document.querySelectorAll('#gallery .card img')]
+        return [...document.querySelectorAll('#gallery .card img:not(.preview)')]
           .filter(img => img.complete && img.naturalWidth > 0)
           .map(img => ({w: img.naturalWidth, h: img.naturalHeight,
                         caption: img.closest('figure').querySelector('figcaption').innerText,
@@ -373,3 +373,26 @@ def test_the_page_offers_the_lora_files_and_sends_the_chosen_one(browser: Any,
         set_value(browser, "lora_scale", "0.8")
         browser.find_element(By.ID, "submit").click()
         until(browser, lambda d: len(finished_images(d)) == 1)
+
+
+def test_a_progress_bar_follows_the_running_batch(browser: Any, page_server: ServerProcess
+                                                  ) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_page(browser, page_server.url)
+    until(browser, lambda d: d.find_element(By.ID, "state").text == "ready")
+    set_value(browser, "prompt", "a lighthouse at dusk")
+    Select(browser.find_element(By.ID, "size")).select_by_value("custom")
+    set_value(browser, "width", "256")
+    set_value(browser, "height", "256")
+    set_value(browser, "inference_steps", "60")  # a few seconds on this CPU
+    set_value(browser, "count", "1")
+    browser.find_element(By.ID, "submit").click()
+    bar = "document.querySelector('#gallery .card .pending progress')"
+    until(browser, lambda d: d.execute_script(
+        f"const b = {bar}; return b !== null && !b.hidden && b.value > 0"))
+    label = browser.execute_script(
+        "return document.querySelector('#gallery .card .pending .label').textContent")
+    assert label.startswith("running batch: step ")
+    until(browser, lambda d: len(finished_images(d)) >= 1)

@@ -615,6 +615,9 @@ class Service:
             "running_for_s": round(time.monotonic() - running[1], 3) if running else 0.0,
             "last_batch_s": self.last_batch_s,
             "images_total": int(images or 0),
+            # the running batch's furthest item (steps only: this route is open, previews
+            # of others' images are not)
+            "progress": None if (now := self.progress.get(BATCH)) is None else now.to_dict(),
         }
 
     def lora_listing(self) -> dict[str, Any]:

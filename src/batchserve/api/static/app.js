@@ -31,6 +31,7 @@ async function refreshInfo() {
 
 function showLive(data) {
   const live = data.live || {};
+  showBatchProgress(live.progress);
   setState(data.state === "ready" ? "ready" : data.state, data.state === "ready");
   $("queue").textContent = String(live.queue_depth ?? data.batching?.queue_depth ?? "–");
   const now = performance.now();
@@ -312,6 +313,74 @@ class Refused extends Error {
   constructor(error) { super(error.message); this.field = error.field; }
 }
 
+// -- progress --------------------------------------------------------------------------------
+// Jobs: each card follows its own job's event stream (steps and previews). /t2i: the running
+// batch's steps from /v1/info (no previews there: that route is open to everyone), shown on
+// the cards still waiting, polled faster while a submit is pending.
+
+function showProgress(card, fraction, preview) {
+  const pending = card.querySelector(".pending");
+  if (!pending) return;
+  const bar = pending.querySelector("progress");
+  bar.hidden = false;
+  bar.value = Math.round(fraction * 100);
+  if (preview) {
+    const img = pending.querySelector(".preview");
+    img.src = preview;
+    img.hidden = false;
+  }
+}
+
+function showBatchProgress(progress) {
+  for (const card of document.querySelectorAll("#gallery .card[data-via='t2i']")) {
+    const pending = card.querySelector(".pending");
+    if (!pending) continue;
+    if (progress) {
+      showProgress(card, progress.fraction, null);
+      pending.querySelector(".label").textContent =
+        `running batch: step ${progress.step} of ${progress.steps}`;
+    }
+  }
+}
+
+// The job's events (GET /v1/jobs/{id}/events) read with fetch, which sends the API key (an
+// EventSource cannot). Resolves with the final job view; rejects when the stream is not offered
+// or breaks (the caller then polls).
+async function followEvents(job, onStatus, onProgress) {
+  const response = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}/events`,
+                               { headers: headers() });
+  if (!response.ok || !response.body) throw new Error(`events: ${response.status}`);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error("events: the stream ended early");
+    buffer += value.replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      let data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      if (!data) continue;
+      const payload = JSON.parse(data);
+      if (name === "queued") onStatus(`queued, position ${(payload.position ?? 0) + 1}`);
+      else if (name === "started") onStatus("generating…");
+      else if (name === "progress") {
+        onStatus(`generating ${Math.round(payload.fraction * 100)}%`);
+        onProgress(payload.fraction, payload.preview || null);
+      } else if (["succeeded", "failed", "canceled"].includes(name)) {
+        reader.cancel();
+        return payload;
+      }
+    }
+  }
+}
+
 async function viaT2I(text, onStatus) {
   const response = await fetch("/t2i", { method: "POST", headers: headers(), body: text });
   if (!response.ok) throw new Refused(await errorOf(response));
@@ -320,10 +389,13 @@ async function viaT2I(text, onStatus) {
            queueMs: h.get("x-queue-ms"), inferenceMs: h.get("x-inference-ms") };
 }
 
-async function viaJobs(text, onStatus) {
+async function viaJobs(text, onStatus, onProgress) {
   const created = await fetch("/v1/jobs", { method: "POST", headers: headers(), body: text });
   if (!created.ok) throw new Refused(await errorOf(created));
   let job = await created.json();
+  try {
+    job = await followEvents(job, onStatus, onProgress);
+  } catch (err) { /* no stream here, or it broke: poll the job below */ }
   for (let i = 0; !["succeeded", "failed", "canceled"].includes(job.status); i++) {
     await new Promise((done) => setTimeout(done, POLL_MS[Math.min(i, POLL_MS.length - 1)]));
     const polled = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}`, { headers: headers() });
@@ -362,7 +434,19 @@ function placeholder(label) {
   const figure = document.createElement("figure");
   const wait = document.createElement("div");
   wait.className = "pending";
-  wait.textContent = "queued…";
+  const state = document.createElement("span");
+  state.className = "label";
+  state.textContent = "queued…";
+  const bar = document.createElement("progress");
+  bar.max = 100;
+  bar.value = 0;
+  bar.hidden = true;
+  bar.setAttribute("aria-label", "progress");
+  const preview = document.createElement("img");
+  preview.className = "preview";
+  preview.alt = "preview of the image being generated";
+  preview.hidden = true;
+  wait.append(state, bar, preview);
   const caption = document.createElement("figcaption");
   caption.textContent = label;
   figure.append(wait, caption);
@@ -404,7 +488,7 @@ function fill(card, body, done) {
 
 function failed(card, message) {
   card.classList.add("failed");
-  card.querySelector(".pending").textContent = message;
+  card.querySelector(".pending").replaceChildren(message);
 }
 
 // -- submit ----------------------------------------------------------------------------------
@@ -439,10 +523,14 @@ async function submit(event) {
   let shown = false;
   // Each card is filled the moment its own image arrives, not when the last one does.
   const status = (card) => (text) => {
-    const pending = card.querySelector(".pending");
-    if (pending) pending.textContent = text;
+    const label = card.querySelector(".pending .label");
+    if (label) label.textContent = text;
   };
-  await Promise.allSettled(bodies.map((text, i) => send(text, status(cards[i])).then(
+  for (const card of cards) card.dataset.via = send === viaJobs ? "jobs" : "t2i";
+  const fast = send === viaT2I ? setInterval(refreshInfo, 500) : null;  // the batch's steps
+  await Promise.allSettled(bodies.map((text, i) => send(
+    text, status(cards[i]), (fraction, preview) => showProgress(cards[i], fraction, preview),
+  ).then(
     (done) => fill(cards[i], body, done),
     (err) => {
       if (err instanceof Refused && !shown) {
@@ -453,6 +541,7 @@ async function submit(event) {
       else failed(cards[i], err.message || String(err));
     },
   )));
+  if (fast !== null) clearInterval(fast);
   button.disabled = false;
   refreshInfo();
 }
