@@ -215,3 +215,23 @@ def test_a1111_tags_leave_the_prompt_and_become_loras() -> None:
         lora_tags("<lora:ink:0.5:1.0>")
     with pytest.raises(Exception, match="must be a number"):
         lora_tags("<lora:ink:strong>")
+
+
+@pytest.mark.parametrize(("batching", "sizes"), [("mixed", [3, 3, 3]), ("split", [1, 1, 1])])
+async def test_lora_batching_split_keys_batches_by_lora_set(tmp_path: Path, batching: str,
+                                                            sizes: list[int]) -> None:
+    """`--lora-batching split` (the comparison arm of the sim benchmark) keeps requests with
+    different LoRA sets apart; `mixed` (the default) lets them share one batch. The sim engine
+    serves the names without weights."""
+    from batchserve.engines.sim import SimEngine
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    engine = SimEngine(base_ms=1, per_image_ms=1)
+    async with in_process(engine, lora_dir=str(tmp_path),  # type: ignore[arg-type]
+                          lora_batching=batching, max_batch_size=3, max_wait_ms=2000) as app:
+        answers = await asyncio.gather(*(
+            app.client.post("/t2i", json={**BODY, "loras": [{"name": n}]})
+            for n in ("a", "b", "c")))
+    assert [a.status_code for a in answers] == [200] * 3
+    assert [int(a.headers["X-Batch-Size"]) for a in answers] == sizes

@@ -474,7 +474,9 @@ class Service:
             self.check_admitting()
         queued = QueuedItem(request.item(), fmt, progress_key=progress_key)
         # Under `continuous` items of any steps and guidance share steps: the key is the shape.
-        key = (request.width, request.height) if self.continuous else request.key
+        key: Hashable = (request.width, request.height) if self.continuous else request.key
+        if request.loras and self.settings.lora_batching == "split":
+            key = (key, tuple((p.name, p.scale) for p in request.loras))
         future = self.batcher.submit(
             queued, key=key, priority=request.priority, timeout_s=request.timeout_s,
             explicit_timeout=request.timeout_given or not online, tenant=tenants.CURRENT.get(),
@@ -825,6 +827,8 @@ def shape_label(key: Hashable) -> str:
     numbers and names from closed sets only, never user text."""
     if not isinstance(key, tuple):
         return "other"
+    if len(key) == 2 and isinstance(key[0], tuple) and isinstance(key[1], tuple):
+        return shape_label(key[0]) + "+lora"  # `--lora-batching split`: one label for all sets
     if len(key) in (5, 6, 7) and isinstance(key[4], str) and key[4]:
         return key_label(cast(BatchKey, key))  # the whole-batch key
     numbers = "x".join(exact(p) if isinstance(p, float) else str(p) for p in key

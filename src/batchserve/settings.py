@@ -73,6 +73,11 @@ class Settings:
         "<lora:NAME:SCALE>); name = file stem; rescanned as it changes"
     )
     max_loras_per_request: int = _opt(4, "most LoRAs one request may name (1..16)")
+    lora_batching: str = _opt(
+        "mixed", "mixed: requests with different LoRAs share a batch, each LoRA applied to its "
+        "own rows; split: the LoRA set joins the batching key, as engines without per-row "
+        "LoRA batch (for comparison)", choices=("mixed", "split"),
+    )
     lora_rescan_s: float = _opt(
         5.0, "--lora-dir is listed again when its listing is older than this (a request naming "
         "an unseen file rescans at once)"

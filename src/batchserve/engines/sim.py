@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from PIL import Image
 
@@ -105,6 +106,12 @@ class SimEngine:
             if should_stop is not None and should_stop():
                 raise Interrupted(f"stopped after step {step + 1} of {steps}")
         return [_image(i) for i in items]
+
+    def use_loras(self, library: Any, events: Any = None) -> None:
+        """Per-request LoRA names are served (checked against `--lora-dir`'s listing); the
+        replayed step costs do not change with them: the sim measures batching, and per-row
+        adapters cost a few percent of a step on a GPU (docs/benchmarks.md, issue 21)."""
+        library.attach(None)
 
     def prepare(self, items: Sequence[GenerationItem]) -> list[StepState]:
         return [SimState(item, _steps(item)) for item in items]
