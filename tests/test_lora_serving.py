@@ -235,3 +235,25 @@ async def test_lora_batching_split_keys_batches_by_lora_set(tmp_path: Path, batc
             for n in ("a", "b", "c")))
     assert [a.status_code for a in answers] == [200] * 3
     assert [int(a.headers["X-Batch-Size"]) for a in answers] == sizes
+
+
+async def test_a_link_out_of_the_folder_is_never_read(tmp_path: Path) -> None:
+    """A request names a file, never a path; a link in --lora-dir whose target lies outside it
+    is listed as unusable, and naming it is a 422 (nothing outside the folder is opened)."""
+    from batchserve.engines.sim import SimEngine
+
+    folder, outside = tmp_path / "loras", tmp_path / "private"
+    folder.mkdir()
+    outside.mkdir()
+    (outside / "secret.safetensors").write_bytes(b"not for requests")
+    (folder / "escape.safetensors").symlink_to(outside / "secret.safetensors")
+    (folder / "fine.safetensors").write_bytes(b"")
+    async with in_process(SimEngine(base_ms=1, per_image_ms=1),  # type: ignore[arg-type]
+                          lora_dir=str(folder), max_wait_ms=0) as app:
+        listed = {e["name"]: e for e in (await app.client.get("/v1/loras")).json()["loras"]}
+        assert not listed["escape"]["usable"] and "outside" in listed["escape"]["reason"]
+        answer = await app.client.post("/t2i", json={**BODY, "loras": [{"name": "escape"}]})
+        assert answer.status_code == 422 and "outside --lora-dir" in answer.text
+        assert answer.json()["error"]["field"] == "loras[0].name"
+        fine = await app.client.post("/t2i", json={**BODY, "loras": [{"name": "fine"}]})
+        assert fine.status_code == 200
