@@ -16,8 +16,6 @@ work weighs more than it would on SD 1.5 — a pessimistic case for the overhead
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -30,15 +28,8 @@ from batchserve.engines import tiny as tiny_preset
 from batchserve.engines.diffusion import DiffusionEngine
 from batchserve.engines.lora import LoraLibrary
 from batchserve.settings import Settings
-
-
-def _median_s(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from benchmarks.report import emit_json
+from benchmarks.serve import median_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out: dict[str, Any] = {"model": "tiny", "size": opts.size, "batch": opts.batch,
                            "repeats": opts.repeats}
-    plain_split = _median_s(alone(plain), opts.repeats)
-    plain_batch = _median_s(together(plain), opts.repeats)
+    plain_split = median_s(alone(plain), opts.repeats)
+    plain_batch = median_s(together(plain), opts.repeats)
     out["engine_batch_gain"] = plain_split / plain_batch
     out["plain_batch_s"], out["plain_split_s"] = plain_batch, plain_split
     out["ranks"] = {}
@@ -91,19 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         runtime.choices(mixed)  # read every adapter once: the cold cache's cost
         load_ms = (time.perf_counter() - started) * 1000 / len(mixed)
-        mixed_split = _median_s(alone(mixed), opts.repeats)
-        mixed_batch = _median_s(together(mixed), opts.repeats)
+        mixed_split = median_s(alone(mixed), opts.repeats)
+        mixed_batch = median_s(together(mixed), opts.repeats)
         gain = mixed_split / mixed_batch
         out["ranks"][str(rank)] = {
             "mixed_batch_s": mixed_batch, "split_by_adapter_s": mixed_split,
             "mixed_gain": gain, "kept_of_engine_gain": gain / out["engine_batch_gain"],
             "overhead_vs_no_lora": mixed_batch / plain_batch, "load_ms_per_adapter": load_ms,
         }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if opts.out is not None:
-        opts.out.mkdir(parents=True, exist_ok=True)
-        (opts.out / f"lora-{opts.size}.json").write_text(text + "\n")
+    emit_json(out, None if opts.out is None else opts.out / f"lora-{opts.size}.json")
     return 0
 
 

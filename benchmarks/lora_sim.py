@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import tempfile
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.openloop import capacity, figures, fire, schedule
+from benchmarks.report import emit_json
 from benchmarks.serve import batchserve_cmd, server
 
 
@@ -78,11 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out[name] = fig
     out["p50_mixed_over_split"] = (out["mixed"]["p50_ms"] / out["split"]["p50_ms"]
                                    if out["split"]["p50_ms"] else None)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(text + "\n")
+    emit_json(out, opts.out)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Issue 22: what progress costs. The `tiny` engine's whole batch, timed three ways in one run:
 no step callback (as before progress existed), the service's step reporting with nobody
-listening (one board write per keyed item per step), and with a listener and a preview made
-at every step (`--preview-every 1`, the most expensive setting). Reports ms per step and the
-preview's own cost per image.
+listening (`ProgressBoard.batch_stepped`, what the service calls: one board write per keyed
+item and one for the batch, per step), and with listeners and a preview made at every step
+(`--preview-every 1`, the most expensive setting). Reports ms per step, the callback alone and
+the preview's own cost per image.
 
     PYTHONPATH=src:. python -m benchmarks.progress --out benchmarks/results/progress.json
 """
@@ -10,10 +11,8 @@ preview's own cost per image.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,27 +22,8 @@ from batchserve.engines.diffusion import DiffusionEngine
 from batchserve.engines.preview import latent_preview
 from batchserve.progress import ProgressBoard
 from batchserve.settings import Settings
-
-
-def _median_s(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def reporter(board: ProgressBoard, keys: list[str]) -> Callable[..., None]:
-    """What `Service._batch_stepped` does per step (the service's own code path)."""
-
-    def stepped(done: int, total: int, preview: Any) -> None:
-        for i, key in enumerate(keys):
-            image = (preview(i) if preview is not None and board.wants_preview(key, done)
-                     else None)
-            board.put(key, done, total, image)
-
-    return stepped
+from benchmarks.report import emit_json
+from benchmarks.serve import median_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,21 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms = {
         "no_callback": partial(engine.generate, items),
         "reported_nobody_listens": partial(engine.generate, items,
-                                           on_step=reporter(quiet, keys)),
+                                           on_step=partial(quiet.batch_stepped, keys)),
     }
     with watched.listen(keys[0]), watched.listen(keys[1]), watched.listen(keys[2]), \
             watched.listen(keys[3]):
         arms["listened_preview_every_step"] = partial(engine.generate, items,
-                                                      on_step=reporter(watched, keys))
-        seconds = {name: _median_s(run, opts.repeats) for name, run in arms.items()}
+                                                      on_step=partial(watched.batch_stepped, keys))
+        seconds = {name: median_s(run, opts.repeats) for name, run in arms.items()}
     import torch
 
     latents = torch.randn(4, h // 8, w // 8)
-    preview_ms = _median_s(lambda: latent_preview(latents, "sd1"), 50) * 1000
+    preview_ms = median_s(lambda: latent_preview(latents, "sd1"), 50) * 1000
     big = torch.randn(4, 128, 128)  # SDXL 1024x1024's latent grid
-    preview_1024_ms = _median_s(lambda: latent_preview(big, "sdxl"), 20) * 1000
+    preview_1024_ms = median_s(lambda: latent_preview(big, "sdxl"), 20) * 1000
     # The callback alone, nobody listening: what every step of every batch pays.
-    call = reporter(ProgressBoard(preview_every=5), keys)
+    call = partial(ProgressBoard(preview_every=5).batch_stepped, keys)
     calls = 20000
     started = time.perf_counter()
     for n in range(calls):
@@ -93,11 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preview_ms_per_image_1024": preview_1024_ms,
         "callback_us_per_step_nobody_listens": callback_us,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(text + "\n")
+    emit_json(out, opts.out)
     return 0
 
 

@@ -10,13 +10,13 @@ engine's time per image (X-Inference-Ms / X-Batch-Size, median) under load over 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import emit_json
 from benchmarks.serve import Load, batchserve_cmd, run_locust, server
 
 
@@ -52,10 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  if alone["images_per_s"] else None)
     if alone["engine_ms_per_image"] and loaded["engine_ms_per_image"]:
         out["engine_time_ratio"] = loaded["engine_ms_per_image"] / alone["engine_ms_per_image"]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if opts.out is not None:
-        opts.out.write_text(text + "\n")
+    emit_json(out, opts.out)
     return 0
 
 

@@ -10,12 +10,13 @@ import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,16 @@ def read_records(record: Path, workdir: Path, name: str) -> list[dict[str, Any]]
         raise RuntimeError(f"Locust wrote no records; see {workdir / name}.locust.log")
     records: list[dict[str, Any]] = json.loads(record.read_text())
     return records
+
+
+def median_s(run: Callable[[], Any], repeats: int) -> float:
+    """The median wall time of `repeats` calls of `run`, in seconds (in-process arms)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -60,6 +60,15 @@ class Run:
                ) -> asyncio.Future[Outcome[str]]:
         return self.b.submit(("a", n), key="a", timeout_s=timeout_s, explicit_timeout=explicit)
 
+    async def clients_give_up(self, n: int, after_s: float, spread_s: float = 0.0) -> None:
+        """`n` clients that name no timeout each give up `after_s` (+ i * `spread_s`) after
+        submitting: what learned patience learns from."""
+        for i in range(n):
+            fut = self.submit(i + 1, explicit=False)
+            self.clock.now += after_s + spread_s * i
+            fut.cancel()
+            await asyncio.sleep(0)
+
     async def finish_batch(self) -> None:
         """Releases the running batch and re-arms the runner for the next one."""
         count = len(self.runner.batches)
@@ -177,11 +186,7 @@ def test_learned_patience_budgets_requests_that_name_no_timeout(clock: FakeClock
         run = Run(b, runner, clock)
         busy = b.submit(("b", 0), key="b")  # another key keeps the engine busy
         await _until(lambda: len(runner.batches) == 1)
-        for i in range(5):  # clients give up after about 3 s in the queue
-            fut = run.submit(i + 1, explicit=False)
-            clock.now += 3.0 + 0.1 * i
-            fut.cancel()
-            await asyncio.sleep(0)
+        await run.clients_give_up(5, 3.0, 0.1)  # after about 3 s in the queue
         patience = b.adaptive.patience("a", clock.now)
         assert patience is not None and 3.0 <= patience <= 3.2
         # a 4-image batch ahead (5 s) + its own 2 s: past the learned ~3 s budget
@@ -209,11 +214,7 @@ def test_a_client_about_to_leave_does_not_get_fresh_retries_refused(clock: FakeC
         run = Run(b, runner, clock)
         busy = b.submit(("b", 0), key="b")  # another key keeps the engine busy
         await _until(lambda: len(runner.batches) == 1)
-        for i in range(5):  # clients give up after about 3 s: patience ~3 s
-            fut = run.submit(i + 1, explicit=False)
-            clock.now += 3.0
-            fut.cancel()
-            await asyncio.sleep(0)
+        await run.clients_give_up(5, 3.0)  # patience ~3 s
         for _ in range(3):  # batches whose clients left: the cap falls 8 -> 4 -> 2 -> 1
             b.adaptive.batch_ended("a", 8, 8, clock.now)
         assert b.adaptive.cap("a") == 1

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 Clock = Callable[[], float]
@@ -91,6 +92,22 @@ class ProgressBoard:
         """A poller (no connection held open) wants `key`'s previews for the next `for_s`."""
         with self._lock:
             self._watched_until[key] = self._clock() + for_s
+
+    def report(self, key: str, step: int, steps: int,
+               preview: Callable[[], bytes | None] | None = None) -> None:
+        """`put`, the preview made (by calling `preview`) only when `wants_preview` says so:
+        what the engine's step callbacks call."""
+        image = preview() if preview is not None and self.wants_preview(key, step) else None
+        self.put(key, step, steps, image)
+
+    def batch_stepped(self, keys: Sequence[str | None], step: int, steps: int,
+                      preview: Callable[[int], bytes | None] | None) -> None:
+        """A whole batch's step (the engine's `on_step`; `keys[i]` is row i's key, None for a
+        row nobody follows): every keyed row, then the batch's own (row 0, for A1111)."""
+        for i, key in enumerate(keys):
+            if key is not None:
+                self.report(key, step, steps, None if preview is None else partial(preview, i))
+        self.report(BATCH, step, steps, None if preview is None else partial(preview, 0))
 
     def put(self, key: str, step: int, steps: int, preview: bytes | None = None) -> None:
         with self._lock:

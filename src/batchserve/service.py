@@ -33,7 +33,7 @@ from .engines import (
 from .engines.capabilities import image_inputs
 from .engines.families import FAMILY_SIZES, served_family
 from .engines.lora import LoraLibrary, LoraUnavailable
-from .engines.protocol import Preview, PreviewsSteps, exact, reports_steps
+from .engines.protocol import PreviewsSteps, exact, reports_steps
 from .errors import (
     BatchServeError,
     Draining,
@@ -503,7 +503,9 @@ class Service:
 
         texts = [t for q in batch for t in q.texts]
         KNOWN_PROMPTS.add(*texts)  # a client leaving mid-batch must not unmask its prompt
-        progress = {"on_step": partial(self._batch_stepped, batch)} if self._reports_steps else {}
+        progress = ({"on_step": partial(self.progress.batch_stepped,
+                                        [q.progress_key for q in batch])}
+                    if self._reports_steps else {})
         call = self.worker.run(
             partial(engine.generate, [q.item for q in batch], should_stop=should_stop,
                     **progress)
@@ -525,25 +527,15 @@ class Service:
         self.metrics.gpu_memory(engine.memory_bytes())
         return self._encode_all(images, batch)
 
-    def _batch_stepped(self, batch: list[QueuedItem], done: int, total: int,
-                       preview: Preview | None) -> None:
-        """A whole batch's step (engine thread): every keyed item's progress, and the
-        batch's own for A1111; previews only where someone follows."""
-        board = self.progress
-        for i, queued in enumerate([*batch, None]):
-            key = BATCH if queued is None else queued.progress_key
-            if key is None:
-                continue
-            image = (preview(0 if queued is None else i)
-                     if preview is not None and board.wants_preview(key, done) else None)
-            board.put(key, done, total, image)
-
     def steps_reporter(self, queued: list[QueuedItem]
                        ) -> Callable[[Sequence[StepState]], None]:
         """For `continuous`: each step of the running batch (`run_round`'s `after_step`,
         engine thread), its states in the order of `queued`."""
         board, engine = self.progress, self.engine
         previews = engine if isinstance(engine, PreviewsSteps) else None
+
+        def preview_of(state: StepState) -> Callable[[], bytes | None] | None:
+            return None if previews is None else partial(previews.preview, state)
 
         def stepped(states: Sequence[StepState]) -> None:
             furthest: tuple[float, int, int, StepState] | None = None
@@ -553,16 +545,12 @@ class Service:
                 if furthest is None or done / max(1, total) > furthest[0]:
                     furthest = (done / max(1, total), done, total, state)
                 if q.progress_key is not None:
-                    image = (previews.preview(state) if previews is not None
-                             and board.wants_preview(q.progress_key, done) else None)
-                    board.put(q.progress_key, done, total, image)
+                    board.report(q.progress_key, done, total, preview_of(state))
             if all(state.done for state in states):
                 board.drop(BATCH)  # the batch emptied (joiners make the next one's)
             elif furthest is not None:
                 _, done, total, state = furthest
-                image = (previews.preview(state) if previews is not None
-                         and board.wants_preview(BATCH, done) else None)
-                board.put(BATCH, done, total, image)
+                board.report(BATCH, done, total, preview_of(state))
 
         return stepped
 

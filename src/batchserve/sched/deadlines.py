@@ -88,10 +88,10 @@ class Deadlines:
         of no lower priority, then its own group's batches up to and including its own. None
         while its own shape's batch time is unknown; other unknown shapes count as free.
 
-        Queued items that can no longer finish in their budget even alone (`hopeless`) are not
-        counted: `fit` starts any item that can still make it before them, so they delay no
-        newcomer that can. Counting them refused every fresh retry while a client that was
-        about to leave still sat in the queue, and the engine idled in between (issue 18)."""
+        Queued items that can no longer finish in their budget even alone (`_live` leaves
+        them out) are not counted: `fit` starts any item that can still make it before them,
+        so they delay no newcomer that can. Counting them refused every fresh retry while a
+        client about to leave still sat in the queue, and the engine idled (issue 18)."""
         predict = self.adaptive.predict
         if predict(key, 1) is None:
             return None
@@ -101,12 +101,14 @@ class Deadlines:
             if took is not None:
                 ahead += max(0.0, running.started + took - now)
         for k, items in queued.items():
-            live = [p for p in items if not self.hopeless(k, p, now)]
-            if k != key and live and max(
+            if k == key:
+                continue
+            live = self._live(k, items, now)
+            if live and max(
                 p.effective_priority(now, self.aging_s) for p in live
             ) >= priority:
                 ahead += self._batches_time(k, len(live))
-        members = [p for p in queued.get(key, ()) if not self.hopeless(key, p, now)]
+        members = self._live(key, queued.get(key, ()), now)
         before = sum(1 for p in members if p.effective_priority(now, self.aging_s) >= priority)
         cap = self.adaptive.cap(key)
         batches_before = before // cap
@@ -120,11 +122,13 @@ class Deadlines:
         own = self._batches_time(key, batches_before * cap) + (predict(key, mine) or 0.0)
         return now + max(ahead, wait) + own
 
-    def hopeless(self, key: Hashable, item: Queued, now: float) -> bool:
-        """It would end past its budget even in a batch of one started now (False while the
-        shape's batch time is unknown)."""
+    def _live(self, key: Hashable, items: Sequence[Q], now: float) -> list[Q]:
+        """`items` without the hopeless ones: those that would end past their budget even in
+        a batch of one started now (all of them while the shape's batch time is unknown)."""
         one = self.adaptive.predict(key, 1)
-        return one is not None and now + one > item.budget_end
+        if one is None:
+            return list(items)
+        return [p for p in items if now + one <= p.budget_end]
 
     def _batches_time(self, key: Hashable, n: int) -> float:
         """Predicted seconds to run `n` queued items of `key` in batches of its cap."""
