@@ -41,6 +41,8 @@ import httpx
 from benchmarks.serve import ROOT, batchserve_cmd, percentile, server
 
 POLICIES = ("deadline", "eager", "continuous")
+CPU_MODELS = ("tiny", "tiny-sdxl")
+"""Presets that compute on this CPU (one server works at a time)."""
 MIXES: dict[str, list[tuple[int, float]]] = {  # (steps, guidance), drawn uniformly
     "one-key": [(20, 7.5)],
     "mixed": [(20, 7.0), (20, 7.5), (30, 7.0), (30, 7.5)],
@@ -192,7 +194,7 @@ def server_args(opts: argparse.Namespace, policy: str) -> list[str]:
     if opts.model == "sim":
         return ["--model", "sim", "--sim-step-ms", str(opts.step_ms),
                 "--sim-step-per-image-ms", str(opts.step_per_image_ms), *args]
-    return ["--model", "tiny", *args]
+    return ["--model", opts.model, *args]
 
 
 def requests(point: Point, max_requests: int, duration_s: float, size: int, seed: int
@@ -216,7 +218,9 @@ async def run_point(urls: dict[str, str], point: Point, opts: argparse.Namespace
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.openloop", description=__doc__)
-    p.add_argument("--model", choices=("sim", "tiny"), default="sim")
+    p.add_argument("--model", choices=("sim", *CPU_MODELS), default="sim")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="comma-separated, of " + ", ".join(POLICIES))
     p.add_argument("--step-ms", type=float, default=25.0, help="sim: fixed ms per UNet step")
     p.add_argument("--step-per-image-ms", type=float, default=15.0,
                    help="sim: ms per image per step")
@@ -247,6 +251,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(opts.mixes.split(",")) - set(MIXES)
     if unknown:
         p.error(f"--mixes: unknown {', '.join(sorted(unknown))}; one of {', '.join(MIXES)}")
+    opts.policies = tuple(opts.policies.split(","))
+    if set(opts.policies) - set(POLICIES):
+        p.error(f"--policies: each one of {', '.join(POLICIES)}")
     return opts
 
 
@@ -266,13 +273,13 @@ async def run_mix(urls: dict[str, str], points: Sequence[Point], opts: argparse.
     return results
 
 
-def calibrate(size: int, steps: int = 20) -> tuple[float, float]:
-    """The tiny model's step cost on this CPU, (fixed ms, ms per image) per step, from its raw
+def calibrate(size: int, steps: int = 20, model: str = "tiny") -> tuple[float, float]:
+    """A CPU preset's step cost on this CPU, (fixed ms, ms per image) per step, from its raw
     pipeline at batch 1 and 8 (`benchmarks.raw`): what the loads are fractions of."""
     from batchserve.settings import Settings
     from benchmarks.raw import measure
 
-    runs = measure(Settings(model="tiny", warmup=""), (size, size, steps), [1, 8],
+    runs = measure(Settings(model=model, warmup=""), (size, size, steps), [1, 8],
                    repeats=3)["batches"]
     one, eight = (runs[n]["median_s"] * 1000 / steps for n in ("1", "8"))
     per_image = max(0.0, (eight - one) / 7)
@@ -282,10 +289,11 @@ def calibrate(size: int, steps: int = 20) -> tuple[float, float]:
 async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
     logs = opts.out / "runs"  # server logs, not committed
     logs.mkdir(parents=True, exist_ok=True)
-    if opts.model == "tiny" and not opts.cpu_step_per_image_ms:
-        opts.cpu_step_ms, opts.cpu_step_per_image_ms = calibrate(opts.size)
-        print(f"tiny on this CPU: {opts.cpu_step_ms:.2f} ms + {opts.cpu_step_per_image_ms:.2f} "
-              "ms per image per step (raw pipeline, batch 1 and 8)", flush=True)
+    if opts.model in CPU_MODELS and not opts.cpu_step_per_image_ms:
+        opts.cpu_step_ms, opts.cpu_step_per_image_ms = calibrate(opts.size, model=opts.model)
+        print(f"{opts.model} on this CPU: {opts.cpu_step_ms:.2f} ms + "
+              f"{opts.cpu_step_per_image_ms:.2f} ms per image per step "
+              "(raw pipeline, batch 1 and 8)", flush=True)
     step_ms, per_image_ms = ((opts.step_ms, opts.step_per_image_ms) if opts.model == "sim"
                              else (opts.cpu_step_ms, opts.cpu_step_per_image_ms))
     mixes = opts.mixes.split(",")
@@ -295,13 +303,13 @@ async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
         if opts.model == "sim":  # every mix at once, each on its own three servers
             urls = {mix: {policy: stack.enter_context(server(
                 batchserve_cmd(server_args(opts, policy)), logs / f"{mix}-{policy}.log"))
-                for policy in POLICIES} for mix in mixes}
+                for policy in opts.policies} for mix in mixes}
             runs = await asyncio.gather(*(run_mix(urls[mix], points[mix], opts)
                                           for mix in mixes))
         else:  # the CPU is the engine: one mix after the other on the same three servers
             shared = {policy: stack.enter_context(server(
                 batchserve_cmd(server_args(opts, policy)), logs / f"{policy}.log"))
-                for policy in POLICIES}
+                for policy in opts.policies}
             runs = [await run_mix(shared, points[mix], opts) for mix in mixes]
     out = {"settings": {k: str(v) for k, v in vars(opts).items()},
            "points": [point for run in runs for point in run]}

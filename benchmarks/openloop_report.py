@@ -58,7 +58,7 @@ def model(results: dict[str, Any]) -> None:
         point["model"] = {
             policy: {f"p{q}_ms": percentile([lat * 1000 for (t, _), lat in zip(
                 arrivals, runs[policy], strict=True) if t >= warm_s], q / 100) for q in (50, 95)}
-            for policy in POLICIES}
+            for policy in point["policies"]}
 
 
 def interval(a: Sequence[float | None], b: Sequence[float | None], q: float, *,
@@ -94,7 +94,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
     def ratio(name: str, mix: str, load: float, field: str, base: str, bound: float,
               at_least: bool = False) -> None:
         point = _at(results, mix, load)
-        if point is None or not point["policies"][base][field]:
+        if (point is None or not {base, "continuous"} <= point["policies"].keys()
+                or not point["policies"][base][field]):
             return
         measured = point["policies"]
         r = measured["continuous"][field] / measured[base][field]
@@ -129,7 +130,7 @@ def markdown(results: dict[str, Any]) -> str:
              "p95 ms | images/s | mean X-Batch-Size | failures |",
              "|---|---|---|---|---|---|---|---|---|"]
     for point in results["points"]:
-        for policy in POLICIES:
+        for policy in point["policies"]:  # a run may take some (`--policies`)
             f = point["policies"][policy]
             m = point.get("model", {}).get(policy)
             ideal = "-" if m is None else f"{m['p50_ms']:.0f} / {m['p95_ms']:.0f}"
@@ -165,7 +166,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
     for ax, mix in zip(axes[0], mixes, strict=True):
         points = [p for p in results["points"] if p["mix"] == mix]
         loads = [p["load"] * 100 for p in points]
-        for policy in POLICIES:
+        ran = [policy for policy in POLICIES if policy in points[0]["policies"]]
+        for policy in ran:
             ax.plot(loads, [p["policies"][policy]["p50_ms"] / 1000 for p in points], "-o",
                     color=colours[policy], label=f"{policy} p50")
             ax.plot(loads, [p["policies"][policy]["p95_ms"] / 1000 for p in points], "--",
@@ -173,7 +175,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             if all("model" in p for p in points):
                 ax.plot(loads, [p["model"][policy]["p50_ms"] / 1000 for p in points], "x",
                         color=colours[policy], markersize=9,
-                        label="p50 of the ideal model" if policy == POLICIES[-1] else None)
+                        label="p50 of the ideal model" if policy == ran[-1] else None)
         ax.set_title(f"{mix}: latency vs load (open loop, Poisson)")
         ax.set_xlabel("offered load, % of batch-8 capacity")
         ax.set_ylabel("seconds")

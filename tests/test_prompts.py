@@ -127,3 +127,35 @@ def test_items_encoded_apart_stack_like_a_batch(chunking: DiffusionEngine,
     with torch.inference_mode():
         short = stack([chunking.prompts.encode([SHORT], [""], guidance=True)] * 2)
     assert short.attention_mask is None  # nothing padded: plain diffusers conditioning
+
+
+def test_a_row_seen_before_is_not_encoded_again_and_gives_the_same_embedding(
+    chunking: DiffusionEngine,
+) -> None:
+    """The negative prompt most requests share is encoded once; a cached row equals the row
+    encoded afresh."""
+    prompts = chunking.prompts
+    calls: list[int] = []
+    run = prompts._run_encoder
+
+    def counted(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        calls.append(len(rows))
+        return run(rows)
+
+    prompts._rows.clear()
+    prompts._run_encoder = counted  # type: ignore[method-assign]
+    try:
+        with torch.inference_mode():
+            first = prompts.encode(["a red fox"], ["blurry, low quality"], guidance=True)
+            second = prompts.encode(["a blue owl"], ["blurry, low quality"], guidance=True)
+            fresh = run(prompts._token_ids(["blurry, low quality"]))[0]
+            # both prompts' rows and the shared negative are all known now: no encoder call
+            again = prompts.encode(["a blue owl", "a red fox"], ["blurry, low quality"] * 2,
+                                   guidance=True)
+    finally:
+        del prompts._run_encoder
+    assert calls == [2, 1]  # the second request encoded only its own prompt
+    assert torch.equal(second.negative_embeds, first.negative_embeds)
+    torch.testing.assert_close(first.negative_embeds[0], fresh[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(again.prompt_embeds[1], first.prompt_embeds[0])
+    assert torch.equal(again.prompt_embeds[0], second.prompt_embeds[0])

@@ -17,7 +17,7 @@ from batchserve.errors import (
     QueueTimeout,
 )
 from batchserve.sched.request_queue import NullHooks, Outcome
-from batchserve.stepper import StepBatcher
+from batchserve.stepper import Advanced, StepBatcher
 
 Item = tuple[str, str, int]  # (shape, name, steps)
 
@@ -101,8 +101,8 @@ async def _pending(fut: asyncio.Future[Any]) -> bool:
 
 
 class Harness:
-    def __init__(self, clock: FakeClock, **kw: Any) -> None:
-        self.runner = HeldSteps()
+    def __init__(self, clock: FakeClock, runner: HeldSteps | None = None, **kw: Any) -> None:
+        self.runner = runner or HeldSteps()
         self.hooks = Recorder()
         options: dict[str, Any] = {"max_batch_size": 4, "max_wait_s": 10.0, "max_queue": 64,
                                    "clock": clock, "hooks": self.hooks, **kw}
@@ -369,3 +369,82 @@ def test_sim_step_model_sleeps_per_step_and_per_static_batch(
         engine.step(states)
     assert slept[20:] == [25 + 2 * 15] * 20 and all(s.done for s in states)
     assert len(engine.finish(states)) == 2
+
+
+@dataclass
+class HeldRuns(HeldSteps):
+    """An `AdvancingRunner`: one `advance` call runs steps back to back while no state is done
+    and `until()` is false, each step held by a token; `calls` counts the hops from the loop."""
+
+    calls: int = 0
+    holds: list[int] = field(default_factory=list)
+    decoded: list[list[str]] = field(default_factory=list)
+
+    async def advance(self, joining: list[Item], active: list[tuple[Item, Any]],
+                      until: Callable[[], bool] | None = None,
+                      finishing: list[tuple[Item, Any]] | None = None, hold: int = 0,
+                      ) -> Advanced[str]:
+        self.calls += 1
+        self.holds.append(hold)
+        out: Advanced[str] = Advanced(joined=await self.prepare(joining) if joining else [])
+        pairs = [*active, *zip(joining, out.joined or [], strict=True)]
+        done: list[tuple[Item, Any]] = []
+        while pairs:
+            await self.step([s for _, s in pairs])
+            out.steps += 1
+            done = [(p, s) for p, s in pairs if self.done(s)]
+            if done or until is None or until():
+                break
+        waiting = [*(finishing or ()), *done]
+        if waiting and len(waiting) >= hold:
+            out.finished = await self.finish(waiting)
+            self.decoded.append([s.name for _, s in waiting])
+        return out
+
+
+@pytest.mark.parametrize(("limit", "hops"), [(2, 1), (3, 2)])
+async def test_a_submission_stops_back_to_back_steps_only_when_it_could_join(
+    clock: FakeClock, limit: int, hops: int
+) -> None:
+    runner = HeldRuns()
+    h = Harness(clock, runner=runner, max_batch_size=limit)
+    first = [h.submit("a", 6), h.submit("b", 6)]
+    await _until(lambda: len(runner.steps) == 1)
+    late = h.submit("c", 6)
+    runner.allow(3)
+    await _until(lambda: len(runner.steps) == 4)
+    # full (limit 2): c could not join, so the run of steps goes on in the first call;
+    # with a free slot the submission ends the run after its step and c joins the next call
+    assert runner.calls == hops
+    assert runner.steps[3] == (["a", "b"] if limit == 2 else ["a", "b", "c"])
+    runner.allow(1000)
+    await asyncio.wait_for(asyncio.gather(*first, late), 5)
+    assert names([*first, late]) == ["img-a", "img-b", "img-c"]
+    await h.close()
+
+
+async def test_at_saturation_items_done_one_by_one_are_decoded_together(clock: FakeClock
+                                                                       ) -> None:
+    """A full batch with more of its key queued: items that finish one at a time leave the
+    batch (their slots go to the queue) and are decoded in twos (half of the limit 4);
+    once nothing more waits, what is held is decoded at once."""
+    runner = HeldRuns()
+    h = Harness(clock, runner=runner, max_batch_size=4)
+    futs = [h.submit(f"i{n}", 2 + n) for n in range(4)]  # finish at steps 2, 3, 4, 5
+    more = [h.submit(f"q{n}", 8) for n in range(4)]
+    await _until(lambda: len(runner.steps) == 1)
+    runner.allow(2)
+    await _until(lambda: len(runner.steps) == 3)
+    assert runner.decoded == []  # i0 done at step 2 and held: the batch is full, q* wait
+    assert "q0" in runner.steps[2] and "i0" not in runner.steps[2]  # i0's slot went to q0
+    assert await _pending(futs[0])
+    runner.allow(1)  # step 3: i1 done, decoded with i0
+    await _until(lambda: len(runner.decoded) == 1)
+    assert runner.decoded == [["i0", "i1"]]
+    assert names(futs[:2]) == ["img-i0", "img-i1"]
+    runner.allow(1000)  # the queue empties: the rest decode as they finish
+    await asyncio.wait_for(asyncio.gather(*futs, *more), 5)
+    assert names([*futs, *more]) == [f"img-i{n}" for n in range(4)] + [
+        f"img-q{n}" for n in range(4)]
+    assert max(runner.holds) == 2 and runner.holds[-1] == 1
+    await h.close()

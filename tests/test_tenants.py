@@ -10,19 +10,25 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from inprocess import in_process
 
+from batchserve.jobs.memory import MemoryQueue, MemoryResultStore
+from batchserve.jobs.record import JobRecord, Status
+from batchserve.jobs.redis import RedisQueue
 from batchserve.sched.fair import FairShare
 from batchserve.sched.request_queue import RequestQueue
 from batchserve.tenants import RateLimiter, Tenant, Tenants, TenantsError, parse
 
 from conftest import running_server
 from fakes import FakeEngine
+from services import redis_server
 
 FILE = """
 [tenants.alice]
@@ -306,3 +312,59 @@ async def test_a_late_tenant_is_served_next_not_behind_a_flood(tmp_path: Path) -
     # FIFO would run bob last (7th). He enters level with alice's turn (no credit for the time
     # he had nothing queued) and wins the tie after one more of hers, the older: 3rd.
     assert order == ["alice 0", "alice 1", "bob", "alice 2", "alice 3", "alice 4", "alice 5"]
+
+
+# -- jobs still in the job queue count ---------------------------------------------------------
+
+
+async def test_memory_queue_counts_a_tenants_jobs_while_they_are_queued() -> None:
+    queue = MemoryQueue(ttl_s=600, visibility_timeout_s=60)
+    records = [JobRecord(id=f"job{i}", status=Status.QUEUED, created_at=0.0, request={},
+                         format="png", tenant=tenant)
+               for i, tenant in enumerate(["alice", "alice", "bob"])]
+    for record in records:
+        await queue.create(record)
+    assert (await queue.waiting_by("alice"), await queue.waiting_by("bob")) == (2, 1)
+    await queue.transition("job0", Status.RUNNING, started_at=1.0)  # a worker took it
+    await queue.transition("job1", Status.CANCELED, completed_at=1.0)
+    assert (await queue.waiting_by("alice"), await queue.waiting_by("bob")) == (0, 1)
+    await queue.transition("job0", Status.QUEUED, started_at=None)  # handed back
+    assert await queue.waiting_by("alice") == 1
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with redis_server(tmp_path_factory.mktemp("redis-tenants")) as server:
+        yield server.url
+
+
+async def test_jobs_no_worker_has_taken_count_toward_max_queued_on_every_api_process(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two `--role api` processes share a Redis queue and no worker runs: alice's jobs stay
+    queued, and her `max_queued` (2) holds across both processes until one is canceled."""
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    store = MemoryResultStore(ttl_s=600)
+    shared = {"queue": redis_url, "results": "file:///nonexistent", "api_keys": str(path)}
+
+    def backends() -> dict[str, Any]:
+        return {"queue": RedisQueue(redis_url, ttl_s=600, visibility_timeout_s=60,
+                                    prefix="tenants-test"), "store": store}
+
+    async with AsyncExitStack() as stack:
+        one, two = [await stack.enter_async_context(in_process(role="api", backends=backends(),
+                                                                **shared)) for _ in range(2)]
+        alice, bob = bearer("sk-alice-0001"), bearer("sk-bob-00000002")
+        first = await one.client.post("/v1/jobs", json=T2I, headers=alice)
+        assert first.status_code == 202
+        assert (await two.client.post("/v1/jobs", json=T2I, headers=alice)).status_code == 202
+        for app in (one, two):
+            full = await app.client.post("/v1/jobs", json=T2I, headers=alice)
+            assert full.status_code == 429, full.text
+            assert full.json()["error"]["code"] == "tenant_queue_full"
+            assert "2 images queued" in full.json()["error"]["message"]
+        assert (await one.client.post("/v1/jobs", json=T2I, headers=bob)).status_code == 202
+        canceled = await two.client.delete(f"/v1/jobs/{first.json()['id']}", headers=alice)
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+        assert (await two.client.post("/v1/jobs", json=T2I, headers=alice)).status_code == 202

@@ -46,6 +46,7 @@ from .errors import (
     ValidationError,
 )
 from .jobs.backends import open_queue, open_store
+from .jobs.protocol import BackendUnavailable
 from .jobs.runner import JobRunner
 from .jobs.service import JobService
 from .jobs.webhooks import WebhookSender
@@ -402,11 +403,12 @@ class Service:
         self.metrics.set_tenants(self.tenants.names)
         return True
 
-    def admit_tenant(self, images: int, priority: int) -> None:
+    async def admit_tenant(self, images: int, priority: int) -> None:
         """The current request's tenant (`tenants.CURRENT`) may queue `images` more images at
         `priority`: within its `max_priority` (422), `max_queued` (429 `tenant_queue_full`;
-        queued and running requests and jobs count) and `images_per_minute`
-        (429 `rate_limited`). Called by the doors before anything is queued or stored."""
+        its requests queued and running here and its jobs still queued count) and
+        `images_per_minute` (429 `rate_limited`). Called by the doors before anything is
+        queued or stored."""
         table = self.tenants
         tenant = table.get(tenants.CURRENT.get()) if table is not None else None
         if table is None or tenant is None:
@@ -416,9 +418,9 @@ class Service:
             raise ValidationError(f"priority above {top}, this API key's max_priority",
                                   field="priority")
         limit = tenant.max_queued if tenant.max_queued is not None else self.settings.max_queue
-        # A job counts once a runner has queued it here; jobs still in the job queue do not
-        # (a Redis queue is shared by processes and counts no tenants).
         queued = self.batcher.queue.queued_by(tenant.name)
+        if queued + images <= limit:  # the job queue is asked only when it can matter
+            queued += await self._jobs_waiting_by(tenant.name)
         if queued + images > limit:
             self.metrics.tenant_refused(tenant.name, "tenant_queue_full")
             raise TenantQueueFull(
@@ -431,6 +433,16 @@ class Service:
                 f"over this API key's images_per_minute ({tenant.images_per_minute:g})",
                 retry_after_s=tenants.retry_after(wait_s))
         self.metrics.tenant_admitted(tenant.name, images)
+
+    async def _jobs_waiting_by(self, tenant: str) -> int:
+        """The tenant's jobs still queued (on every api process for a shared queue; a job a
+        runner has just handed to this process's queue may count twice for that moment). A
+        job backend that cannot answer counts none: /t2i does not depend on it, and a job
+        submit fails on its own."""
+        try:
+            return await self.jobs.queue.waiting_by(tenant)
+        except BackendUnavailable:
+            return 0
 
     def check_accepting_jobs(self) -> None:
         """For the jobs door: `--role all` and `--role api`."""
@@ -721,31 +733,37 @@ class EngineSteps:
 
     async def advance(self, joining: list[QueuedItem], active: list[tuple[QueuedItem, StepState]],
                       until: Callable[[], bool] | None = None,
-                      ) -> Advanced[asyncio.Future[bytes]]:
+                      finishing: list[tuple[QueuedItem, StepState]] | None = None,
+                      hold: int = 0) -> Advanced[asyncio.Future[bytes]]:
         """Join, steps and decode of one iteration in one engine-thread call (`run_round`):
-        steps go on until an item is done or `until()`. The watchdog bounds the call by the
+        steps go on until an item is done or `until()`; the done and the held `finishing`
+        are decoded together once there are `hold`. The watchdog bounds the call by the
         most steps it can run (until the first item's schedule ends) and learns from the
         steps it ran."""
+        finishing = finishing or []
         engine = self._engine()
         if until is not None:  # the server stopping ends the round at the next step too
             wanted, stopping = until, self.service.stopping.is_set
             until = lambda: stopping() or wanted()  # noqa: E731
         items = [q.item for q in joining]
         states = [s for _, s in active]
-        pixels = sum(i.width * i.height for i in [*items, *(s.item for s in states)])
+        held = [s for _, s in finishing]
+        pixels = sum(i.width * i.height for i in [*items, *(s.item for s in [*states, *held])])
         most = 1 if until is None else min(
             [*(s.remaining for s in states), *(i.inference_steps for i in items)], default=1)
         reporter = self.service.steps_reporter([*(q for q, _ in active), *joining])
-        ran = await self._guarded(partial(run_round, engine, items, states, until, reporter),
+        ran = await self._guarded(partial(run_round, engine, items, states, until, reporter,
+                                          held, hold),
                                   pixels * max(1, most), lambda r: pixels * max(1, r.steps),
-                                  items=[*items, *(s.item for s in states)])
+                                  items=[*items, *(s.item for s in [*states, *held])])
         self.service.waiting_room.opened()  # joiners left the queue, finished items the batch
         out: Advanced[asyncio.Future[bytes]] = Advanced(
             ran.joined, ran.join_error, ran.steps, ran.step_error, None, ran.finish_error)
         if ran.images is not None:
             self.service.metrics.gpu_memory(engine.memory_bytes())
             stepped = [*active, *zip(joining, ran.joined or (), strict=False)]
-            out.finished = self.service._encode_all(ran.images, [q for q, s in stepped if s.done])
+            out.finished = self.service._encode_all(
+                ran.images, [*(q for q, _ in finishing), *(q for q, s in stepped if s.done)])
         return out
 
     async def prepare(self, joining: list[QueuedItem]) -> list[StepState]:

@@ -82,6 +82,8 @@ class Advanced(Generic[R]):
     steps: int = 0  # steps that ran for every stepped state (a failed one not counted)
     step_error: Exception | None = None
     finished: list[R] | None = None
+    """One result per decoded state: the held ones passed in (`finishing`), then the newly
+    done in stepping order; None: nothing decoded (fewer than `hold` to decode)."""
     finish_error: Exception | None = None
 
 
@@ -91,15 +93,21 @@ class AdvancingRunner(StepRunner[T, R], Protocol[T, R]):
     call; `finish` stays for the smaller retries after a failed decode."""
 
     async def advance(self, joining: list[T], active: list[tuple[T, Any]],
-                      until: Callable[[], bool] | None = None) -> Advanced[R]:
+                      until: Callable[[], bool] | None = None,
+                      finishing: list[tuple[T, Any]] | None = None, hold: int = 0,
+                      ) -> Advanced[R]:
         """Steps go on while no state is done and `until()` is false (checked after each
-        step, from the engine's thread); None: one step."""
+        step, from the engine's thread); None: one step. Then `finishing` (done states held
+        from earlier iterations) and the newly done are decoded together if there are at
+        least `hold` of them."""
         ...
 
 
 async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
                            active: list[tuple[T, Any]],
-                           until: Callable[[], bool] | None = None) -> Advanced[R]:
+                           until: Callable[[], bool] | None = None,
+                           finishing: list[tuple[T, Any]] | None = None, hold: int = 0,
+                           ) -> Advanced[R]:
     """`AdvancingRunner.advance` from the three separate calls, one step a call (`until` is
     not needed: the loop decides again after every step)."""
     out: Advanced[R] = Advanced()
@@ -109,16 +117,15 @@ async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
         except Exception as exc:
             out.join_error = exc
     pairs = [*active, *zip(joining, out.joined or (), strict=False)]
-    if not pairs:
-        return out
-    try:
-        await runner.step([s for _, s in pairs])
-    except Exception as exc:
-        out.step_error = exc
-        return out
-    out.steps = 1
-    done = [(p, s) for p, s in pairs if runner.done(s)]
-    if done:
+    if pairs:
+        try:
+            await runner.step([s for _, s in pairs])
+        except Exception as exc:
+            out.step_error = exc
+            return out
+        out.steps = 1
+    done = [*(finishing or ()), *((p, s) for p, s in pairs if runner.done(s))]
+    if done and len(done) >= hold:
         try:
             out.finished = await runner.finish(done)
         except Exception as exc:
@@ -177,11 +184,13 @@ class StepBatcher(QueueLoop[T, R]):
                          max_queue=max_queue, aging_s=aging_s, clock=clock, hooks=hooks,
                          key_label=key_label)
         self._runner = runner
-        self._advance: Callable[[list[T], list[tuple[T, Any]], Callable[[], bool] | None],
-                                Awaitable[Advanced[R]]] = (
+        self._advance: Callable[..., Awaitable[Advanced[R]]] = (
             runner.advance if isinstance(runner, AdvancingRunner)
             else partial(advance_in_parts, runner))
         self.active: list[Active[T, R]] = []
+        self.held: list[Active[T, R]] = []
+        """Done items whose decode waits to be batched with the next ones (`_hold`): out of
+        the running batch (their slots taken by joiners), not answered yet."""
         self.key: Hashable | None = None
         self.drop_late = drop_late
         self.times = StepTimes()
@@ -196,14 +205,16 @@ class StepBatcher(QueueLoop[T, R]):
         queue = self.queue
         while True:
             queue.wake.clear()
+            queue.changed.clear()
             now = self._clock()
             queue.purge(now)
             self._expire_active(now)
             self._drop_gone()
-            if queue.closed and queue.empty():
+            if queue.closed and queue.empty() and not self.held:
                 return
-            taken = self._take(now)
-            if not self.active and not taken:
+            # The batch emptied with decodes held: those first, before another key runs.
+            taken = [] if self.held and not self.active else self._take(now)
+            if not self.active and not taken and not self.held:
                 await queue.wait(queue.next_deadline())
                 continue
             await self._iterate(taken, now)
@@ -308,34 +319,46 @@ class StepBatcher(QueueLoop[T, R]):
 
     # -- one step --------------------------------------------------------------------------
 
-    def _until(self, pending: list[Pending[T, R]]) -> Callable[[], bool]:
+    def _until(self, pending: list[Pending[T, R]], full: bool) -> Callable[[], bool]:
         """When steps running back to back must stop for the loop to decide again: something
         was submitted, cancelled or failed (the queue's wake is set), or an item's deadline
-        passed. Read from the engine's thread: an `asyncio.Event` flag and the clock."""
-        wake, clock = self.queue.wake, self._clock
+        passed. With no free slot (`full`) a submission changes nothing before an item is done
+        (a newcomer could not join), so only the rest stops the run: at saturation every
+        arrival would otherwise cost the engine a hop to the loop and back. Read from the
+        engine's thread: an `asyncio.Event` flag and the clock."""
+        flag, clock = (self.queue.changed if full else self.queue.wake), self._clock
         stop_at = min((p.deadline for p in pending), default=math.inf)
-        return lambda: wake.is_set() or clock() >= stop_at
+        return lambda: flag.is_set() or clock() >= stop_at
 
     async def _iterate(self, taken: list[Pending[T, R]], now: float) -> None:
         """One iteration: the joiners are prepared, steps run (until an item is done or the
         loop has something to change), the done are decoded."""
-        active = list(self.active)
+        active, held = list(self.active), list(self.held)
         start = self._clock()
         if taken:  # the joiners run in this call: the gauge counts them while it runs
             self._hooks.active_items(len(active) + len(taken))
-        until = self._until([*taken, *(a.pending for a in active)])
+        full = len(active) + len(taken) >= self.limit(self.key)
+        until = self._until([*taken, *(a.pending for a in active)], full)
         try:
             ran = await self._advance([p.payload for p in taken],
-                                      [(a.pending.payload, a.state) for a in active], until)
+                                      [(a.pending.payload, a.state) for a in active], until,
+                                      [(a.pending.payload, a.state) for a in held],
+                                      self._hold(full and bool(active or taken)))
         except Exception as exc:  # the call itself failed (the engine hung): nothing is known
-            self._fail([*taken, *(a.pending for a in active)], exc)
+            self._fail([*taken, *(a.pending for a in [*active, *held])], exc)
             self.queue.release(taken)
-            self._leave(active)
+            self.held = []
+            self._leave([*active, *held])
             return
+        decoded = ran.finished is not None or ran.finish_error is not None
+        if decoded and held:
+            self.held = []
         elapsed = self._clock() - start
         if taken:
             active += self._join(taken, ran, now)
         if not active:
+            if decoded and held:
+                await self._finish(held, ran)
             return
         for item in active:
             if item.first_step is None:
@@ -354,10 +377,28 @@ class StepBatcher(QueueLoop[T, R]):
                 self._leave(active)
             return
         done = [a for a in active if self._runner.done(a.state)]
-        if done:
-            await self._finish(done, ran)
+        if decoded:
+            await self._finish([*held, *done], ran)
+        elif done:  # fewer than `_hold`: they wait out of the batch for the next ones
+            ids = set(map(id, done))
+            self.active = [a for a in self.active if id(a) not in ids]
+            self.held += done
+            self._hooks.active_items(len(self.active))
         elif not taken and ran.steps:
             self.times.note(self.key, elapsed / ran.steps)
+
+    def _hold(self, full: bool) -> int:
+        """How many done items to decode together. One (at once) unless the batch is full and
+        more of its key wait: then half the batch, as the whole-batch policies decode a batch
+        at once. At saturation items finish one by one (they joined one by one), and decoding
+        each alone wastes the batch gain of the decoder (on a CPU, a tiny model's decode of one
+        image costs two thirds of a batch's per image); there a queued request's wait is
+        seconds, and the first held item waits a few steps more. Never while draining, never
+        when the batch is not full (latency wins there)."""
+        if not full or self.queue.closed:
+            return 1
+        group = self.queue.groups.get(self.key)
+        return max(1, self.limit(self.key) // 2) if group is not None and group.items else 1
 
     def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory) -> None:
         """Out of memory: the last joiners go back to the queue (they restart from scratch

@@ -278,7 +278,7 @@ class Gateway:
         jobs, base = self.service.jobs, str(request.base_url)
         submitted: list[JobRecord] = []
         try:
-            self.service.admit_tenant(len(reqs), max((r.priority for r in reqs), default=0))
+            await self.service.admit_tenant(len(reqs), max((r.priority for r in reqs), default=0))
             for req in reqs:
                 submitted.append(await jobs.submit(req, fmt, base_url=base))
         except BatchServeError as exc:
@@ -311,6 +311,9 @@ class Gateway:
         overloaded (`--refusal-hold-s`): a client that retries at once on a refusal then
         waits for a place instead of making the next request straight away."""
         try:
+            # the tenant's limits once, before any LoRA file is read or a place waited for
+            await self.service.admit_tenant(len(requests),
+                                            max((r.priority for r in requests), default=0))
             await self.service.prefetch_loras(requests)
             return await self.service.waiting_room.admit(
                 lambda: self.submit_all(requests, fmt), (QueueFull, Overloaded))
@@ -325,11 +328,6 @@ class Gateway:
         gets. They all enter the batcher at once, so they can share a batch. Refusals are
         raised uncounted (`admit_all` counts the last one)."""
         batcher, limit = self.service.batcher, self.service.settings.max_queue
-        try:
-            self.service.admit_tenant(len(requests), max((r.priority for r in requests),
-                                                         default=0))
-        except BatchServeError as exc:
-            raise self.rejecting(exc) from None
         if len(requests) > 1 and batcher.depth + len(requests) > limit:
             raise QueueFull(
                 f"queue is full ({limit} requests waiting; this request needs "

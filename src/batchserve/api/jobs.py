@@ -51,7 +51,7 @@ class JobsDoor:
                                       images=has_images(data))
         record.update(key=req.key_label, seed=req.seed, priority=req.priority)
         try:
-            service.admit_tenant(1, req.priority)
+            await service.admit_tenant(1, req.priority)
         except BatchServeError as exc:
             raise gateway.rejecting(exc) from None
         if service.settings.log_prompts:

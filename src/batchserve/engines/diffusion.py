@@ -8,6 +8,7 @@ the startup log and `/v1/info` show.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import logging
@@ -154,6 +155,10 @@ def route_library_logs() -> None:
     adopt_library_loggers()
 
 
+SCHEDULER_PROTOTYPES = 32
+"""(sampler, steps) pairs whose ready scheduler the step-wise engine keeps to copy."""
+
+
 def make_scheduler(name: str, base_config: Any) -> Any:
     import diffusers
 
@@ -198,6 +203,7 @@ class DiffusionEngine:
         # never from another sampler's (whose extras, e.g. Karras sigmas, would leak).
         self.scheduler_config = scheduler_config
         self.sampler = settings.scheduler  # the one `pipe.scheduler` is now
+        self._schedulers: dict[tuple[str, int], Any] = {}  # `_scheduler_for`'s, LRU order
         self.refiner = refiner
         self.refiner_family = None if refiner is None else _refiner_family(refiner, settings,
                                                                            self.addons)
@@ -404,10 +410,20 @@ class DiffusionEngine:
         return self._steps.finish(states)
 
     def _scheduler_for(self, item: GenerationItem) -> Any:
-        """A fresh scheduler per item: its own sampler (the request's, else --scheduler), built
-        from the checkpoint's config like a whole batch's."""
-        config = self.scheduler_config or self.pipe.scheduler.config
-        return make_scheduler(item.sampler or self.settings.scheduler, config)
+        """A fresh scheduler per item with its timesteps set: its own sampler (the request's,
+        else --scheduler), built from the checkpoint's config like a whole batch's. A copy of
+        one built once per (sampler, steps): building one (`from_config`) and setting Karras
+        timesteps take ~2.5 ms on a CPU, paid by every joiner; the copy ~0.4 ms."""
+        key = (item.sampler or self.settings.scheduler, item.inference_steps)
+        prototype = self._schedulers.pop(key, None)
+        if prototype is None:
+            config = self.scheduler_config or self.pipe.scheduler.config
+            prototype = make_scheduler(key[0], config)
+            prototype.set_timesteps(item.inference_steps, device=self.plan.device)
+        self._schedulers[key] = prototype  # most recently used last
+        while len(self._schedulers) > SCHEDULER_PROTOTYPES:
+            self._schedulers.pop(next(iter(self._schedulers)))
+        return copy.deepcopy(prototype)
 
     def memory_bytes(self) -> tuple[int, int] | None:
         """(peak allocated during the last batch, reserved now); None off CUDA."""

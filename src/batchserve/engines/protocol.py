@@ -260,7 +260,9 @@ class StepRound:
     join_error: Exception | None = None
     steps: int = 0  # steps that ran for every stepping state (a failed one not counted)
     step_error: Exception | None = None
-    images: list[Image] | None = None  # one per done state, in stepping order
+    images: list[Image] | None = None
+    """One per decoded state: the held (`finishing`), then the newly done in stepping order;
+    None: nothing was decoded (none done, or fewer than `hold`)."""
     finish_error: Exception | None = None
 
     @property
@@ -271,11 +273,14 @@ class StepRound:
 def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
               active: Sequence[StepState], until: Callable[[], bool] | None = None,
               after_step: Callable[[Sequence[StepState]], None] | None = None,
+              finishing: Sequence[StepState] = (), hold: int = 0,
               ) -> StepRound:
     """One iteration of continuous batching in ONE call on the engine thread: `joining` are
     prepared, then steps run for `active` plus the joiners (if prepare failed, for `active`
     alone) until a state is done, a step fails, or `until()` says the scheduler has something
-    to change (checked after each step; None: one step); the done states are decoded together.
+    to change (checked after each step; None: one step); then `finishing` (done states held
+    from earlier rounds) and the newly done are decoded together, once there are at least
+    `hold` of them (fewer: none is decoded, and the caller holds the newly done too).
 
     Steps run back to back while nothing changes, so the engine does not wait for the event
     loop between them: a hop to the loop and back costs little on an idle host but a whole
@@ -288,9 +293,8 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
         except Exception as exc:
             out.join_error = exc
     stepping = [*active, *(out.joined or ())]
-    if not stepping:
-        return out
-    while True:
+    done: list[StepState] = []
+    while stepping:
         try:
             engine.step(stepping)
         except Exception as exc:
@@ -300,14 +304,15 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
         if after_step is not None:
             after_step(stepping)
         done = [s for s in stepping if s.done]
-        if done:
-            try:
-                out.images = engine.finish(done)
-            except Exception as exc:
-                out.finish_error = exc
-            return out
-        if until is None or until():
-            return out
+        if done or until is None or until():
+            break
+    waiting = [*finishing, *done]
+    if waiting and len(waiting) >= hold:
+        try:
+            out.images = engine.finish(waiting)
+        except Exception as exc:
+            out.finish_error = exc
+    return out
 
 
 def warm_steps(engine: StepEngine, shapes: Sequence[tuple[int, int, int]],

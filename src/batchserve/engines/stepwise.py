@@ -14,6 +14,7 @@ equals what the pipeline makes for it alone (up to float rounding of batched ker
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ from .init_latents import InitLatents
 from .lora.rows import Choice
 from .lora.runtime import LoraRuntime
 from .protocol import GenerationItem, StepState
+from .vector_steps import Update, step_all
 
 SchedulerFactory = Callable[[GenerationItem], Any]
+"""A fresh scheduler for the item, its `inference_steps` timesteps already set."""
 
 
 @dataclass(eq=False, slots=True)
@@ -117,7 +120,6 @@ class StepwiseDiffusion:
                      lora: Choice = ()) -> DiffusionState:
         pipe = self.pipe
         scheduler = self.scheduler_for(item)
-        scheduler.set_timesteps(item.inference_steps, device=self.device)
         timesteps = init_latents.timesteps_from(scheduler, item)
         generator = torch.Generator(self.device.type).manual_seed(item.seed)
         shape = (1, pipe.vae.config.latent_channels, item.height // pipe.vae_scale_factor,
@@ -147,7 +149,6 @@ class StepwiseDiffusion:
         if self.refiner is None or self.refiner_family is None:
             raise ValueError("refiner_switch: no refiner loaded (--refiner)")
         scheduler = self.scheduler_for(item)
-        scheduler.set_timesteps(item.inference_steps, device=self.device)
         cutoff = _cutoff(scheduler, item.refiner_switch)
         count = int((scheduler.timesteps < cutoff).sum())
         if scheduler.order == 2 and count % 2 == 0:
@@ -174,11 +175,10 @@ class StepwiseDiffusion:
         noise = [predicted[id(state)] for state in active]
         # Only after the forward passes succeeded: an OOM above leaves every state unchanged.
         with torch.inference_mode():
-            for state, pred in zip(active, noise, strict=True):
-                t = state.timesteps[state.index]
-                state.latents = state.scheduler.step(
-                    pred, t, state.latents, **state.step_kwargs, return_dict=False
-                )[0]
+            updates = [Update(state.scheduler, pred, state.timesteps[state.index], state.latents,
+                              state.step_kwargs) for state, pred in zip(active, noise, strict=True)]
+            for state, latents in zip(active, step_all(updates), strict=True):
+                state.latents = latents
                 if state.init is not None:
                     state.latents = state.init.after_step(state.latents, state.scheduler,
                                                           state.timesteps, state.index)
@@ -242,13 +242,19 @@ class StepwiseDiffusion:
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     """`prepare_extra_step_kwargs`: eta 0 and the item's generator where the sampler takes
     them."""
-    params = inspect.signature(scheduler.step).parameters
+    params = _step_parameters(scheduler.__class__)
     kwargs: dict[str, Any] = {}
     if "eta" in params:
         kwargs["eta"] = 0.0
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+@functools.cache
+def _step_parameters(scheduler: Any) -> frozenset[str]:
+    """The parameters of a scheduler class's `step` (read once per class, not per joiner)."""
+    return frozenset(inspect.signature(scheduler.step).parameters)
 
 
 def _cutoff(scheduler: Any, fraction: float) -> int:

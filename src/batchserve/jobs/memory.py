@@ -182,6 +182,11 @@ class MemoryQueue:
         self._purge()
         return len(self._waiting)
 
+    async def waiting_by(self, tenant: str) -> int:
+        self._purge()
+        return sum(r.status is Status.QUEUED and r.tenant == tenant
+                   for r in self._records.values())
+
     async def position(self, job_id: str) -> int | None:
         try:
             return self._waiting.index(job_id)

@@ -90,6 +90,12 @@ class JobQueue(Protocol):
         """Jobs accepted and not yet pulled by any worker: what an autoscaler scales on."""
         ...
 
+    async def waiting_by(self, tenant: str) -> int:
+        """Jobs of `tenant` (`JobRecord.tenant`) still queued, pulled by a worker or not: what
+        its `max_queued` counts besides its requests in this process's queue. Every api
+        process sees the same count."""
+        ...
+
     async def position(self, job_id: str) -> int | None:
         """Best-effort 0-based position among the waiting jobs, None if not waiting."""
         ...

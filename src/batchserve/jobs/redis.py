@@ -8,6 +8,9 @@ Layout under one key prefix (default `batchserve`):
 - `{p}:job:{id}` a hash: `record` (the `JobRecord` JSON) and `entry` (its stream entry id),
   expiring `ttl_s` after its last change.
 - `{p}:idem:{owner}:{key}` the job id an idempotency key gave, `SET NX` with the same TTL.
+- `{p}:waiting:{tenant}` a sorted set of the tenant's jobs still queued (status `queued`), each
+  scored by when its record would expire: what the tenant's `max_queued` counts of its jobs on
+  every api process (`waiting_by`); `create` adds, `transition` adds or removes with the record.
 - `{p}:progress:{id}` a running job's newest step and preview (JSON), overwritten by its worker,
   expiring `PROGRESS_TTL_S` after the last write: what an api process streams as progress.
 
@@ -46,8 +49,9 @@ _MAX_BLOCK_S = 5.0
 _COUNT_CAP = 10_000
 _CAS_TRIES = 20
 
-# KEYS: stream, job key, idempotency key ("" for none). ARGV: id, record, ttl ms, job key prefix,
-# the stream's approximate MAXLEN (a safety net far above --max-jobs-waiting, see `max_len`).
+# KEYS: stream, job key, idempotency key ("" for none), the tenant's waiting set ("" for none).
+# ARGV: id, record, ttl ms, job key prefix, the stream's approximate MAXLEN (a safety net far
+# above --max-jobs-waiting, see `max_len`).
 # Returns {1, record} when created, {0, existing record} when the key had already made a job.
 _CREATE = """
 if KEYS[3] ~= '' then
@@ -63,17 +67,36 @@ local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'job', AR
 -- by subtraction instead of a scan.
 local info, seq = redis.call('XINFO', 'STREAM', KEYS[1]), 0
 for i = 1, #info, 2 do if info[i] == 'entries-added' then seq = info[i + 1] end end
-redis.call('HSET', KEYS[2], 'record', ARGV[2], 'entry', entry, 'idem', KEYS[3], 'seq', seq)
+redis.call('HSET', KEYS[2], 'record', ARGV[2], 'entry', entry, 'idem', KEYS[3], 'seq', seq,
+           'waiting', KEYS[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if KEYS[4] ~= '' then
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[4], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+             + tonumber(ARGV[3]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
+end
 return {1, ARGV[2]}
 """
 
-# KEYS: job key, stream. ARGV: expected record, new record, ttl ms, "1" to drop the stream entry.
+# KEYS: job key, stream. ARGV: expected record, new record, ttl ms, "1" to drop the stream entry,
+# "1" when the new record is queued (in its tenant's waiting set) else "0", the job id.
 # Returns 1 when written, 0 when the record changed (or vanished) since it was read.
 _CAS = """
 if redis.call('HGET', KEYS[1], 'record') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'record', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local waiting = redis.call('HGET', KEYS[1], 'waiting')
+if waiting and waiting ~= '' then
+  if ARGV[5] == '1' then
+    local now = redis.call('TIME')
+    redis.call('ZADD', waiting, tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+               + tonumber(ARGV[3]), ARGV[6])
+    redis.call('PEXPIRE', waiting, ARGV[3])
+  else
+    redis.call('ZREM', waiting, ARGV[6])
+  end
+end
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ARGV[3]) end
 if ARGV[4] == '1' then
@@ -85,6 +108,15 @@ if ARGV[4] == '1' then
   end
 end
 return 1
+"""
+
+# KEYS: a tenant's waiting set. Drops the jobs whose records have expired (never moved out of
+# `queued`, e.g. their api died before a worker took them) and returns how many remain.
+_COUNT_WAITING = """
+local now = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf',
+           tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+return redis.call('ZCARD', KEYS[1])
 """
 
 # KEYS: stream. ARGV: group, consumer, entry ids. Restarts the idle time of each entry still
@@ -148,6 +180,7 @@ class RedisQueue:
         self._job_prefix = f"{prefix}:job:"
         self._idem_prefix = f"{prefix}:idem:"
         self._progress_prefix = f"{prefix}:progress:"
+        self._waiting_prefix = f"{prefix}:waiting:"
         # A short retry rides out a dropped connection; a server that is down fails fast so the
         # api answers 503 at once and workers back off on their own schedule.
         self._redis = aioredis.Redis.from_url(
@@ -158,6 +191,7 @@ class RedisQueue:
         self._cas_script = self._redis.register_script(_CAS)
         self._renew_script = self._redis.register_script(_RENEW)
         self._prune_script = self._redis.register_script(_PRUNE)
+        self._count_waiting_script = self._redis.register_script(_COUNT_WAITING)
         self._clock = clock
         self._pruned_at: float | None = None
         self._group_ready = False
@@ -166,7 +200,8 @@ class RedisQueue:
 
     async def create(self, record: JobRecord, idempotency_key: str | None = None) -> JobRecord:
         idem = f"{self._idem_prefix}{record.owner}:{idempotency_key}" if idempotency_key else ""
-        keys = [self._stream, self._job_key(record.id), idem]
+        waiting = self._waiting_prefix + record.tenant if record.tenant else ""
+        keys = [self._stream, self._job_key(record.id), idem, waiting]
         args: list[bytes | str | int] = [record.id, record.dumps(), self._ttl_ms,
                                          self._job_prefix, self._max_len]
         async with self._guard():
@@ -191,9 +226,11 @@ class RedisQueue:
             # A job that ends before any worker finished it (canceled, failed while queued)
             # leaves the stream now, so no worker picks it up and `waiting` stops counting it.
             drop = "1" if status.terminal and current.status is Status.QUEUED else "0"
+            queued = "1" if moved.status is Status.QUEUED else "0"
             async with self._guard():
-                written = await self._cas_script(keys=[key, self._stream],
-                                                 args=[raw, moved.dumps(), self._ttl_ms, drop])
+                written = await self._cas_script(
+                    keys=[key, self._stream],
+                    args=[raw, moved.dumps(), self._ttl_ms, drop, queued, job_id])
             if written:
                 return moved
         raise TransitionRefused(f"job {job_id}: record kept changing; gave up")
@@ -201,11 +238,13 @@ class RedisQueue:
     async def delete(self, job_id: str) -> None:
         key = self._job_key(job_id)
         async with self._guard():
-            entry, idem = await self._redis.hmget(key, ["entry", "idem"])
+            entry, idem, waiting = await self._redis.hmget(key, ["entry", "idem", "waiting"])
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(key)
                 if idem:
                     pipe.delete(idem)
+                if waiting:
+                    pipe.zrem(waiting, job_id)
                 if entry is not None:
                     pipe.xack(self._stream, GROUP, entry)
                     pipe.xdel(self._stream, entry)
@@ -286,6 +325,10 @@ class RedisQueue:
             if lag is None:  # an XDEL ahead of the group makes Redis unsure: count entries
                 lag = len(await self._entries("(" + last, "+"))
             return lag + len(await self._stale())
+
+    async def waiting_by(self, tenant: str) -> int:
+        async with self._guard():
+            return int(await self._count_waiting_script(keys=[self._waiting_prefix + tenant]))
 
     async def put_progress(self, job_id: str, progress: Progress) -> None:
         """`{p}:progress:{id}`: the newest step (and preview) of a running job, for an api

@@ -158,6 +158,11 @@ class RequestQueue(Generic[T, R]):
         self.groups: dict[Hashable, Group[T, R]] = {}
         self.inflight: list[Pending[T, R]] = []
         self.wake = asyncio.Event()
+        self.changed = asyncio.Event()
+        """Set with `wake` by everything but a plain submission (a cancellation, a requeue, a
+        close, a drain, a poke): what a running batch with no free slot must stop for, since a
+        newcomer cannot join it anyway (`stepper.StepBatcher`). Cleared by whoever clears
+        `wake` and reads it."""
         self.idle = asyncio.Event()
         self.idle.set()
         self._seq = 0
@@ -249,13 +254,17 @@ class RequestQueue(Generic[T, R]):
         rounds_ahead = math.ceil(max(self._depth, 1) / self._slots)
         return max(1, math.ceil(rounds_ahead * round_s))
 
+    def _stir(self) -> None:
+        self.changed.set()
+        self.wake.set()
+
     def poke(self) -> None:
         """Re-evaluate now (tests call it after advancing an injected clock)."""
-        self.wake.set()
+        self._stir()
 
     def _on_done(self, item: Pending[T, R], future: asyncio.Future[Outcome[R]]) -> None:
         if future.cancelled():
-            self.wake.set()
+            self._stir()
         self.on_item_done(item)
 
     def _set_depth(self, depth: int) -> None:
@@ -359,7 +368,7 @@ class RequestQueue(Generic[T, R]):
         if open_items:
             self._set_depth(self._depth + len(open_items))
             self.idle.clear()
-            self.wake.set()
+            self._stir()
         self._settle()
 
     def release(self, items: Iterable[Pending[T, R]]) -> None:
@@ -391,7 +400,7 @@ class RequestQueue(Generic[T, R]):
     def close(self) -> None:
         """Stops admitting; the loops then run everything queued without waiting to fill."""
         self._closed = True
-        self.wake.set()
+        self._stir()
 
     async def drain(self, timeout_s: float) -> bool:
         """Closes, then waits for queued and in-flight work; what is left after `timeout_s`
@@ -415,7 +424,7 @@ class RequestQueue(Generic[T, R]):
                 item.future.set_exception(error)
                 self.hooks.rejected(_reject_reason(error))
         self.idle.set()
-        self.wake.set()
+        self._stir()
 
 
 def _reject_reason(error: BatchServeError) -> str:
