@@ -93,6 +93,9 @@ class StepwiseDiffusion:
         """The SDXL refiner's pipeline and conditioning (`families.sdxl.Refiner`): the
         second stage of items with a `refiner_switch`."""
         self.inpainting_unet = init_latents.is_inpainting_unet(pipe.unet)
+        self._cond: tuple[tuple[Any, ...], torch.Tensor, dict[str, Any], list[Any]] | None = None
+        """`_conditioning`'s last: (key, embeds, UNet keyword arguments, the states it was
+        made for, kept alive so their ids cannot be reused while the key holds them)."""
 
     def _unet(self, stage: int) -> Any:
         return self.pipe.unet if stage == 0 else self.refiner.unet
@@ -186,7 +189,7 @@ class StepwiseDiffusion:
                 _maybe_hand_off(state)
 
     def _predict(self, stage: int, states: list[DiffusionState]) -> list[torch.Tensor]:
-        samples, times, rows = [], [], []
+        samples, times = [], []
         for state in states:
             t = state.timesteps[state.index]
             x = state.scheduler.scale_model_input(state.latents, t)
@@ -194,14 +197,7 @@ class StepwiseDiffusion:
                 x = state.init.model_input(x)
             samples += [x] * len(state.rows)
             times += [t.to(self.device, torch.float32)] * len(state.rows)
-            rows += state.rows
-        embeds, mask = _pad_rows(rows)
-        kwargs: dict[str, Any] = {} if mask is None else {"encoder_attention_mask": mask}
-        if rows[0].added:
-            kwargs["added_cond_kwargs"] = {
-                name: torch.cat([row.added[name] for row in rows if row.added])
-                for name in rows[0].added
-            }
+        embeds, kwargs = self._conditioning(stage, states)
         choices = [s.lora for s in states for _ in s.rows]
         with contextlib.ExitStack() as stack:
             # per-request LoRA is the base model's: the refiner stage runs as loaded
@@ -209,7 +205,7 @@ class StepwiseDiffusion:
                 stack.enter_context(self.lora.unet_rows(choices))
             out = self._unet(stage)(
                 torch.cat(samples), torch.stack(times), encoder_hidden_states=embeds,
-                return_dict=False, **kwargs,
+                return_dict=False, **dict(kwargs),
             )[0]
         preds, row = [], 0
         for state in states:
@@ -221,7 +217,29 @@ class StepwiseDiffusion:
             row += len(state.rows)
         return preds
 
+    def _conditioning(self, stage: int, states: list[DiffusionState]
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The rows' conditioning side by side (padded and masked, the family's extra inputs
+        concatenated), made again only when the batch's items or their rows change: steps
+        that run back to back between joins and finishes reuse it."""
+        key = (stage, *((id(s), id(s.rows)) for s in states))
+        if self._cond is not None and self._cond[0] == key:
+            return self._cond[1], self._cond[2]
+        rows = [row for state in states for row in state.rows]
+        embeds, mask = _pad_rows(rows)
+        kwargs: dict[str, Any] = {} if mask is None else {"encoder_attention_mask": mask}
+        if rows[0].added:
+            kwargs["added_cond_kwargs"] = {
+                name: torch.cat([row.added[name] for row in rows if row.added])
+                for name in rows[0].added
+            }
+        # the states are held in the key's place by `states` only while this batch runs: a
+        # new state with a recycled id has new rows too, and the rows' ids are in the key
+        self._cond = (key, embeds, kwargs, states)
+        return embeds, kwargs
+
     def finish(self, states: Sequence[StepState]) -> list[Image]:
+        self._cond = None  # the batch changes: its conditioning (and states) are let go
         done = [_state(s) for s in states]
         pipe = self.pipe
         with torch.inference_mode(), _oom_guard(self):

@@ -20,6 +20,7 @@ per-item `step`). Anything else goes through `scheduler.step` item by item.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ import torch
 
 _DETERMINISTIC = ("dpmsolver++", "dpmsolver")
 _WINDOW = 2  # sigma rows before the step index that a third-order update reads (s2 is i-2)
+_WINDOWS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+"""Per scheduler (it lives as long as its item): [steps + 1, _WINDOW + 2], row i its sigmas
+from step i - _WINDOW to i + 1, so a step reads an item's window with one index."""
 
 
 @dataclass(slots=True)
@@ -132,10 +136,15 @@ def _sigma_window(updates: Sequence[Update]) -> torch.Tensor:
     """[_WINDOW + 2, n, 1, 1, 1]: row _WINDOW + d is each item's sigma at its step index + d
     (d from -_WINDOW to +1; rows before an item's first sigma repeat it and are never read by
     the order its branch takes)."""
-    rows = []
-    for u in updates:
-        sigmas, index = u.scheduler.sigmas, u.scheduler.step_index
-        at = torch.arange(index - _WINDOW, index + 2).clamp_(0, len(sigmas) - 1)
-        rows.append(sigmas[at])
+    rows = [_windows(u.scheduler)[u.scheduler.step_index] for u in updates]
     window = torch.stack(rows, dim=1).to(updates[0].sample.device)
     return window.reshape(window.shape[0], len(updates), *([1] * (updates[0].sample.dim() - 1)))
+
+
+def _windows(scheduler: Any) -> torch.Tensor:
+    table = _WINDOWS.get(scheduler)
+    if table is None:
+        sigmas = scheduler.sigmas
+        at = (torch.arange(len(sigmas))[:, None] + torch.arange(-_WINDOW, 2)[None, :])
+        table = _WINDOWS[scheduler] = sigmas[at.clamp_(0, len(sigmas) - 1)]
+    return table
