@@ -159,3 +159,32 @@ def test_a_row_seen_before_is_not_encoded_again_and_gives_the_same_embedding(
     torch.testing.assert_close(first.negative_embeds[0], fresh[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(again.prompt_embeds[1], first.prompt_embeds[0])
     assert torch.equal(again.prompt_embeds[0], second.prompt_embeds[0])
+
+
+def test_prompts_encoded_ahead_are_not_encoded_again_when_their_items_join(
+    chunking: DiffusionEngine,
+) -> None:
+    """`encode_ahead` (queued items at saturation) encodes in one call what each joiner's
+    `prepare` would have encoded alone; the joiner's image is its image alone."""
+    prompts = chunking.prompts
+    calls: list[int] = []
+    run = prompts._run_encoder
+
+    def counted(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        calls.append(len(rows))
+        return run(rows)
+
+    queued = [item(f"a lighthouse number {n}", "fog", seed=n) for n in range(4)]
+    prompts._rows.clear()
+    prompts._run_encoder = counted  # type: ignore[method-assign]
+    try:
+        chunking.encode_ahead(queued)
+        assert calls == [5]  # four prompts and the shared negative, one call
+        states = [chunking.prepare([it])[0] for it in queued]
+        assert calls == [5]  # each joiner found its rows
+    finally:
+        del prompts._run_encoder
+    for _ in range(queued[0].inference_steps):
+        chunking.step(states)
+    images = chunking.finish(states)
+    assert same(images[2], one(chunking, queued[2]))

@@ -379,13 +379,16 @@ class HeldRuns(HeldSteps):
     calls: int = 0
     holds: list[int] = field(default_factory=list)
     decoded: list[list[str]] = field(default_factory=list)
+    aheads: list[list[str]] = field(default_factory=list)
 
     async def advance(self, joining: list[Item], active: list[tuple[Item, Any]],
                       until: Callable[[], bool] | None = None,
                       finishing: list[tuple[Item, Any]] | None = None, hold: int = 0,
-                      ) -> Advanced[str]:
+                      ahead: list[Item] | None = None) -> Advanced[str]:
         self.calls += 1
         self.holds.append(hold)
+        if ahead:
+            self.aheads.append([name for _, name, _ in ahead])
         out: Advanced[str] = Advanced(joined=await self.prepare(joining) if joining else [])
         pairs = [*active, *zip(joining, out.joined or [], strict=True)]
         done: list[tuple[Item, Any]] = []
@@ -447,4 +450,6 @@ async def test_at_saturation_items_done_one_by_one_are_decoded_together(clock: F
     assert names([*futs, *more]) == [f"img-i{n}" for n in range(4)] + [
         f"img-q{n}" for n in range(4)]
     assert max(runner.holds) == 2 and runner.holds[-1] == 1
+    # the queued items were offered ahead once, together, for their prompts to be encoded
+    assert runner.aheads == [["q0", "q1", "q2", "q3"]]
     await h.close()

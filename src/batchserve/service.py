@@ -734,7 +734,8 @@ class EngineSteps:
     async def advance(self, joining: list[QueuedItem], active: list[tuple[QueuedItem, StepState]],
                       until: Callable[[], bool] | None = None,
                       finishing: list[tuple[QueuedItem, StepState]] | None = None,
-                      hold: int = 0) -> Advanced[asyncio.Future[bytes]]:
+                      hold: int = 0, ahead: list[QueuedItem] | None = None,
+                      ) -> Advanced[asyncio.Future[bytes]]:
         """Join, steps and decode of one iteration in one engine-thread call (`run_round`):
         steps go on until an item is done or `until()`; the done and the held `finishing`
         are decoded together once there are `hold`. The watchdog bounds the call by the
@@ -753,7 +754,7 @@ class EngineSteps:
             [*(s.remaining for s in states), *(i.inference_steps for i in items)], default=1)
         reporter = self.service.steps_reporter([*(q for q, _ in active), *joining])
         ran = await self._guarded(partial(run_round, engine, items, states, until, reporter,
-                                          held, hold),
+                                          held, hold, [q.item for q in ahead or ()]),
                                   pixels * max(1, most), lambda r: pixels * max(1, r.steps),
                                   items=[*items, *(s.item for s in [*states, *held])])
         self.service.waiting_room.opened()  # joiners left the queue, finished items the batch

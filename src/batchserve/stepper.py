@@ -95,11 +95,12 @@ class AdvancingRunner(StepRunner[T, R], Protocol[T, R]):
     async def advance(self, joining: list[T], active: list[tuple[T, Any]],
                       until: Callable[[], bool] | None = None,
                       finishing: list[tuple[T, Any]] | None = None, hold: int = 0,
-                      ) -> Advanced[R]:
+                      ahead: list[T] | None = None) -> Advanced[R]:
         """Steps go on while no state is done and `until()` is false (checked after each
         step, from the engine's thread); None: one step. Then `finishing` (done states held
         from earlier iterations) and the newly done are decoded together if there are at
-        least `hold` of them."""
+        least `hold` of them. `ahead`: queued payloads likely to join soon, which the runner
+        may prepare for (their prompts encoded together)."""
         ...
 
 
@@ -107,9 +108,9 @@ async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
                            active: list[tuple[T, Any]],
                            until: Callable[[], bool] | None = None,
                            finishing: list[tuple[T, Any]] | None = None, hold: int = 0,
-                           ) -> Advanced[R]:
+                           ahead: list[T] | None = None) -> Advanced[R]:
     """`AdvancingRunner.advance` from the three separate calls, one step a call (`until` is
-    not needed: the loop decides again after every step)."""
+    not needed: the loop decides again after every step; `ahead` is not used)."""
     out: Advanced[R] = Advanced()
     if joining:
         try:
@@ -189,6 +190,7 @@ class StepBatcher(QueueLoop[T, R]):
             else partial(advance_in_parts, runner))
         self.active: list[Active[T, R]] = []
         self.held: list[Active[T, R]] = []
+        self._ahead: set[int] = set()  # `seq` of queued items already sent `ahead`
         """Done items whose decode waits to be batched with the next ones (`_hold`): out of
         the running batch (their slots taken by joiners), not answered yet."""
         self.key: Hashable | None = None
@@ -339,11 +341,12 @@ class StepBatcher(QueueLoop[T, R]):
             self._hooks.active_items(len(active) + len(taken))
         full = len(active) + len(taken) >= self.limit(self.key)
         until = self._until([*taken, *(a.pending for a in active)], full)
+        hold = self._hold(full and bool(active or taken))
         try:
             ran = await self._advance([p.payload for p in taken],
                                       [(a.pending.payload, a.state) for a in active], until,
-                                      [(a.pending.payload, a.state) for a in held],
-                                      self._hold(full and bool(active or taken)))
+                                      [(a.pending.payload, a.state) for a in held], hold,
+                                      self._upcoming() if hold > 1 else [])
         except Exception as exc:  # the call itself failed (the engine hung): nothing is known
             self._fail([*taken, *(a.pending for a in [*active, *held])], exc)
             self.queue.release(taken)
@@ -386,6 +389,22 @@ class StepBatcher(QueueLoop[T, R]):
             self._hooks.active_items(len(self.active))
         elif not taken and ran.steps:
             self.times.note(self.key, elapsed / ran.steps)
+
+    def _upcoming(self) -> list[T]:
+        """At saturation (`_hold` > 1): the queued items of the running key next in line (two
+        batches' worth) not sent ahead before, once there are half a batch of them, so the
+        runner can encode their prompts in one call before they join one by one."""
+        limit = self.limit(self.key)
+        group = self.queue.groups.get(self.key)
+        if group is None:
+            return []
+        fresh = [p for p in group.items[:2 * limit] if p.seq not in self._ahead]
+        if len(fresh) < max(2, limit // 2):
+            return []
+        if len(self._ahead) > 8 * limit:  # forget those long gone (joined, left, expired)
+            self._ahead = {p.seq for p in group.items[:2 * limit]}
+        self._ahead.update(p.seq for p in fresh)
+        return [p.payload for p in fresh]
 
     def _hold(self, full: bool) -> int:
         """How many done items to decode together. One (at once) unless the batch is full and

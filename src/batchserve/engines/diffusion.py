@@ -409,6 +409,9 @@ class DiffusionEngine:
     def finish(self, states: Sequence[StepState]) -> list[Image]:
         return self._steps.finish(states)
 
+    def encode_ahead(self, items: Sequence[GenerationItem]) -> None:
+        self._steps.encode_ahead(items)
+
     def _scheduler_for(self, item: GenerationItem) -> Any:
         """A fresh scheduler per item with its timesteps set: its own sampler (the request's,
         else --scheduler), built from the checkpoint's config like a whole batch's. A copy of

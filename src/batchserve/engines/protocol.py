@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -274,6 +275,7 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
               active: Sequence[StepState], until: Callable[[], bool] | None = None,
               after_step: Callable[[Sequence[StepState]], None] | None = None,
               finishing: Sequence[StepState] = (), hold: int = 0,
+              ahead: Sequence[GenerationItem] = (),
               ) -> StepRound:
     """One iteration of continuous batching in ONE call on the engine thread: `joining` are
     prepared, then steps run for `active` plus the joiners (if prepare failed, for `active`
@@ -281,12 +283,20 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
     to change (checked after each step; None: one step); then `finishing` (done states held
     from earlier rounds) and the newly done are decoded together, once there are at least
     `hold` of them (fewer: none is decoded, and the caller holds the newly done too).
+    `ahead`: queued items likely to join soon, whose prompts an engine with `encode_ahead`
+    encodes now in one call with each other (at saturation joiners come one at a time, and a
+    text encoder's call for one prompt costs nearly what it costs for eight).
 
     Steps run back to back while nothing changes, so the engine does not wait for the event
     loop between them: a hop to the loop and back costs little on an idle host but a whole
     scheduling slice when the loop's CPU is busy (HTTP, encoding), and the engine idles
     meanwhile. `after_step(stepping)` (active, then the joiners) reports each step."""
     out = StepRound()
+    encode_ahead = getattr(engine, "encode_ahead", None)
+    if ahead and encode_ahead is not None:
+        # only a head start: `prepare` encodes what it needs, or says why it cannot
+        with contextlib.suppress(Exception):
+            encode_ahead([*joining, *ahead])
     if joining:
         try:
             out.joined = engine.prepare(joining)

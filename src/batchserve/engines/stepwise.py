@@ -109,6 +109,19 @@ class StepwiseDiffusion:
                 states.append(self._prepare_one(item, self._encode(item, lora), lora))
             return states
 
+    def encode_ahead(self, items: Sequence[GenerationItem]) -> None:
+        """Encodes the prompts of `items` (those without per-request LoRA) in one call per text
+        encoder and guidance kind, so that each one's own encoding when it joins finds its
+        rows in the encoders' row cache (`PromptEncoder._cached_rows`)."""
+        with torch.inference_mode(), _oom_guard(self):
+            for guided in (True, False):
+                group = [i for i in items if not i.loras and self._guided(i) == guided]
+                if not group:
+                    continue
+                prompts, negatives = [i.prompt for i in group], [i.negative_prompt for i in group]
+                for encoder in self.family.encoders:
+                    encoder.encode(prompts, negatives, guidance=guided)
+
     def _encode(self, item: GenerationItem, lora: Choice = ()) -> list[Row]:
         """The item's rows, encoded alone by its family (as in `generate`, its LoRA's text
         encoder part included); padding across items happens per step."""
