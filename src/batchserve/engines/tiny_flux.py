@@ -45,7 +45,7 @@ def t5_encoder(vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(T5Config(
         vocab_size=vocab_size, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=32,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1,
     ))
 
 
@@ -79,6 +79,9 @@ def build_pipeline() -> Any:
         model, decoder = transformer(), vae()
     finally:
         torch.random.set_rng_state(state)
+    parts: list[Any] = [clip, t5, model, decoder]
+    for module in parts:
+        module.eval()  # built in training mode: T5's dropout would make every image differ
     # FLUX.1-dev's scheduler config: the shift grows with the image's token count.
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,

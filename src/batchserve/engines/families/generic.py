@@ -1,0 +1,114 @@
+"""`generic`: any other diffusers text-to-image pipeline (FLUX.1, SD3/3.5, PixArt, Sana, ...),
+run whole by its own `__call__` (`engines.generic`). What can be known of it without torch lives
+here, so a `--role api` process validates requests for it: its sizes, its samplers (from its
+scheduler's kind), and whether its pipeline draws each item's noise from that item's generator.
+
+The seed guarantee (an item's image is the same alone or among strangers) needs one generator per
+item: a pipeline in `LIST_GENERATORS` draws its initial noise with diffusers' `randn_tensor` over
+the whole batch's shape, which takes each item's slice from that item's generator, and pads every
+prompt to one fixed length. Any other pipeline is called once per item inside a batch: it still
+shares the batching key, the queue and the worker, but gains nothing from batching (say so in
+/v1/info, `engine.batched: false`), rather than draw a batch's noise from one generator.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ...samplers import DEFAULT_SAMPLER, FLOW_SAMPLERS, NATIVE, SAMPLERS
+from ...settings import SettingsError
+from .base import FAMILY_SIZES, Sizes
+
+LIST_GENERATORS = frozenset({
+    # read in diffusers 0.42: `prepare_latents` calls randn_tensor(shape, generator=generator)
+    "FluxPipeline", "ChromaPipeline", "StableDiffusion3Pipeline", "PixArtAlphaPipeline",
+    "PixArtSigmaPipeline", "SanaPipeline", "SanaSprintPipeline", "AuraFlowPipeline",
+    "LuminaPipeline", "Lumina2Pipeline", "CogView3PlusPipeline", "CogView4Pipeline",
+    "QwenImagePipeline", "HiDreamImagePipeline", "KolorsPipeline",
+})
+"""Pipelines whose whole batch draws each item's noise from that item's generator."""
+
+SIZES = FAMILY_SIZES["generic"]
+PRESET_SIZES = {
+    "tiny-flux": Sizes(default=(256, 256), presets=((256, 256), (384, 256), (256, 384),
+                                                    (512, 512)), multiple_of=16),
+}
+"""Presets built in code draw noise at toy width: a small default keeps CPU runs quick."""
+
+FLOW = "flow"
+CLASSIC = "classic"
+OTHER = "other"
+_CLASSIC_SCHEDULERS = frozenset({
+    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DDIMScheduler", "HeunDiscreteScheduler",
+    "PNDMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
+})
+PRESET_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-flux": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def scheduler_kind(class_name: str | None, config: Mapping[str, Any] | None = None) -> str:
+    """`FLOW` (flow-matching Euler), `CLASSIC` (a noise-prediction scheduler: every classic
+    sampler can be built from its config) or `OTHER` (served only as shipped). Unknown (a hub id
+    not in the local cache): `FLOW`, what today's generic pipelines mostly are; the engine checks
+    it against the loaded scheduler at start."""
+    config = config or {}
+    if class_name is None or class_name == "FlowMatchEulerDiscreteScheduler":
+        return FLOW
+    flowing = config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
+    return CLASSIC if class_name in _CLASSIC_SCHEDULERS and not flowing else OTHER
+
+
+def samplers_of(kind: str) -> tuple[str, ...]:
+    return {FLOW: FLOW_SAMPLERS, CLASSIC: SAMPLERS}.get(kind, (NATIVE,))
+
+
+def scheduler_on_disk(model: str) -> tuple[str | None, dict[str, Any]]:
+    """The scheduler class and config of a preset, a diffusers folder or a cached hub id (no
+    download), without torch; (None, {}) when nothing here tells."""
+    if model in PRESET_SCHEDULERS:
+        preset, settings = PRESET_SCHEDULERS[model]
+        return preset, dict(settings)
+    folder = Path(model)
+    index = _read(folder / "model_index.json") if folder.is_dir() else None
+    config = _read(folder / "scheduler" / "scheduler_config.json") if folder.is_dir() else None
+    if index is None and not folder.exists():
+        index, config = _from_hub_cache(model, "model_index.json"), _from_hub_cache(
+            model, "scheduler/scheduler_config.json")
+    entry = (index or {}).get("scheduler")
+    name = str(entry[1]) if isinstance(entry, list) and len(entry) == 2 else None
+    return name, config or {}
+
+
+def served_samplers(model: str, scheduler: str) -> tuple[tuple[str, ...], str]:
+    """(the samplers a generic `model` can use, the default one): `--scheduler` when it is one
+    of them; its default (never set) gives way to the model's first; any other is refused."""
+    samplers = samplers_of(scheduler_kind(*scheduler_on_disk(model)))
+    if scheduler in samplers:
+        return samplers, scheduler
+    if scheduler == DEFAULT_SAMPLER:
+        return samplers, samplers[0]
+    raise SettingsError(f"--scheduler={scheduler}: --model={model} can use "
+                        f"{', '.join(samplers)}")
+
+
+def _read(file: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _from_hub_cache(repo: str, name: str) -> dict[str, Any] | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, name)
+    except Exception:  # not a valid repo id
+        return None
+    return _read(Path(cached)) if isinstance(cached, str) else None

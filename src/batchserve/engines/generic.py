@@ -1,0 +1,265 @@
+"""The `generic` engine: any other diffusers text-to-image pipeline (FLUX.1, SD3/3.5, PixArt,
+Sana, ...) loaded with diffusers' auto pipeline and run whole by its own `__call__`, one batch of
+one key per call, one generator per item (`families.generic` says which pipelines take them).
+
+It has no step-wise interface: the step core (`stepwise`) is written for UNet families, so
+`--flush-policy continuous` is refused at start, and no per-request LoRA or image inputs
+(`capabilities` refuses the latter at validation). The request's `guidance_scale` goes to the
+pipeline's own `guidance_scale`: classifier-free guidance for SD3 or PixArt, the guidance input
+of a guidance-distilled FLUX.1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL.Image import Image
+
+from ..errors import EngineOutOfMemory
+from ..settings import Settings, SettingsError
+from .diffusion import (
+    _DTYPES,
+    COMPILE_MODE,
+    Plan,
+    _between_steps,
+    plan_tuning,
+    route_library_logs,
+    xformers_available,
+)
+from .families.generic import (
+    LIST_GENERATORS,
+    samplers_of,
+    scheduler_kind,
+    served_samplers,
+)
+from .protocol import BatchKey, EngineInfo, GenerationItem, OnStep, StopCheck
+
+log = logging.getLogger("batchserve.engine")
+
+PRESETS = {"tiny-flux": "tiny_flux"}
+"""`--model` names of generic pipelines built in code -> their module."""
+_UNSUPPORTED = (
+    ("refiner", "the refiner is for SDXL"),
+    ("lora", "LoRA fused at load is for SD 1.x and SDXL"),
+    ("vae", "a replacement VAE is for SD 1.x and SDXL"),
+    ("embeddings", "textual-inversion embeddings are for SD 1.x and SDXL"),
+    ("lora_dir", "per-request LoRA is served for SD 1.x and SDXL"),
+)
+
+
+def check_settings(settings: Settings) -> None:
+    """What a generic model cannot do, each one start-up line naming the flag."""
+    if settings.flush_policy == "continuous":
+        raise SettingsError(
+            f"--flush-policy=continuous: --model={settings.model} is a generic diffusers "
+            "pipeline, which runs whole batches only (no step-wise engine); use "
+            "--flush-policy=deadline or eager")
+    for name, why in _UNSUPPORTED:
+        if getattr(settings, name) is not None:
+            raise SettingsError(f"--{name.replace('_', '-')}: not with a generic model ({why}); "
+                                f"--model={settings.model} is a generic diffusers pipeline")
+    if settings.attention == "default":
+        raise SettingsError("--attention=default: not with a generic model (its attention "
+                            "processors are its own); use auto or sdpa")
+    if settings.clip_skip != 1:
+        raise SettingsError(f"--clip-skip={settings.clip_skip}: not with a generic model "
+                            "(its pipeline encodes prompts itself)")
+
+
+def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
+    """A preset, or a diffusers folder / hub id through diffusers' auto text-to-image pipeline
+    (DiffusionPipeline for a pipeline the auto mapping does not list)."""
+    import diffusers
+
+    model = settings.model
+    if model in PRESETS:
+        pipe = importlib.import_module(f".{PRESETS[model]}", __package__).build_pipeline()
+        return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+    try:
+        try:
+            return diffusers.AutoPipelineForText2Image.from_pretrained(model,
+                                                                       torch_dtype=torch_dtype)
+        except ValueError as exc:
+            if "AutoPipeline" not in str(exc):
+                raise
+            return diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"--model={model}: cannot load it as a diffusers pipeline: "
+                            f"{str(exc)[:300]}") from None
+
+
+class GenericEngine:
+    def __init__(self, pipe: Any, plan: Plan, settings: Settings) -> None:
+        self.pipe = pipe
+        self.plan = plan
+        self.settings = settings
+        self.pipeline_class = type(pipe).__name__
+        self.native = pipe.scheduler  # "native": the checkpoint's own scheduler, untouched
+        self.scheduler_config = pipe.scheduler.config
+        self.samplers, self.default_sampler = served_samplers(settings.model, settings.scheduler)
+        kind = scheduler_kind(type(self.native).__name__, dict(self.scheduler_config))
+        if samplers_of(kind) != self.samplers:
+            # The doors validated with what disk said before loading (a hub id downloaded only
+            # now): they and the engine must agree on the sampler names.
+            raise SettingsError(
+                f"--model={settings.model}: its scheduler {type(self.native).__name__} takes "
+                f"{', '.join(samplers_of(kind))}, not {', '.join(self.samplers)} as read "
+                "before loading; download the model before serving it")
+        self.sampler = ""  # the one `pipe.scheduler` is built for ("" none yet)
+        self.batched = self.pipeline_class in LIST_GENERATORS
+        signature = inspect.signature(pipe.__call__).parameters
+        self._takes = frozenset(signature)
+
+    @classmethod
+    def load(cls, settings: Settings) -> GenericEngine:
+        check_settings(settings)
+        route_library_logs()
+        plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
+        started = time.perf_counter()
+        pipe = load_pipeline(settings, _DTYPES[plan.dtype])
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(plan.device)
+        _apply(pipe, plan)
+        multiple = _size_multiple(pipe)
+        for w, h, _ in settings.warmup_shapes():
+            if w % multiple or h % multiple:
+                raise SettingsError(f"--warmup: {w}x{h} must be multiples of {multiple} for "
+                                    f"{type(pipe).__name__}")
+        log.info("model %s (%s) loaded on %s/%s in %.1f s", settings.model, type(pipe).__name__,
+                 plan.device, plan.dtype, time.perf_counter() - started)
+        return cls(pipe, plan, settings)
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model=self.settings.model,
+            device=self.plan.device,
+            dtype=self.plan.dtype,
+            attention=self.plan.attention,
+            scheduler=self.default_sampler,
+            demo=self.settings.model in PRESETS,
+            tuning=self.plan.switches,
+            extra={"family": "generic", "pipeline": self.pipeline_class,
+                   "batched": self.batched,
+                   "vae_scale_factor": int(getattr(self.pipe, "vae_scale_factor", 8)),
+                   "schedulers": list(self.samplers), "refiner": None},
+        )
+
+    def warmup(self) -> dict[BatchKey, float]:
+        """Each warm-up shape at each warm-up batch size, as `DiffusionEngine.warmup`."""
+        timings: dict[BatchKey, float] = {}
+        for w, h, steps in self.settings.warmup_shapes():
+            for n in self.settings.warmup_batch_sizes_on(self.plan.device):
+                items = [GenerationItem("warm-up", "", seed, w, h, steps, 7.5,
+                                        self.default_sampler) for seed in range(n)]
+                started = time.perf_counter()
+                self.generate(items)
+                seconds = time.perf_counter() - started
+                if n == 1:
+                    timings[items[0].key] = seconds
+                log.info("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n, seconds)
+        return timings
+
+    def generate(
+        self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None,
+        on_step: OnStep | None = None,
+    ) -> list[Image]:
+        """One call of the pipeline for the batch (one key), each item with its own generator;
+        a pipeline not in `LIST_GENERATORS` is called once per item instead."""
+        if any(i.init is not None for i in items):
+            raise ValueError("init_image: a generic model takes text only")
+        if any(i.loras for i in items):
+            raise ValueError("loras: a generic model serves no per-request LoRA")
+        self._use_sampler(items[0].sampler or self.default_sampler)
+        if self.plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.inference_mode():
+                if self.batched:
+                    return self._call(items, should_stop, on_step)
+                return [image for item in items
+                        for image in self._call([item], should_stop, on_step)]
+        except torch.OutOfMemoryError as exc:
+            message = str(exc)
+            traceback.clear_frames(exc.__traceback__)
+        if self.plan.device == "cuda":
+            torch.cuda.empty_cache()
+        raise EngineOutOfMemory(message)
+
+    def _call(self, items: Sequence[GenerationItem], should_stop: StopCheck | None,
+              on_step: OnStep | None) -> list[Image]:
+        first = items[0]
+        kwargs: dict[str, Any] = {
+            "prompt": [i.prompt for i in items],
+            "width": first.width, "height": first.height,
+            "num_inference_steps": first.inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": [torch.Generator(self.plan.device).manual_seed(i.seed) for i in items],
+            "output_type": "pil",
+        }
+        if "negative_prompt" in self._takes:
+            kwargs["negative_prompt"] = [i.negative_prompt for i in items]
+        if "callback_on_step_end" in self._takes and (should_stop or on_step):
+            # No latent previews: a generic pipeline's latents (FLUX packs them) have no
+            # known RGB projection.
+            kwargs["callback_on_step_end"] = _between_steps(should_stop, on_step, "generic")
+        return list(self.pipe(**kwargs).images)
+
+    def _use_sampler(self, sampler: str) -> None:
+        """The batch's sampler, built from the checkpoint's own scheduler config."""
+        if sampler == self.sampler:
+            return
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r}: this model can use "
+                             f"{', '.join(self.samplers)}")
+        if sampler == "native":
+            self.pipe.scheduler = self.native
+        elif sampler == "flow-euler":
+            import diffusers
+
+            self.pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+                self.scheduler_config)
+        else:
+            from .diffusion import make_scheduler
+
+            self.pipe.scheduler = make_scheduler(sampler, self.scheduler_config)
+        self.sampler = sampler
+
+    def memory_bytes(self) -> tuple[int, int] | None:
+        if self.plan.device != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(), torch.cuda.memory_reserved()
+
+
+def _size_multiple(pipe: Any) -> int:
+    """What width and height must be multiples of: the VAE's scale factor times the
+    transformer's patch size (FLUX, SD3, PixArt: 16)."""
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    model = getattr(pipe, "transformer", None)
+    patch = int(getattr(getattr(model, "config", None), "patch_size", 1) or 1)
+    if type(pipe).__name__.startswith(("Flux", "Chroma")):
+        patch = 2  # FLUX packs 2x2 latent patches itself (its transformer's patch_size is 1)
+    return scale * patch
+
+
+def _apply(pipe: Any, plan: Plan) -> None:
+    """The tuning switches that apply to any pipeline: xformers, cuDNN autotuning, compiling
+    the denoiser (its transformer, or UNet)."""
+    if plan.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    if plan.enabled("channels_last"):
+        for name in ("unet", "vae"):  # convolutional parts only (a transformer has none)
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(memory_format=torch.channels_last)
+    if plan.enabled("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+    if plan.enabled("torch_compile"):
+        name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+        setattr(pipe, name, torch.compile(getattr(pipe, name), mode=COMPILE_MODE,
+                                          fullgraph=True))
