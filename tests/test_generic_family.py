@@ -8,6 +8,9 @@ import asyncio
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from batchserve.engines.families.generic import (
     scheduler_kind,
 )
 from batchserve.engines.generic import GenericEngine
+from batchserve.errors import Interrupted
 from batchserve.service import Service
 from batchserve.settings import Settings, SettingsError
 
@@ -253,3 +257,33 @@ def test_a_generic_single_file_is_refused_naming_the_flag(tmp_path: Path) -> Non
 def test_warmup_shapes_follow_the_size_rule() -> None:
     with pytest.raises(SettingsError, match=r"^--warmup: 72x72 must be multiples of 16"):
         load_engine(Settings(model="tiny-flux", warmup="72x72x1"))
+
+
+def test_steps_are_reported_and_a_stop_ends_the_batch(engine: GenericEngine) -> None:
+    """Progress through diffusers' step-end callback: every step, no previews (a generic
+    latent space has no RGB projection); nobody waiting ends the batch between steps."""
+    seen: list[tuple[int, int, bool]] = []
+    engine.generate([CAT, DOG], on_step=lambda done, total, preview: seen.append(
+        (done, total, preview is not None and preview(0) is not None)))
+    assert seen == [(1, 3, False), (2, 3, False), (3, 3, False)]
+    polls: list[int] = []
+
+    def stop() -> bool:
+        polls.append(1)
+        return len(polls) >= 2
+
+    with pytest.raises(Interrupted, match="stopped after step 2"):
+        engine.generate([CAT], should_stop=stop)
+
+
+def test_the_command_line_refuses_continuous_before_binding() -> None:
+    env = {**os.environ, "PYTHONPATH": "src"}
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve", "serve", "--model", "tiny-flux",
+         "--flush-policy", "continuous", "--port", "1"],
+        capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "batchserve: invalid setting: --flush-policy=continuous: --model=tiny-flux is a generic "
+        "diffusers pipeline, which runs whole batches only (no step-wise engine); use "
+        "--flush-policy=deadline or eager"]

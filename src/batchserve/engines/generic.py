@@ -35,6 +35,7 @@ from .diffusion import (
 )
 from .families.generic import (
     LIST_GENERATORS,
+    check_settings,
     samplers_of,
     scheduler_kind,
     served_samplers,
@@ -45,34 +46,6 @@ log = logging.getLogger("batchserve.engine")
 
 PRESETS = {"tiny-flux": "tiny_flux"}
 """`--model` names of generic pipelines built in code -> their module."""
-_UNSUPPORTED = (
-    ("refiner", "the refiner is for SDXL"),
-    ("lora", "LoRA fused at load is for SD 1.x and SDXL"),
-    ("vae", "a replacement VAE is for SD 1.x and SDXL"),
-    ("embeddings", "textual-inversion embeddings are for SD 1.x and SDXL"),
-    ("lora_dir", "per-request LoRA is served for SD 1.x and SDXL"),
-)
-
-
-def check_settings(settings: Settings) -> None:
-    """What a generic model cannot do, each one start-up line naming the flag."""
-    if settings.flush_policy == "continuous":
-        raise SettingsError(
-            f"--flush-policy=continuous: --model={settings.model} is a generic diffusers "
-            "pipeline, which runs whole batches only (no step-wise engine); use "
-            "--flush-policy=deadline or eager")
-    for name, why in _UNSUPPORTED:
-        if getattr(settings, name) is not None:
-            raise SettingsError(f"--{name.replace('_', '-')}: not with a generic model ({why}); "
-                                f"--model={settings.model} is a generic diffusers pipeline")
-    if settings.attention == "default":
-        raise SettingsError("--attention=default: not with a generic model (its attention "
-                            "processors are its own); use auto or sdpa")
-    if settings.clip_skip != 1:
-        raise SettingsError(f"--clip-skip={settings.clip_skip}: not with a generic model "
-                            "(its pipeline encodes prompts itself)")
-
-
 def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
     """A preset, or a diffusers folder / hub id through diffusers' auto text-to-image pipeline
     (DiffusionPipeline for a pipeline the auto mapping does not list)."""

@@ -10,6 +10,7 @@ from .base import FAMILY_SIZES, Sizes
 from .detect import (
     FAMILIES,
     PRESET_FAMILIES,
+    check_start,
     detect,
     resolve,
     served_family,
@@ -17,5 +18,6 @@ from .detect import (
     served_sizes,
 )
 
-__all__ = ["FAMILIES", "FAMILY_SIZES", "PRESET_FAMILIES", "Sizes", "detect", "resolve",
+__all__ = ["FAMILIES", "FAMILY_SIZES", "PRESET_FAMILIES", "Sizes", "check_start", "detect",
+           "resolve",
            "served_family", "served_samplers", "served_sizes"]

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...samplers import SAMPLERS
 from ...settings import SettingsError
 from .base import FAMILY_SIZES, Sizes
+
+if TYPE_CHECKING:
+    from ...settings import Settings
 
 FAMILIES = ("sd1", "sdxl", "generic")
 SERVED = FAMILIES
@@ -139,3 +143,17 @@ def served_samplers(model: str, scheduler: str, asked: str = "auto",
         raise SettingsError(f"--scheduler={scheduler}: --model={model} can use "
                             f"{', '.join(SAMPLERS)}")
     return SAMPLERS, scheduler
+
+
+def check_start(settings: Settings) -> None:
+    """What can be judged of the model before the server starts, without torch: its family
+    against `--model-family`, its samplers against `--scheduler`, and what a generic model
+    cannot do (`generic.check_settings`). Each one line naming the flag."""
+    if settings.model == "sim":
+        return
+    family = resolve(settings.model_family, settings.model, settings.model_config)
+    served_samplers(settings.model, settings.scheduler, family, settings.model_config)
+    if family == "generic" and settings.role != "api":
+        from .generic import check_settings
+
+        check_settings(settings)

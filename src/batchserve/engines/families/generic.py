@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...samplers import DEFAULT_SAMPLER, FLOW_SAMPLERS, NATIVE, SAMPLERS
 from ...settings import SettingsError
 from .base import FAMILY_SIZES, Sizes
+
+if TYPE_CHECKING:
+    from ...settings import Settings
 
 LIST_GENERATORS = frozenset({
     # read in diffusers 0.42: `prepare_latents` calls randn_tensor(shape, generator=generator)
@@ -94,6 +97,34 @@ def served_samplers(model: str, scheduler: str) -> tuple[tuple[str, ...], str]:
         return samplers, samplers[0]
     raise SettingsError(f"--scheduler={scheduler}: --model={model} can use "
                         f"{', '.join(samplers)}")
+
+
+_UNSUPPORTED = (
+    ("refiner", "the refiner is for SDXL"),
+    ("lora", "LoRA fused at load is for SD 1.x and SDXL"),
+    ("vae", "a replacement VAE is for SD 1.x and SDXL"),
+    ("embeddings", "textual-inversion embeddings are for SD 1.x and SDXL"),
+    ("lora_dir", "per-request LoRA is served for SD 1.x and SDXL"),
+)
+
+
+def check_settings(settings: Settings) -> None:
+    """What a generic model cannot do, each one start-up line naming the flag."""
+    if settings.flush_policy == "continuous":
+        raise SettingsError(
+            f"--flush-policy=continuous: --model={settings.model} is a generic diffusers "
+            "pipeline, which runs whole batches only (no step-wise engine); use "
+            "--flush-policy=deadline or eager")
+    for name, why in _UNSUPPORTED:
+        if getattr(settings, name) is not None:
+            raise SettingsError(f"--{name.replace('_', '-')}: not with a generic model ({why}); "
+                                f"--model={settings.model} is a generic diffusers pipeline")
+    if settings.attention == "default":
+        raise SettingsError("--attention=default: not with a generic model (its attention "
+                            "processors are its own); use auto or sdpa")
+    if settings.clip_skip != 1:
+        raise SettingsError(f"--clip-skip={settings.clip_skip}: not with a generic model "
+                            "(its pipeline encodes prompts itself)")
 
 
 def _read(file: Path) -> dict[str, Any] | None:
