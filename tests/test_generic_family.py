@@ -32,6 +32,7 @@ from batchserve.engines.families.generic import (
     scheduler_kind,
 )
 from batchserve.engines.generic import GenericEngine
+from batchserve.engines.protocol import ImageInput
 from batchserve.errors import Interrupted
 from batchserve.service import Service
 from batchserve.settings import Settings, SettingsError
@@ -159,9 +160,15 @@ async def test_every_door_with_the_familys_rules(engine: GenericEngine) -> None:
         odd = await app.client.post("/t2i", json={"prompt": "x", "width": 264})
         assert odd.status_code == 422 and "multiple of 16" in odd.json()["error"]["message"]
         image = base64.b64encode(plain.content).decode()
-        refused = await app.client.post("/t2i", json={"prompt": "x", "init_image": image})
+        refused = await app.client.post("/t2i", json={"prompt": "x", "init_image": image,
+                                                      "mask_image": image})
         assert refused.status_code == 422
-        assert refused.json()["error"]["field"] == "init_image"
+        assert refused.json()["error"]["field"] == "mask_image"
+        varied = await app.client.post("/t2i", json={
+            "prompt": "x", "init_image": image, "strength": 0.5, "inference_steps": 4,
+            "seed": 3})
+        assert varied.status_code == 200, varied.text
+        assert decoded(varied.content).size == (256, 256)
 
         job = await submitted(app, prompt="a job", seed=5, width=64, height=64,
                               inference_steps=3, guidance_scale=3.5)
@@ -287,3 +294,33 @@ def test_the_command_line_refuses_continuous_before_binding() -> None:
         "batchserve: invalid setting: --flush-policy=continuous: --model=tiny-flux is a generic "
         "diffusers pipeline, which runs whole batches only (no step-wise engine); use "
         "--flush-policy=deadline or eager"]
+
+
+def picture(seed: int, width: int = 64, height: int = 64) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8).tobytes()
+
+
+def test_img2img_alone_equals_in_a_batch_and_diffusers_own(engine: GenericEngine) -> None:
+    """Items with an init image go whole through FLUX's img2img sibling: each item's image is
+    encoded and noised with its own generator, from the start step its strength gives."""
+    assert engine.info().to_dict()["img2img"] == "FluxImg2ImgPipeline"
+    first = replace(CAT, init=ImageInput(64, 64, picture(1), 0.5), inference_steps=4)
+    second = replace(DOG, init=ImageInput(64, 64, picture(2), 0.55), inference_steps=4)
+    assert first.key == second.key  # both start at step 2 of 4
+    alone = [engine.generate([i])[0] for i in (first, second)]
+    together = engine.generate([second, CAT, first])  # a text item too (another call)
+    assert diff(alone[0], together[2]) <= 1 and diff(alone[1], together[0]) <= 1
+    assert diff(together[1], engine.generate([CAT])[0]) <= 1
+    assert diff(alone[0], engine.generate([replace(first, init=None)])[0]) > 10
+    assert engine.img2img is not None
+    theirs = engine.img2img(
+        prompt=first.prompt, image=Image.frombytes("RGB", (64, 64), picture(1)), strength=0.5,
+        width=64, height=64, num_inference_steps=4, guidance_scale=first.guidance_scale,
+        generator=torch.Generator().manual_seed(first.seed)).images[0]
+    assert diff(alone[0], theirs) <= 1
+
+
+def test_a_mask_is_refused_by_the_engine_too(engine: GenericEngine) -> None:
+    masked = replace(CAT, init=ImageInput(64, 64, picture(1), 0.5, mask=b"\xff" * 64 * 64))
+    with pytest.raises(ValueError, match="mask_image"):
+        engine.generate([masked])

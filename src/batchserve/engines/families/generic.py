@@ -33,6 +33,10 @@ LIST_GENERATORS = frozenset({
     "QwenImagePipeline", "HiDreamImagePipeline", "KolorsPipeline",
 })
 """Pipelines whose whole batch draws each item's noise from that item's generator."""
+IMG2IMG = frozenset({"FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline"})
+"""Pipelines whose diffusers img2img sibling (`AutoPipelineForImage2Image`) encodes each item's
+init image with that item's generator and starts at the step `get_timesteps` gives: served
+whole for img2img (no inpainting)."""
 
 SIZES = FAMILY_SIZES["generic"]
 PRESET_SIZES = {
@@ -49,6 +53,7 @@ _CLASSIC_SCHEDULERS = frozenset({
     "EulerAncestralDiscreteScheduler", "DDIMScheduler", "HeunDiscreteScheduler",
     "PNDMScheduler", "DDPMScheduler", "LMSDiscreteScheduler",
 })
+PRESET_PIPELINES = {"tiny-flux": "FluxPipeline"}
 PRESET_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-flux": ("FlowMatchEulerDiscreteScheduler", {}),
 }
@@ -68,6 +73,17 @@ def scheduler_kind(class_name: str | None, config: Mapping[str, Any] | None = No
 
 def samplers_of(kind: str) -> tuple[str, ...]:
     return {FLOW: FLOW_SAMPLERS, CLASSIC: SAMPLERS}.get(kind, (NATIVE,))
+
+
+def pipeline_on_disk(model: str) -> str | None:
+    """The pipeline class of a preset, a diffusers folder or a cached hub id, without torch."""
+    if model in PRESET_PIPELINES:
+        return PRESET_PIPELINES[model]
+    folder = Path(model)
+    index = (_read(folder / "model_index.json") if folder.is_dir()
+             else None if folder.exists() else _from_hub_cache(model, "model_index.json"))
+    name = (index or {}).get("_class_name")
+    return str(name) if name is not None else None
 
 
 def scheduler_on_disk(model: str) -> tuple[str | None, dict[str, Any]]:
