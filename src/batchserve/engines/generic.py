@@ -3,8 +3,10 @@ Sana, ...) loaded with diffusers' auto pipeline and run whole by its own `__call
 one key per call, one generator per item (`families.generic` says which pipelines take them).
 
 It has no step-wise interface: the step core (`stepwise`) is written for UNet families, so
-`--flush-policy continuous` is refused at start, and no per-request LoRA or image inputs
-(`capabilities` refuses the latter at validation). The request's `guidance_scale` goes to the
+`--flush-policy continuous` is refused at start; no per-request LoRA and no inpainting. Items
+with an init image run whole through the pipeline's diffusers img2img sibling where one keeps
+the seed guarantee (`families.generic.IMG2IMG`; `capabilities` refuses them elsewhere at
+validation). The request's `guidance_scale` goes to the
 pipeline's own `guidance_scale`: classifier-free guidance for SD3 or PixArt, the guidance input
 of a guidance-distilled FLUX.1.
 """
@@ -47,6 +49,8 @@ log = logging.getLogger("batchserve.engine")
 
 PRESETS = {"tiny-flux": "tiny_flux"}
 """`--model` names of generic pipelines built in code -> their module."""
+
+
 def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
     """A preset, or a diffusers folder / hub id through diffusers' auto text-to-image pipeline
     (DiffusionPipeline for a pipeline the auto mapping does not list)."""
