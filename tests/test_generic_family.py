@@ -31,7 +31,7 @@ from batchserve.engines.families.generic import (
     samplers_of,
     scheduler_kind,
 )
-from batchserve.engines.generic import GenericEngine
+from batchserve.engines.generic import GenericEngine, auto_dtype
 from batchserve.engines.protocol import ImageInput
 from batchserve.errors import Interrupted
 from batchserve.service import Service
@@ -324,3 +324,12 @@ def test_a_mask_is_refused_by_the_engine_too(engine: GenericEngine) -> None:
     masked = replace(CAT, init=ImageInput(64, 64, picture(1), 0.5, mask=b"\xff" * 64 * 64))
     with pytest.raises(ValueError, match="mask_image"):
         engine.generate([masked])
+
+
+def test_auto_dtype_is_bf16_on_a_gpu_that_has_it() -> None:
+    """FLUX's T5 overflows in fp16: auto means bf16 on CUDA where supported (a pure rule, so
+    the GPU path is tested here); what is asked stays, and the CPU keeps fp32."""
+    assert auto_dtype("auto", cuda=True, bf16=True) == "bf16"
+    assert auto_dtype("auto", cuda=True, bf16=False) == "auto"  # plan_tuning: fp16
+    assert auto_dtype("fp16", cuda=True, bf16=True) == "fp16"
+    assert auto_dtype("auto", cuda=False, bf16=False) == "auto"  # plan_tuning: fp32

@@ -13,6 +13,7 @@ of a guidance-distilled FLUX.1.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -49,6 +50,13 @@ log = logging.getLogger("batchserve.engine")
 
 PRESETS = {"tiny-flux": "tiny_flux"}
 """`--model` names of generic pipelines built in code -> their module."""
+
+
+def auto_dtype(asked: str, *, cuda: bool, bf16: bool) -> str:
+    """`--dtype auto` on CUDA is bf16 for generic models where the GPU has it: FLUX, SD3.5 and
+    Sana ship in bf16, and their T5 encoders overflow in fp16 (NaN images). Anything asked for
+    explicitly stays; on CPU auto stays fp32."""
+    return "bf16" if asked == "auto" and cuda and bf16 else asked
 
 
 def load_pipeline(settings: Settings, torch_dtype: torch.dtype) -> Any:
@@ -100,7 +108,12 @@ class GenericEngine:
     def load(cls, settings: Settings) -> GenericEngine:
         check_settings(settings)
         route_library_logs()
-        plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
+        cuda = torch.cuda.is_available()
+        on_gpu = cuda and settings.device != "cpu"
+        dtype = auto_dtype(settings.dtype, cuda=on_gpu,
+                           bf16=on_gpu and torch.cuda.is_bf16_supported())
+        plan = plan_tuning(dataclasses.replace(settings, dtype=dtype), cuda=cuda,
+                           xformers=xformers_available())
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype])
         pipe.set_progress_bar_config(disable=True)
