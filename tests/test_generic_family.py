@@ -128,6 +128,13 @@ def test_sizes_are_multiples_of_16_with_a_small_preset_default(engine: GenericEn
     assert engine.generate([TALL])[0].size == (64, 96)
 
 
+def test_a_deep_compression_vae_takes_multiples_of_32(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "SanaPipeline", "vae": ["diffusers", "AutoencoderDC"]}))
+    sizes = served_sizes(str(tmp_path))
+    assert sizes.multiple_of == 32 and all(not w % 32 and not h % 32 for w, h in sizes.presets)
+
+
 @pytest.mark.parametrize("policy", ["deadline", "eager"])
 async def test_served_batched_equals_alone(engine: GenericEngine, policy: str) -> None:
     items = (CAT, DOG, replace(CAT, prompt="another cat", seed=7))

@@ -43,6 +43,7 @@ from .families.generic import (
     samplers_of,
     scheduler_kind,
     served_samplers,
+    sizes_of,
 )
 from .protocol import BatchKey, EngineInfo, GenerationItem, ImageInput, OnStep, StopCheck
 
@@ -120,6 +121,11 @@ class GenericEngine:
         pipe.to(plan.device)
         _apply(pipe, plan)
         multiple = _size_multiple(pipe)
+        doors = sizes_of(settings.model).multiple_of
+        if doors % multiple:  # what the doors take (read from disk) the pipeline must take
+            raise SettingsError(f"--model={settings.model}: {type(pipe).__name__} takes sizes "
+                                f"in multiples of {multiple}, not {doors} as read before "
+                                "loading; serve a diffusers folder")
         for w, h, _ in settings.warmup_shapes():
             if w % multiple or h % multiple:
                 raise SettingsError(f"--warmup: {w}x{h} must be multiples of {multiple} for "

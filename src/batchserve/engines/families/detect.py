@@ -89,11 +89,14 @@ def resolve(asked: str, model: str, model_config: str | None = None) -> str:
 
 
 def served_sizes(model: str, asked: str = "auto", model_config: str | None = None) -> Sizes:
-    """The sizes the doors offer and check: a preset's own (tiny-flux: small), else its
-    family's."""
-    from .generic import PRESET_SIZES
+    """The sizes the doors offer and check: its family's; a generic model's own
+    (`generic.sizes_of`: tiny-flux small, Sana multiples of 32)."""
+    family = served_family(model, asked, model_config)
+    if family == "generic":
+        from .generic import sizes_of
 
-    return PRESET_SIZES.get(model) or FAMILY_SIZES[served_family(model, asked, model_config)]
+        return sizes_of(model)
+    return FAMILY_SIZES[family]
 
 
 def _from_index(index: Path) -> str | None:

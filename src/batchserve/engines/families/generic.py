@@ -79,11 +79,28 @@ def pipeline_on_disk(model: str) -> str | None:
     """The pipeline class of a preset, a diffusers folder or a cached hub id, without torch."""
     if model in PRESET_PIPELINES:
         return PRESET_PIPELINES[model]
-    folder = Path(model)
-    index = (_read(folder / "model_index.json") if folder.is_dir()
-             else None if folder.exists() else _from_hub_cache(model, "model_index.json"))
-    name = (index or {}).get("_class_name")
+    name = _index(model).get("_class_name")
     return str(name) if name is not None else None
+
+
+def sizes_of(model: str) -> Sizes:
+    """The sizes a generic `model` takes: a preset's own; multiples of 32 with a deep-compression
+    VAE (Sana's `AutoencoderDC`, 32x); else multiples of 16."""
+    if model in PRESET_SIZES:
+        return PRESET_SIZES[model]
+    vae = _index(model).get("vae")
+    if isinstance(vae, list) and len(vae) == 2 and vae[1] == "AutoencoderDC":
+        return Sizes(SIZES.default, tuple(s for s in SIZES.presets
+                                          if not s[0] % 32 and not s[1] % 32), multiple_of=32)
+    return SIZES
+
+
+def _index(model: str) -> dict[str, Any]:
+    """`model_index.json` of a diffusers folder or a cached hub id ({} when none)."""
+    folder = Path(model)
+    if folder.is_dir():
+        return _read(folder / "model_index.json") or {}
+    return {} if folder.exists() else _from_hub_cache(model, "model_index.json") or {}
 
 
 def scheduler_on_disk(model: str) -> tuple[str | None, dict[str, Any]]:
@@ -92,14 +109,12 @@ def scheduler_on_disk(model: str) -> tuple[str | None, dict[str, Any]]:
     if model in PRESET_SCHEDULERS:
         preset, settings = PRESET_SCHEDULERS[model]
         return preset, dict(settings)
-    folder = Path(model)
-    index = _read(folder / "model_index.json") if folder.is_dir() else None
-    config = _read(folder / "scheduler" / "scheduler_config.json") if folder.is_dir() else None
-    if index is None and not folder.exists():
-        index, config = _from_hub_cache(model, "model_index.json"), _from_hub_cache(
-            model, "scheduler/scheduler_config.json")
-    entry = (index or {}).get("scheduler")
+    entry = _index(model).get("scheduler")
     name = str(entry[1]) if isinstance(entry, list) and len(entry) == 2 else None
+    folder = Path(model)
+    config = (_read(folder / "scheduler" / "scheduler_config.json") if folder.is_dir()
+              else None if folder.exists()
+              else _from_hub_cache(model, "scheduler/scheduler_config.json"))
     return name, config or {}
 
 
