@@ -33,7 +33,7 @@ from batchserve.engines.families.generic import (
 )
 from batchserve.engines.generic import GenericEngine, auto_dtype
 from batchserve.engines.protocol import ImageInput
-from batchserve.errors import Interrupted
+from batchserve.errors import EngineOutOfMemory, Interrupted
 from batchserve.service import Service
 from batchserve.settings import Settings, SettingsError
 
@@ -340,3 +340,36 @@ def test_auto_dtype_is_bf16_on_a_gpu_that_has_it() -> None:
     assert auto_dtype("auto", cuda=True, bf16=False) == "auto"  # plan_tuning: fp16
     assert auto_dtype("fp16", cuda=True, bf16=True) == "fp16"
     assert auto_dtype("auto", cuda=False, bf16=False) == "auto"  # plan_tuning: fp32
+
+
+def test_out_of_memory_is_the_engines_error(engine: GenericEngine,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service splits a batch on `EngineOutOfMemory` (as for every engine)."""
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "pipe", _Calls(full))
+    with pytest.raises(EngineOutOfMemory, match="Tried to allocate"):
+        engine.generate([CAT, DOG])
+
+
+class _Calls:
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.call(**kwargs)
+
+
+def test_a_scheduler_other_than_read_from_disk_stops_the_start(engine: GenericEngine) -> None:
+    """The doors validate samplers from what disk said before loading; a loaded scheduler of
+    another kind (a hub id downloaded only while loading) must not serve other names."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from batchserve.engines.tiny_flux import build_pipeline
+
+    pipe = build_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler()
+    with pytest.raises(SettingsError, match=r"^--model=tiny-flux: its scheduler "
+                                            r"DPMSolverMultistepScheduler takes dpm\+\+2m-karras"):
+        GenericEngine(pipe, engine.plan, engine.settings)
