@@ -202,8 +202,12 @@ class Field:
             raise ValidationError(f"{label} must be a multiple of {multiple}", field=label)
         return value if self.type == "integer" else float(value)
 
+    def allowed(self, limits: Limits) -> tuple[str, ...] | None:
+        """The values a field with choices takes (the sampler's follow the served model)."""
+        return self.choices(limits) if callable(self.choices) else self.choices
+
     def _check_text(self, value: Any, limits: Limits, label: str) -> str:
-        choices = self.choices(limits) if callable(self.choices) else self.choices
+        choices = self.allowed(limits)
         if choices is not None:
             if value not in choices:
                 raise ValidationError(f"{label} must be one of {', '.join(choices)}",
@@ -237,8 +241,7 @@ class Field:
                     "scale": {"type": "number", "minimum": -LORA_SCALE, "maximum": LORA_SCALE,
                               "default": 1.0},
                 }})
-        choices = self.choices(limits) if callable(self.choices) else self.choices
-        if choices is not None:
+        if (choices := self.allowed(limits)) is not None:
             out["enum"] = list(choices)
         lowest = "exclusiveMinimum" if self.lo_exclusive else "minimum"
         highest = "exclusiveMaximum" if self.hi_exclusive else "maximum"
