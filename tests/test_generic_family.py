@@ -23,7 +23,13 @@ from PIL import Image
 from test_jobs import finished, submitted
 
 from batchserve.engines import GenerationItem, load_engine
-from batchserve.engines.families import detect, resolve, served_samplers, served_sizes
+from batchserve.engines.families import (
+    check_start,
+    detect,
+    resolve,
+    served_samplers,
+    served_sizes,
+)
 from batchserve.engines.families.generic import (
     CLASSIC,
     FLOW,
@@ -373,3 +379,10 @@ def test_a_scheduler_other_than_read_from_disk_stops_the_start(engine: GenericEn
     with pytest.raises(SettingsError, match=r"^--model=tiny-flux: its scheduler "
                                             r"DPMSolverMultistepScheduler takes dpm\+\+2m-karras"):
         GenericEngine(pipe, engine.plan, engine.settings)
+
+
+def test_an_sdxl_refiner_as_the_model_points_to_refiner(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(SettingsError, match=r"^--model=.*: an SDXL refiner .* --refiner"):
+        check_start(Settings(model=str(tmp_path), warmup=""))

@@ -83,7 +83,8 @@ def resolve(asked: str, model: str, model_config: str | None = None) -> str:
     if family == "generic" and Path(model).is_file():
         raise SettingsError(
             f"--model={model}: a single-file checkpoint of a generic pipeline (not SD 1.x/2.x or "
-            "SDXL) cannot be loaded; serve its diffusers folder or hub id"
+            "SDXL) cannot be loaded; serve its diffusers folder or hub id (an SDXL refiner "
+            "file goes in --refiner, beside an SDXL base)"
         )
     return family
 

@@ -33,6 +33,8 @@ LIST_GENERATORS = frozenset({
     "QwenImagePipeline", "HiDreamImagePipeline", "KolorsPipeline",
 })
 """Pipelines whose whole batch draws each item's noise from that item's generator."""
+REFINERS = frozenset({"StableDiffusionXLImg2ImgPipeline"})
+"""Pipelines detected as generic that are not text-to-image models (the SDXL refiner)."""
 IMG2IMG = frozenset({"FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline"})
 """Pipelines whose diffusers img2img sibling (`AutoPipelineForImage2Image`) encodes each item's
 init image with that item's generator and starts at the step `get_timesteps` gives: served
@@ -141,6 +143,9 @@ _UNSUPPORTED = (
 
 def check_settings(settings: Settings) -> None:
     """What a generic model cannot do, each one start-up line naming the flag."""
+    if pipeline_on_disk(settings.model) in REFINERS:
+        raise SettingsError(f"--model={settings.model}: an SDXL refiner is not a text-to-image "
+                            "model; serve an SDXL base with --refiner naming it")
     if settings.flush_policy == "continuous":
         raise SettingsError(
             f"--flush-policy=continuous: --model={settings.model} is a generic diffusers "
