@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from batchserve.engines.capabilities import ALL_IMAGE_INPUTS, image_inputs
+from batchserve.engines.capabilities import ALL_IMAGE_INPUTS, IMG2IMG, image_inputs
 from batchserve.settings import Settings
 
 
@@ -24,12 +24,17 @@ def test_sd1_sdxl_and_the_sim_take_both(model: str) -> None:
 @pytest.mark.parametrize(("pipeline", "expected"), [
     ("StableDiffusionPipeline", ALL_IMAGE_INPUTS),
     ("StableDiffusionXLPipeline", ALL_IMAGE_INPUTS),
-    ("FluxPipeline", frozenset()),
+    ("FluxPipeline", frozenset({IMG2IMG})),  # generic, whole through diffusers' img2img
+    ("PixArtSigmaPipeline", frozenset()),  # generic without an img2img sibling
 ])
 def test_a_model_folder_takes_what_its_family_does(tmp_path: Path, pipeline: str,
                                                    expected: frozenset[str]) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     assert image_inputs(settings(str(tmp_path))) == expected
+
+
+def test_tiny_flux_takes_img2img_only() -> None:
+    assert image_inputs(settings("tiny-flux")) == frozenset({IMG2IMG})
 
 
 def test_an_asked_family_decides_and_nothing_on_disk_means_sd1(tmp_path: Path) -> None:

@@ -64,11 +64,11 @@ def test_a_mismatch_is_one_line_naming_the_flag(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_generic_is_not_served_yet(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match=r"--model-family=generic: .*not supported yet"):
-        resolve("auto", _folder(tmp_path, "FluxPipeline"))
-    with pytest.raises(SettingsError, match="--model-family=generic"):
-        resolve("generic", "nobody/not-in-the-cache")
+def test_generic_is_served(tmp_path: Path) -> None:
+    """Any other diffusers pipeline's folder is `generic` (tests/test_generic_family.py)."""
+    assert resolve("auto", _folder(tmp_path, "FluxPipeline")) == "generic"
+    assert resolve("generic", "nobody/not-in-the-cache") == "generic"
+    assert detect("tiny-flux") == "generic"
 
 
 def test_the_flag_wins_when_nothing_tells(tmp_path: Path) -> None:

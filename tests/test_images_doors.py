@@ -391,10 +391,10 @@ async def test_inpainting_asked_of_a_model_that_cannot_is_refused(door: Door) ->
 @pytest.mark.parametrize("door", DOORS, ids=lambda d: d.name)
 async def test_image_fields_on_a_family_without_image_items_are_refused(
         door: Door, tmp_path: Path) -> None:
-    """A `generic` model (a diffusers pipeline other than SD 1.x/SDXL, read from its folder
+    """A `generic` model without a diffusers img2img sibling (PixArt, read from its folder
     without loading it) advertises no image inputs, and every door refuses an init image or a
     mask for it at validation, in its own shape, before anything is queued."""
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtSigmaPipeline"}')
     async with in_process(model=str(tmp_path), max_wait_ms=0, **LIMITS) as env:
         assert (await env.client.get("/v1/info")).json()["image_inputs"] == []
         message, _ = await _refused(env, door, {"init_image": GOOD,

@@ -42,6 +42,8 @@ class Limits:
     max_priority: int = 10  # above it: 422, not clamped (see docs/decisions.md)
     max_cost: int = 0  # width * height * inference_steps; 0: no limit beyond the two above
     default_sampler: str = DEFAULT_SAMPLER
+    samplers: tuple[str, ...] = SAMPLERS
+    """The samplers the served model can use (`families.served_samplers`)."""
     max_input_pixels: int = 4096 * 4096  # an init image or mask, checked from its header
     image_inputs: frozenset[str] = frozenset()
     """What the served model takes besides a prompt (`engines.capabilities.image_inputs`)."""
@@ -165,14 +167,14 @@ class Field:
     hi: Bound = None
     multiple_of: Bound = None
     max_length: int | None = None
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | Callable[[Limits], tuple[str, ...]] | None = None
     required: bool = False
     lo_exclusive: bool = False  # `lo` itself is out of range (strength: 0 < s)
     hi_exclusive: bool = False  # `hi` itself is out of range (refiner_switch: x < 1)
 
     def check(self, value: Any, limits: Limits, label: str) -> Any:
         if self.type == "string":
-            return self._check_text(value, label)
+            return self._check_text(value, limits, label)
         if self.type == "loras":
             return _check_loras(value, limits, label)
         if self.type == "image":
@@ -200,12 +202,16 @@ class Field:
             raise ValidationError(f"{label} must be a multiple of {multiple}", field=label)
         return value if self.type == "integer" else float(value)
 
-    def _check_text(self, value: Any, label: str) -> str:
-        if self.choices is not None:
-            if value not in self.choices:
-                raise ValidationError(
-                    f"{label} must be one of {', '.join(self.choices)}", field=label
-                )
+    def allowed(self, limits: Limits) -> tuple[str, ...] | None:
+        """The values a field with choices takes (the sampler's follow the served model)."""
+        return self.choices(limits) if callable(self.choices) else self.choices
+
+    def _check_text(self, value: Any, limits: Limits, label: str) -> str:
+        choices = self.allowed(limits)
+        if choices is not None:
+            if value not in choices:
+                raise ValidationError(f"{label} must be one of {', '.join(choices)}",
+                                      field=label)
             return str(value)
         if not isinstance(value, str):
             raise ValidationError(f"{label} must be a string", field=label)
@@ -235,8 +241,8 @@ class Field:
                     "scale": {"type": "number", "minimum": -LORA_SCALE, "maximum": LORA_SCALE,
                               "default": 1.0},
                 }})
-        if self.choices is not None:
-            out["enum"] = list(self.choices)
+        if (choices := self.allowed(limits)) is not None:
+            out["enum"] = list(choices)
         lowest = "exclusiveMinimum" if self.lo_exclusive else "minimum"
         highest = "exclusiveMaximum" if self.hi_exclusive else "maximum"
         for key, bound in ((lowest, self.lo), (highest, self.hi)):
@@ -283,14 +289,15 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           hi=lambda lim: lim.max_steps),
     Field("num_inference_steps", "integer", "alias of inference_steps", lo=1,
           hi=lambda lim: lim.max_steps),
-    Field("guidance_scale", "number", "classifier-free guidance scale", default=7.5, lo=0.0,
-          hi=30.0),
+    Field("guidance_scale", "number", "classifier-free guidance scale (a guidance-distilled "
+          "model's guidance input: FLUX.1)", default=7.5, lo=0.0, hi=30.0),
     Field("seed", "integer", "random seed; random when absent (echoed in X-Seed)", lo=0,
           hi=MAX_SEED),
     Field("priority", "integer", "higher runs first (<= --max-priority)", default=0, lo=-10,
           hi=lambda lim: lim.max_priority),
-    Field("sampler", "string", "sampler; part of the batching key (default --scheduler)",
-          choices=SAMPLERS),
+    Field("sampler", "string", "sampler, one the served model can use (flow-matching models: "
+          "flow-euler); part of the batching key (default --scheduler)",
+          choices=lambda lim: lim.samplers),
     Field("timeout_s", "number", "the request's budget, queue plus generation, before 504 "
           "(default and most: --request-timeout-s)", lo=0.001,
           hi=lambda lim: lim.default_timeout_s),

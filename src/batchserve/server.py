@@ -13,15 +13,17 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from .api import create_app
+from .engines.families import check_start
 from .logs import JSONFormatter, configure_logging
 from .service import Service
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 __all__ = ["JSONFormatter", "Server", "run"]  # JSONFormatter: where earlier code found it
 log = logging.getLogger("batchserve")
@@ -73,7 +75,12 @@ class Server(uvicorn.Server):
 def run(settings: Settings) -> int:
     """Serves until drained or a fatal error; returns the process exit code."""
     configure_logging(settings.log_level, log_prompts=settings.log_prompts)
-    service = Service(settings)
+    try:
+        check_start(settings)  # the model's family, samplers and flags: before binding a port
+        service = Service(settings)
+    except SettingsError as exc:
+        print(f"batchserve: invalid setting: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, service)
     config = uvicorn.Config(
         app,

@@ -31,7 +31,7 @@ from .engines import (
     warm_steps,
 )
 from .engines.capabilities import image_inputs
-from .engines.families import FAMILY_SIZES, served_family
+from .engines.families import served_samplers, served_sizes
 from .engines.lora import LoraLibrary, LoraUnavailable
 from .engines.protocol import PreviewsSteps, exact, reports_steps
 from .errors import (
@@ -53,7 +53,6 @@ from .jobs.webhooks import WebhookSender
 from .logs import KNOWN_PROMPTS
 from .metrics import Metrics
 from .progress import BATCH, Progress, ProgressBoard
-from .samplers import SAMPLERS
 from .sched.adaptive import Adaptive
 from .sched.request_queue import QueueLoop
 from .sched.waiting_room import WaitingRoom
@@ -103,9 +102,11 @@ class Service:
         self.state = self.STARTING
         self.engine: Engine | None = None
         # The family's sizes from the settings alone: a `--role api` process loads no model.
-        self.sizes = FAMILY_SIZES[
-            served_family(settings.model, settings.model_family, settings.model_config)
-        ]
+        self.sizes = served_sizes(settings.model, settings.model_family, settings.model_config)
+        # ... and its samplers (a flow-matching model's are not SD's); a --scheduler it cannot
+        # use stops the start here, naming the flag.
+        self.samplers, self.default_sampler = served_samplers(
+            settings.model, settings.scheduler, settings.model_family, settings.model_config)
         # Per-request LoRA: the folder is listed here (names are checked at every door); the
         # engine judges each file against the model once loaded (`use_loras`).
         self.loras = (LoraLibrary(Path(settings.lora_dir), rescan_s=settings.lora_rescan_s)
@@ -113,7 +114,8 @@ class Service:
         self.limits = Limits(
             settings.max_pixels, settings.max_steps, settings.request_timeout_s,
             max_priority=settings.max_priority, max_cost=settings.max_cost,
-            default_sampler=settings.scheduler, max_input_pixels=settings.max_input_pixels,
+            default_sampler=self.default_sampler, samplers=self.samplers,
+            max_input_pixels=settings.max_input_pixels,
             image_inputs=image_inputs(settings), size_multiple=self.sizes.multiple_of,
             default_size=self.sizes.default, refiner=settings.refiner is not None,
             max_loras=settings.max_loras_per_request,
@@ -679,7 +681,7 @@ class Service:
                 "request_timeout_s": s.request_timeout_s,
                 "drain_timeout_s": s.drain_timeout_s,
             },
-            "samplers": {"served": list(SAMPLERS), "default": s.scheduler},
+            "samplers": {"served": list(self.samplers), "default": self.default_sampler},
             "image_inputs": sorted(self.limits.image_inputs),
             "live": self.live(),
             "watchdog": {

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .samplers import DEFAULT_SAMPLER, SAMPLERS
+from .samplers import ALL_SAMPLERS, DEFAULT_SAMPLER
 
 ENV_PREFIX = "BATCHSERVE_"
 _SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
@@ -45,12 +45,13 @@ _opt = setting
 @dataclass(frozen=True, slots=True)
 class Settings:
     model: str = _opt(
-        "tiny", "tiny, tiny-sdxl, tiny-inpaint, sim, sd15, sdxl, a diffusers folder, a hub id or a "
-        ".safetensors file"
+        "tiny", "tiny, tiny-sdxl, tiny-flux, tiny-inpaint, sim, sd15, sdxl, a diffusers folder, a "
+        "hub id or a .safetensors file"
     )
     model_family: str = _opt(
         "auto", "the model's architecture: auto (from model_index.json or the file's tensor "
-        "names), sd1 (SD 1.x/2.x), sdxl, generic (other pipelines: not supported yet)",
+        "names), sd1 (SD 1.x/2.x), sdxl, generic (any other diffusers text-to-image "
+        "pipeline: FLUX.1, SD3, PixArt, Sana..., run whole)",
         choices=("auto", "sd1", "sdxl", "generic"),
     )
     model_config: str | None = _opt(
@@ -104,8 +105,9 @@ class Settings:
         "auto", "fp16 on cuda, fp32 on cpu", choices=("auto", "fp16", "bf16", "fp32")
     )
     scheduler: str = _opt(
-        DEFAULT_SAMPLER, "default sampler; a request's sampler field picks another",
-        choices=SAMPLERS,
+        DEFAULT_SAMPLER, "default sampler; a request's sampler field picks another; one the "
+        "model can use (flow-matching models: flow-euler, which this default gives way to)",
+        choices=ALL_SAMPLERS,
     )
     attention: str = _opt(
         "auto", "attention backend", choices=("auto", "sdpa", "xformers", "default")

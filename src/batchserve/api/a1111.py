@@ -33,7 +33,7 @@ from starlette.responses import Response
 from ..errors import BatchServeError, ValidationError
 from ..images import MaskRule
 from ..progress import BATCH
-from ..samplers import SAMPLERS
+from ..samplers import ALL_SAMPLERS, FLOW_SAMPLERS, SAMPLERS
 from ..schema import FIELDS, MAX_SEED, Limits, T2IRequest, decode, repeat, validate
 from ..service import Service
 from .common import Gateway, Generated, JSONResponse, error_headers
@@ -71,16 +71,26 @@ def render_error(exc: BatchServeError) -> Response:
     return JSONResponse(body, status_code=exc.status, headers=error_headers(exc))
 
 
-def sampler_for(name: Any, scheduler: Any, default: str) -> str:
-    """A1111's `sampler_name` + `scheduler` to one of our samplers."""
+def sampler_for(name: Any, scheduler: Any, default: str,
+                served: tuple[str, ...] = SAMPLERS) -> str:
+    """A1111's `sampler_name` + `scheduler` to one of our samplers. On a flow-matching model
+    (`served` has no classic sampler) "Euler" is its flow-matching Euler, as Forge names it
+    for FLUX."""
     if name in (None, ""):
         return default
+    ours = _sampler_for(name, scheduler)
+    if ours == "euler" and ours not in served and FLOW_SAMPLERS[0] in served:
+        return FLOW_SAMPLERS[0]
+    return ours
+
+
+def _sampler_for(name: Any, scheduler: Any) -> str:
     if not isinstance(name, str) or not isinstance(scheduler, str | None):
         raise ValidationError("sampler_name and scheduler must be strings", field="sampler_name")
     key, sched = name.strip().lower(), (scheduler or "automatic").strip().lower()
     if key in LEGACY:
         return LEGACY[key]
-    if key in SAMPLERS and key not in SAMPLER_FAMILIES:  # our own name, e.g. "euler-a"
+    if key in ALL_SAMPLERS and key not in SAMPLER_FAMILIES:  # our own name, e.g. "euler-a"
         return key
     if key not in SAMPLER_FAMILIES:
         raise ValidationError(
@@ -206,7 +216,8 @@ def _common(data: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], int]:
     if seed is not None and seed != -1:  # -1: random, as in A1111
         ours["seed"] = seed
     name = data.get("sampler_name") or data.get("sampler_index")
-    ours["sampler"] = sampler_for(name, data.get("scheduler"), limits.default_sampler)
+    ours["sampler"] = sampler_for(name, data.get("scheduler"), limits.default_sampler,
+                                  limits.samplers)
     if isinstance(ours.get("prompt"), str):
         ours["prompt"], loras = lora_tags(ours["prompt"])
         if loras:
@@ -440,6 +451,10 @@ class A1111Door:
 
     async def samplers(self, request: Request, record: dict[str, Any]) -> Response:
         self.gateway.authorize(request, basic=True)
+        served = self.service.limits.samplers
+        if not set(served) & set(SAMPLERS):  # a flow-matching or native-only model
+            return JSONResponse([{"name": "Euler" if ours in FLOW_SAMPLERS else ours,
+                                  "aliases": [ours], "options": {}} for ours in served])
         return JSONResponse([
             {"name": A1111_NAMES[key], "aliases": [ours for ours in fam if ours],
              "options": {"scheduler": "karras"} if fam[1] else {}}
@@ -524,7 +539,7 @@ def openapi(limits: Limits) -> dict[str, Any]:
     props["seed"] = {"type": "integer", "minimum": -1, "maximum": MAX_SEED,
                      "default": -1, "description": "-1: random"}
     props["sampler_name"] = {"type": "string", "enum": list(A1111_NAMES.values())
-                             + list(LEGACY) + list(SAMPLERS)}
+                             + list(LEGACY) + list(ALL_SAMPLERS)}
     props["scheduler"] = {"type": "string", "enum": list(SCHEDULERS) + list(SCHEDULERS.values())}
     for name in ("batch_size", "n_iter"):
         props[name] = {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES, "default": 1,

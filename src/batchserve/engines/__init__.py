@@ -1,5 +1,6 @@
 """The engines: the protocol the batcher calls (`protocol`), the diffusers engine (`diffusion`,
-with the presets `tiny`, `tiny_inpaint` and `sd15`, items started from an image `init_latents`,
+with the presets `tiny`, `tiny_inpaint` and `sd15`; `generic` runs any other diffusers
+pipeline whole, with the preset `tiny_flux`; items started from an image `init_latents`,
 community model files `checkpoints` and prompt encoding
 `prompts`: the torch importers), and the simulated GPU (`sim`). Importing this package imports
 no torch."""
@@ -46,6 +47,12 @@ def load_engine(settings: Settings) -> Engine:
         return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms,
                          step_ms=settings.sim_step_ms,
                          step_per_image_ms=settings.sim_step_per_image_ms)
+    from .families import resolve
+
+    if resolve(settings.model_family, settings.model, settings.model_config) == "generic":
+        from .generic import GenericEngine
+
+        return GenericEngine.load(settings)
     from .diffusion import DiffusionEngine
 
     return DiffusionEngine.load(settings)

@@ -20,9 +20,11 @@ ALL_IMAGE_INPUTS = frozenset({IMG2IMG, INPAINT})
 # Per engine and family: the image inputs it implements. The diffusers engine starts items
 # from an image in its step core (`init_latents`) for the families whose step core is written
 # for it: SD 1.x and SDXL take both, a standard UNet inpainting by blending the known region
-# back at each step, an inpainting UNet (9 input channels) natively. Any other family (`generic`,
-# a pipeline this engine only runs as text-to-image) takes none: its requests with an image are
-# refused at validation, in the door's shape, rather than served from noise. `sim` replays a
+# back at each step, an inpainting UNet (9 input channels) natively. The `generic` family runs
+# whole pipelines: img2img where diffusers has an img2img sibling of the pipeline that keeps the
+# per-item seed guarantee (`families.generic.IMG2IMG`: FLUX.1, SD3, Qwen-Image), no inpainting;
+# any other generic pipeline takes none. Refused inputs are a 422 at validation, in the door's
+# shape, rather than served from noise. `sim` replays a
 # GPU's timing: an image item runs its remaining steps and gives back its init image, which is
 # how the transport of inputs is tested end to end.
 _SIM = ALL_IMAGE_INPUTS
@@ -40,4 +42,10 @@ def image_inputs(settings: Settings) -> frozenset[str]:
     family = settings.model_family
     if family == "auto":
         family = detect(settings.model, settings.model_config) or "sd1"
+    if family == "generic":
+        from .families.generic import IMG2IMG as WHOLE_IMG2IMG
+        from .families.generic import pipeline_on_disk
+
+        return frozenset({IMG2IMG}) if pipeline_on_disk(settings.model) in WHOLE_IMG2IMG \
+            else frozenset()
     return _FAMILIES.get(family, frozenset())

@@ -59,6 +59,13 @@ FAMILY_SIZES = {
         presets=((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
                  (768, 1344), (1536, 640), (640, 1536)),
     ),
+    "generic": Sizes(
+        default=(1024, 1024),
+        # FLUX.1's and SD3's usual sizes near one megapixel: multiples of 16 (VAE 8 x patch 2).
+        presets=((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
+                 (768, 1344), (512, 512), (768, 768)),
+        multiple_of=16,
+    ),
 }
 """Per family, no torch: a `--role api` process validates sizes without loading a model."""
 

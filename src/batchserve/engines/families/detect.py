@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ...samplers import SAMPLERS
 from ...settings import SettingsError
+from .base import FAMILY_SIZES, Sizes
+
+if TYPE_CHECKING:
+    from ...settings import Settings
 
 FAMILIES = ("sd1", "sdxl", "generic")
-SERVED = ("sd1", "sdxl")
-"""Families with an engine today; `generic` (any other diffusers pipeline) is detected only."""
+SERVED = FAMILIES
+"""Families with an engine: sd1 and sdxl in the step core, generic whole (`engines.generic`)."""
 
 PRESET_FAMILIES = {"tiny": "sd1", "tiny-inpaint": "sd1", "sd15": "sd1",
-                   "tiny-sdxl": "sdxl", "sdxl": "sdxl"}
+                   "tiny-sdxl": "sdxl", "sdxl": "sdxl", "tiny-flux": "generic"}
 
 _PIPELINES = {
     "StableDiffusionPipeline": "sd1",  # SD 1.x and 2.x share it
@@ -74,12 +80,24 @@ def resolve(asked: str, model: str, model_config: str | None = None) -> str:
         )
     else:
         family = asked
-    if family not in SERVED:
+    if family == "generic" and Path(model).is_file():
         raise SettingsError(
-            f"--model-family={family}: --model={model!r} is not a Stable Diffusion 1.x/2.x or "
-            f"SDXL text-to-image model; other diffusers pipelines are not supported yet"
+            f"--model={model}: a single-file checkpoint of a generic pipeline (not SD 1.x/2.x or "
+            "SDXL) cannot be loaded; serve its diffusers folder or hub id (an SDXL refiner "
+            "file goes in --refiner, beside an SDXL base)"
         )
     return family
+
+
+def served_sizes(model: str, asked: str = "auto", model_config: str | None = None) -> Sizes:
+    """The sizes the doors offer and check: its family's; a generic model's own
+    (`generic.sizes_of`: tiny-flux small, Sana multiples of 32)."""
+    family = served_family(model, asked, model_config)
+    if family == "generic":
+        from .generic import sizes_of
+
+        return sizes_of(model)
+    return FAMILY_SIZES[family]
 
 
 def _from_index(index: Path) -> str | None:
@@ -114,3 +132,32 @@ def _from_hub_cache(repo: str) -> str | None:
     except Exception:  # not a valid repo id
         return None
     return _from_index(Path(cached)) if isinstance(cached, str) else None
+
+
+def served_samplers(model: str, scheduler: str, asked: str = "auto",
+                    model_config: str | None = None) -> tuple[tuple[str, ...], str]:
+    """(the samplers requests may name, the default one) for `--model` and `--scheduler`:
+    SD 1.x and SDXL take the classic samplers; a generic model those of its scheduler's kind
+    (`generic.served_samplers`). A `--scheduler` the model cannot use is one start-up line."""
+    if served_family(model, asked, model_config) == "generic":
+        from .generic import served_samplers as generic_samplers
+
+        return generic_samplers(model, scheduler)
+    if scheduler not in SAMPLERS:
+        raise SettingsError(f"--scheduler={scheduler}: --model={model} can use "
+                            f"{', '.join(SAMPLERS)}")
+    return SAMPLERS, scheduler
+
+
+def check_start(settings: Settings) -> None:
+    """What can be judged of the model before the server starts, without torch: its family
+    against `--model-family`, its samplers against `--scheduler`, and what a generic model
+    cannot do (`generic.check_settings`). Each one line naming the flag."""
+    if settings.model == "sim":
+        return
+    family = resolve(settings.model_family, settings.model, settings.model_config)
+    served_samplers(settings.model, settings.scheduler, family, settings.model_config)
+    if family == "generic" and settings.role != "api":
+        from .generic import check_settings
+
+        check_settings(settings)
