@@ -71,34 +71,62 @@ def step_all(updates: Sequence[Update]) -> list[torch.Tensor]:
     return [o for o in out if o is not None]
 
 
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What a scheduler's config decides, read once per scheduler (config reads are slow
+    next to a step's arithmetic): the group key of its math (None: not vectorised) and the
+    rules of `step`'s choice of order."""
+
+    math: tuple[Any, ...] | None
+    solver_order: int = 2
+    final_early: bool = False  # the last step is first order whatever the count
+    lower_order_final: bool = False
+
+
+_KINDS: weakref.WeakKeyDictionary[Any, _Kind] = weakref.WeakKeyDictionary()
+
+
+def _kind(scheduler: Any) -> _Kind:
+    kind = _KINDS.get(scheduler)
+    if kind is None:
+        config = scheduler.config
+        if (type(scheduler).__name__ != "DPMSolverMultistepScheduler"
+                or config.algorithm_type not in _DETERMINISTIC or config.thresholding
+                or config.variance_type in ("learned", "learned_range")):
+            kind = _Kind(None)
+        else:
+            kind = _Kind(
+                (config.algorithm_type, config.solver_type, config.prediction_type,
+                 bool(getattr(config, "use_flow_sigmas", False)), config.solver_order),
+                config.solver_order,
+                bool(config.euler_at_final or config.final_sigmas_type == "zero"),
+                bool(config.lower_order_final))
+        _KINDS[scheduler] = kind
+    return kind
+
+
 def _branch(update: Update) -> tuple[Any, ...] | None:
     """The group an item's update can share: the math its scheduler's config selects and the
     order of this step's update; None: its own `step` only."""
     scheduler, sample = update.scheduler, update.sample
-    if type(scheduler).__name__ != "DPMSolverMultistepScheduler" or sample.dtype != torch.float32:
-        return None
-    config = scheduler.config
-    if (config.algorithm_type not in _DETERMINISTIC or config.thresholding
-            or config.variance_type in ("learned", "learned_range")
+    kind = _kind(scheduler)
+    if (kind.math is None or sample.dtype != torch.float32
             or update.output.dtype != torch.float32):
         return None
     if scheduler.step_index is None:  # its first step: as `step` starts (begin index or t)
         scheduler._init_step_index(update.timestep)
     index, count = scheduler.step_index, len(scheduler.timesteps)
     # `DPMSolverMultistepScheduler.step`'s choice of update, item by item
-    final = index == count - 1 and (config.euler_at_final
-                                    or (config.lower_order_final and count < 15)
-                                    or config.final_sigmas_type == "zero")
-    second = index == count - 2 and config.lower_order_final and count < 15
-    if config.solver_order == 1 or scheduler.lower_order_nums < 1 or final:
+    short = kind.lower_order_final and count < 15
+    final = index == count - 1 and (kind.final_early or short)
+    second = index == count - 2 and short
+    if kind.solver_order == 1 or scheduler.lower_order_nums < 1 or final:
         order = 1
-    elif config.solver_order == 2 or scheduler.lower_order_nums < 2 or second:
+    elif kind.solver_order == 2 or scheduler.lower_order_nums < 2 or second:
         order = 2
     else:
         order = 3
-    return (config.algorithm_type, config.solver_type, config.prediction_type,
-            bool(getattr(config, "use_flow_sigmas", False)), config.solver_order,
-            sample.device, sample.shape[1:], order)
+    return (*kind.math, sample.device, sample.shape[1:], order)
 
 
 def _dpm_together(updates: Sequence[Update], order: int) -> list[torch.Tensor]:
