@@ -6,6 +6,9 @@ word end), so token counts are easy to make.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from community import same
@@ -13,7 +16,7 @@ from PIL.Image import Image
 
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import DiffusionEngine
-from batchserve.engines.prompts import CHUNK, stack
+from batchserve.engines.prompts import CHUNK, PromptEncoder, stack
 from batchserve.settings import Settings
 
 HEAD = "a red cube on a wooden table " * 4  # > 75 tokens on its own
@@ -129,12 +132,10 @@ def test_items_encoded_apart_stack_like_a_batch(chunking: DiffusionEngine,
     assert short.attention_mask is None  # nothing padded: plain diffusers conditioning
 
 
-def test_a_row_seen_before_is_not_encoded_again_and_gives_the_same_embedding(
-    chunking: DiffusionEngine,
-) -> None:
-    """The negative prompt most requests share is encoded once; a cached row equals the row
-    encoded afresh."""
-    prompts = chunking.prompts
+@contextmanager
+def counted_encoder(prompts: PromptEncoder) -> Iterator[list[int]]:
+    """The rows of each text-encoder call `prompts` makes inside the block, its row cache
+    emptied first."""
     calls: list[int] = []
     run = prompts._run_encoder
 
@@ -145,15 +146,25 @@ def test_a_row_seen_before_is_not_encoded_again_and_gives_the_same_embedding(
     prompts._rows.clear()
     prompts._run_encoder = counted  # type: ignore[method-assign]
     try:
-        with torch.inference_mode():
-            first = prompts.encode(["a red fox"], ["blurry, low quality"], guidance=True)
-            second = prompts.encode(["a blue owl"], ["blurry, low quality"], guidance=True)
-            fresh = run(prompts._token_ids(["blurry, low quality"]))[0]
-            # both prompts' rows and the shared negative are all known now: no encoder call
-            again = prompts.encode(["a blue owl", "a red fox"], ["blurry, low quality"] * 2,
-                                   guidance=True)
+        yield calls
     finally:
         del prompts._run_encoder
+
+
+def test_a_row_seen_before_is_not_encoded_again_and_gives_the_same_embedding(
+    chunking: DiffusionEngine,
+) -> None:
+    """The negative prompt most requests share is encoded once; a cached row equals the row
+    encoded afresh."""
+    prompts = chunking.prompts
+    with counted_encoder(prompts) as calls, torch.inference_mode():
+        first = prompts.encode(["a red fox"], ["blurry, low quality"], guidance=True)
+        second = prompts.encode(["a blue owl"], ["blurry, low quality"], guidance=True)
+        # both prompts' rows and the shared negative are all known now: no encoder call
+        again = prompts.encode(["a blue owl", "a red fox"], ["blurry, low quality"] * 2,
+                               guidance=True)
+    with torch.inference_mode():
+        fresh = prompts._run_encoder(prompts._token_ids(["blurry, low quality"]))[0]
     assert calls == [2, 1]  # the second request encoded only its own prompt
     assert torch.equal(second.negative_embeds, first.negative_embeds)
     torch.testing.assert_close(first.negative_embeds[0], fresh[0], rtol=1e-5, atol=1e-6)
@@ -166,24 +177,12 @@ def test_prompts_encoded_ahead_are_not_encoded_again_when_their_items_join(
 ) -> None:
     """`encode_ahead` (queued items at saturation) encodes in one call what each joiner's
     `prepare` would have encoded alone; the joiner's image is its image alone."""
-    prompts = chunking.prompts
-    calls: list[int] = []
-    run = prompts._run_encoder
-
-    def counted(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        calls.append(len(rows))
-        return run(rows)
-
     queued = [item(f"a lighthouse number {n}", "fog", seed=n) for n in range(4)]
-    prompts._rows.clear()
-    prompts._run_encoder = counted  # type: ignore[method-assign]
-    try:
+    with counted_encoder(chunking.prompts) as calls:
         chunking.encode_ahead(queued)
         assert calls == [5]  # four prompts and the shared negative, one call
         states = [chunking.prepare([it])[0] for it in queued]
         assert calls == [5]  # each joiner found its rows
-    finally:
-        del prompts._run_encoder
     for _ in range(queued[0].inference_steps):
         chunking.step(states)
     images = chunking.finish(states)

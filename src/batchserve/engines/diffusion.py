@@ -39,6 +39,7 @@ from .protocol import (
     StepState,
     StopCheck,
     Switch,
+    warm_batches,
 )
 from .stepwise import StepwiseDiffusion
 
@@ -278,20 +279,9 @@ class DiffusionEngine:
         torch.compile has compiled (dynamic in the batch dimension after two sizes) what the
         server will run before /readyz turns 200. Returns each shape's time at batch size 1
         (when warmed at 1), which seeds the adaptive batch-time model."""
-        timings: dict[BatchKey, float] = {}
-        sizes = self.settings.warmup_batch_sizes_on(self.plan.device)
-        for w, h, steps in self.settings.warmup_shapes():
-            for n in sizes:
-                # the default sampler by name: the timings are keyed as requests' batches are
-                items = [GenerationItem("warm-up", "", seed, w, h, steps, 7.5,
-                                        self.settings.scheduler) for seed in range(n)]
-                started = time.perf_counter()
-                self.generate(items)
-                seconds = time.perf_counter() - started
-                if n == 1:
-                    timings[items[0].key] = seconds
-                log.info("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n, seconds)
-        return timings
+        return warm_batches(self.generate, self.settings.warmup_shapes(),
+                            self.settings.warmup_batch_sizes_on(self.plan.device),
+                            self.settings.scheduler, log.info)
 
     def generate(
         self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None,

@@ -45,7 +45,15 @@ from .families.generic import (
     served_samplers,
     sizes_of,
 )
-from .protocol import BatchKey, EngineInfo, GenerationItem, ImageInput, OnStep, StopCheck
+from .protocol import (
+    BatchKey,
+    EngineInfo,
+    GenerationItem,
+    ImageInput,
+    OnStep,
+    StopCheck,
+    warm_batches,
+)
 
 log = logging.getLogger("batchserve.engine")
 
@@ -152,18 +160,9 @@ class GenericEngine:
 
     def warmup(self) -> dict[BatchKey, float]:
         """Each warm-up shape at each warm-up batch size, as `DiffusionEngine.warmup`."""
-        timings: dict[BatchKey, float] = {}
-        for w, h, steps in self.settings.warmup_shapes():
-            for n in self.settings.warmup_batch_sizes_on(self.plan.device):
-                items = [GenerationItem("warm-up", "", seed, w, h, steps, 7.5,
-                                        self.default_sampler) for seed in range(n)]
-                started = time.perf_counter()
-                self.generate(items)
-                seconds = time.perf_counter() - started
-                if n == 1:
-                    timings[items[0].key] = seconds
-                log.info("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n, seconds)
-        return timings
+        return warm_batches(self.generate, self.settings.warmup_shapes(),
+                            self.settings.warmup_batch_sizes_on(self.plan.device),
+                            self.default_sampler, log.info)
 
     def generate(
         self, items: Sequence[GenerationItem], should_stop: StopCheck | None = None,

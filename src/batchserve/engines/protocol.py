@@ -325,6 +325,27 @@ def run_round(engine: StepEngine, joining: Sequence[GenerationItem],
     return out
 
 
+def warm_batches(generate: Callable[[list[GenerationItem]], object],
+                 shapes: Sequence[tuple[int, int, int]], sizes: Sequence[int], sampler: str,
+                 log: Callable[..., None]) -> dict[BatchKey, float]:
+    """A whole-batch engine's warm-up: each shape (width, height, steps) at each batch size
+    through `generate`, so kernels are tuned and compiled before /readyz turns 200. Returns
+    each shape's time at batch size 1 (when warmed at 1), which seeds the adaptive batch-time
+    model; `sampler` by name, as requests' batches are keyed."""
+    timings: dict[BatchKey, float] = {}
+    for w, h, steps in shapes:
+        for n in sizes:
+            items = [GenerationItem("warm-up", "", seed, w, h, steps, 7.5, sampler)
+                     for seed in range(n)]
+            started = time.perf_counter()
+            generate(items)
+            seconds = time.perf_counter() - started
+            if n == 1:
+                timings[items[0].key] = seconds
+            log("warm-up %dx%dx%d at batch size %d took %.2f s", w, h, steps, n, seconds)
+    return timings
+
+
 def warm_steps(engine: StepEngine, shapes: Sequence[tuple[int, int, int]],
                sizes: Sequence[int], sampler: str = "") -> list[tuple[int, int, int, int, float]]:
     """The warm-up of the `continuous` policy: each shape (width, height, steps) at each batch
