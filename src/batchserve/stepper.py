@@ -408,16 +408,20 @@ class StepBatcher(QueueLoop[T, R]):
 
     def _hold(self, full: bool) -> int:
         """How many done items to decode together. One (at once) unless the batch is full and
-        more of its key wait: then half the batch, as the whole-batch policies decode a batch
-        at once. At saturation items finish one by one (they joined one by one), and decoding
-        each alone wastes the batch gain of the decoder (on a CPU, a tiny model's decode of one
-        image costs two thirds of a batch's per image); there a queued request's wait is
-        seconds, and the first held item waits a few steps more. Never while draining, never
-        when the batch is not full (latency wins there)."""
+        a batch's worth more of its key waits: then half the batch, as the whole-batch
+        policies decode a batch at once. At saturation items finish one by one (they joined
+        one by one), and decoding each alone wastes the batch gain of the decoder (on a CPU, a
+        tiny model's decode of one image costs two thirds of a batch's per image); there a
+        queued request's wait is seconds, and the first held item waits a few steps more.
+        Never while draining, never when the batch is not full or less than a batch waits
+        (latency wins there)."""
         if not full or self.queue.closed:
             return 1
         group = self.queue.groups.get(self.key)
-        return max(1, self.limit(self.key) // 2) if group is not None and group.items else 1
+        limit = self.limit(self.key)
+        # a backlog of a whole batch: saturation, not the burst of a moderate load (where the
+        # first held item's few steps more showed in the p95)
+        return max(1, limit // 2) if group is not None and len(group.items) >= limit else 1
 
     def _shrink(self, active: list[Active[T, R]], exc: EngineOutOfMemory) -> None:
         """Out of memory: the last joiners go back to the queue (they restart from scratch
