@@ -190,9 +190,9 @@ class StepBatcher(QueueLoop[T, R]):
             else partial(advance_in_parts, runner))
         self.active: list[Active[T, R]] = []
         self.held: list[Active[T, R]] = []
-        self._ahead: set[int] = set()  # `seq` of queued items already sent `ahead`
         """Done items whose decode waits to be batched with the next ones (`_hold`): out of
         the running batch (their slots taken by joiners), not answered yet."""
+        self._ahead: set[int] = set()  # `seq` of queued items already sent `ahead`
         self.key: Hashable | None = None
         self.drop_late = drop_late
         self.times = StepTimes()
@@ -341,7 +341,7 @@ class StepBatcher(QueueLoop[T, R]):
             self._hooks.active_items(len(active) + len(taken))
         full = len(active) + len(taken) >= self.limit(self.key)
         until = self._until([*taken, *(a.pending for a in active)], full)
-        hold = self._hold(full and bool(active or taken))
+        hold = self._hold(full)
         try:
             ran = await self._advance([p.payload for p in taken],
                                       [(a.pending.payload, a.state) for a in active], until,

@@ -218,7 +218,7 @@ class StepwiseDiffusion:
                 stack.enter_context(self.lora.unet_rows(choices))
             out = self._unet(stage)(
                 torch.cat(samples), torch.stack(times), encoder_hidden_states=embeds,
-                return_dict=False, **dict(kwargs),
+                return_dict=False, **kwargs,
             )[0]
         preds, row = [], 0
         for state in states:
@@ -246,9 +246,7 @@ class StepwiseDiffusion:
                 name: torch.cat([row.added[name] for row in rows if row.added])
                 for name in rows[0].added
             }
-        # the states are held in the key's place by `states` only while this batch runs: a
-        # new state with a recycled id has new rows too, and the rows' ids are in the key
-        self._cond = (key, embeds, kwargs, states)
+        self._cond = (key, embeds, kwargs, states)  # `states` kept: their ids stay theirs
         return embeds, kwargs
 
     def finish(self, states: Sequence[StepState]) -> list[Image]:

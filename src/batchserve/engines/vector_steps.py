@@ -54,16 +54,12 @@ def step_all(updates: Sequence[Update]) -> list[torch.Tensor]:
     for n, update in enumerate(updates):
         branch = _branch(update)
         if branch is None:
-            out[n] = update.scheduler.step(update.output, update.timestep, update.sample,
-                                           **update.kwargs, return_dict=False)[0]
+            out[n] = _own_step(update)
         else:
             groups.setdefault(branch, []).append(n)
     for branch, members in groups.items():
         if len(members) == 1:
-            n = members[0]
-            u = updates[n]
-            out[n] = u.scheduler.step(u.output, u.timestep, u.sample, **u.kwargs,
-                                      return_dict=False)[0]
+            out[members[0]] = _own_step(updates[members[0]])
             continue
         for n, latents in zip(members, _dpm_together([updates[n] for n in members], branch[-1]),
                               strict=True):
@@ -103,6 +99,12 @@ def _kind(scheduler: Any) -> _Kind:
                 bool(config.lower_order_final))
         _KINDS[scheduler] = kind
     return kind
+
+
+def _own_step(u: Update) -> torch.Tensor:
+    latents: torch.Tensor = u.scheduler.step(u.output, u.timestep, u.sample, **u.kwargs,
+                                             return_dict=False)[0]
+    return latents
 
 
 def _branch(update: Update) -> tuple[Any, ...] | None:

@@ -49,11 +49,17 @@ _MAX_BLOCK_S = 5.0
 _COUNT_CAP = 10_000
 _CAS_TRIES = 20
 
+# Redis's clock in ms, for the waiting sets' scores (every api and worker process reads the same).
+_NOW_MS = """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
 # KEYS: stream, job key, idempotency key ("" for none), the tenant's waiting set ("" for none).
 # ARGV: id, record, ttl ms, job key prefix, the stream's approximate MAXLEN (a safety net far
 # above --max-jobs-waiting, see `max_len`).
 # Returns {1, record} when created, {0, existing record} when the key had already made a job.
-_CREATE = """
+_CREATE = _NOW_MS + """
 if KEYS[3] ~= '' then
   local existing = redis.call('GET', KEYS[3])
   if existing then
@@ -71,9 +77,7 @@ redis.call('HSET', KEYS[2], 'record', ARGV[2], 'entry', entry, 'idem', KEYS[3], 
            'waiting', KEYS[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 if KEYS[4] ~= '' then
-  local now = redis.call('TIME')
-  redis.call('ZADD', KEYS[4], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-             + tonumber(ARGV[3]), ARGV[1])
+  redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[3]), ARGV[1])
   redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
 return {1, ARGV[2]}
@@ -82,16 +86,14 @@ return {1, ARGV[2]}
 # KEYS: job key, stream. ARGV: expected record, new record, ttl ms, "1" to drop the stream entry,
 # "1" when the new record is queued (in its tenant's waiting set) else "0", the job id.
 # Returns 1 when written, 0 when the record changed (or vanished) since it was read.
-_CAS = """
+_CAS = _NOW_MS + """
 if redis.call('HGET', KEYS[1], 'record') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'record', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local waiting = redis.call('HGET', KEYS[1], 'waiting')
 if waiting and waiting ~= '' then
   if ARGV[5] == '1' then
-    local now = redis.call('TIME')
-    redis.call('ZADD', waiting, tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-               + tonumber(ARGV[3]), ARGV[6])
+    redis.call('ZADD', waiting, now_ms + tonumber(ARGV[3]), ARGV[6])
     redis.call('PEXPIRE', waiting, ARGV[3])
   else
     redis.call('ZREM', waiting, ARGV[6])
@@ -112,10 +114,8 @@ return 1
 
 # KEYS: a tenant's waiting set. Drops the jobs whose records have expired (never moved out of
 # `queued`, e.g. their api died before a worker took them) and returns how many remain.
-_COUNT_WAITING = """
-local now = redis.call('TIME')
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf',
-           tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+_COUNT_WAITING = _NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
 return redis.call('ZCARD', KEYS[1])
 """
 

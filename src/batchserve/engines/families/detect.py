@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...samplers import SAMPLERS
 from ...settings import SettingsError
@@ -45,15 +45,14 @@ def detect(model: str, model_config: str | None = None) -> str | None:
     if model in PRESET_FAMILIES:
         return PRESET_FAMILIES[model]
     path = Path(model)
-    if path.is_dir():
-        return _from_index(path / "model_index.json")
     if path.is_file():
         if path.suffix.lower() == ".safetensors":
             found = _from_keys(path)
             if found is not None:
                 return found
         return detect(model_config) if model_config else None
-    return _from_hub_cache(model)
+    name = model_index(model).get("_class_name")
+    return None if name is None else _PIPELINES.get(str(name), "generic")
 
 
 def served_family(model: str, asked: str = "auto", model_config: str | None = None) -> str:
@@ -100,14 +99,6 @@ def served_sizes(model: str, asked: str = "auto", model_config: str | None = Non
     return FAMILY_SIZES[family]
 
 
-def _from_index(index: Path) -> str | None:
-    try:
-        name = json.loads(index.read_text())["_class_name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return _PIPELINES.get(str(name), "generic")
-
-
 def _from_keys(file: Path) -> str | None:
     from safetensors import safe_open
 
@@ -122,16 +113,33 @@ def _from_keys(file: Path) -> str | None:
     return None
 
 
-def _from_hub_cache(repo: str) -> str | None:
-    """A hub id's `model_index.json` when already in the local cache (never a download here:
+def model_index(model: str) -> dict[str, Any]:
+    """`model_index.json` of a diffusers folder or a cached hub id ({} when none)."""
+    folder = Path(model)
+    if folder.is_dir():
+        return read_json(folder / "model_index.json") or {}
+    return {} if folder.exists() else hub_cached_json(model, "model_index.json") or {}
+
+
+def read_json(file: Path) -> dict[str, Any] | None:
+    """A JSON object from `file`; None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def hub_cached_json(repo: str, name: str) -> dict[str, Any] | None:
+    """A hub id's file `name` when already in the local cache (never a download here:
     loading the model downloads what it needs)."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(repo, "model_index.json")
+        cached = try_to_load_from_cache(repo, name)
     except Exception:  # not a valid repo id
         return None
-    return _from_index(Path(cached)) if isinstance(cached, str) else None
+    return read_json(Path(cached)) if isinstance(cached, str) else None
 
 
 def served_samplers(model: str, scheduler: str, asked: str = "auto",

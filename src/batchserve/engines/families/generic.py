@@ -13,7 +13,6 @@ shares the batching key, the queue and the worker, but gains nothing from batchi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ...samplers import DEFAULT_SAMPLER, FLOW_SAMPLERS, NATIVE, SAMPLERS
 from ...settings import SettingsError
 from .base import FAMILY_SIZES, Sizes
+from .detect import hub_cached_json, model_index, read_json
 
 if TYPE_CHECKING:
     from ...settings import Settings
@@ -81,7 +81,7 @@ def pipeline_on_disk(model: str) -> str | None:
     """The pipeline class of a preset, a diffusers folder or a cached hub id, without torch."""
     if model in PRESET_PIPELINES:
         return PRESET_PIPELINES[model]
-    name = _index(model).get("_class_name")
+    name = model_index(model).get("_class_name")
     return str(name) if name is not None else None
 
 
@@ -90,19 +90,11 @@ def sizes_of(model: str) -> Sizes:
     VAE (Sana's `AutoencoderDC`, 32x); else multiples of 16."""
     if model in PRESET_SIZES:
         return PRESET_SIZES[model]
-    vae = _index(model).get("vae")
+    vae = model_index(model).get("vae")
     if isinstance(vae, list) and len(vae) == 2 and vae[1] == "AutoencoderDC":
         return Sizes(SIZES.default, tuple(s for s in SIZES.presets
                                           if not s[0] % 32 and not s[1] % 32), multiple_of=32)
     return SIZES
-
-
-def _index(model: str) -> dict[str, Any]:
-    """`model_index.json` of a diffusers folder or a cached hub id ({} when none)."""
-    folder = Path(model)
-    if folder.is_dir():
-        return _read(folder / "model_index.json") or {}
-    return {} if folder.exists() else _from_hub_cache(model, "model_index.json") or {}
 
 
 def scheduler_on_disk(model: str) -> tuple[str | None, dict[str, Any]]:
@@ -111,12 +103,12 @@ def scheduler_on_disk(model: str) -> tuple[str | None, dict[str, Any]]:
     if model in PRESET_SCHEDULERS:
         preset, settings = PRESET_SCHEDULERS[model]
         return preset, dict(settings)
-    entry = _index(model).get("scheduler")
+    entry = model_index(model).get("scheduler")
     name = str(entry[1]) if isinstance(entry, list) and len(entry) == 2 else None
     folder = Path(model)
-    config = (_read(folder / "scheduler" / "scheduler_config.json") if folder.is_dir()
+    config = (read_json(folder / "scheduler" / "scheduler_config.json") if folder.is_dir()
               else None if folder.exists()
-              else _from_hub_cache(model, "scheduler/scheduler_config.json"))
+              else hub_cached_json(model, "scheduler/scheduler_config.json"))
     return name, config or {}
 
 
@@ -161,21 +153,3 @@ def check_settings(settings: Settings) -> None:
     if settings.clip_skip != 1:
         raise SettingsError(f"--clip-skip={settings.clip_skip}: not with a generic model "
                             "(its pipeline encodes prompts itself)")
-
-
-def _read(file: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _from_hub_cache(repo: str, name: str) -> dict[str, Any] | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(repo, name)
-    except Exception:  # not a valid repo id
-        return None
-    return _read(Path(cached)) if isinstance(cached, str) else None
