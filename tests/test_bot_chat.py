@@ -197,3 +197,39 @@ async def test_a_drain_timeout_of_zero_cancels_at_once() -> None:
     assert await jobs.drain(0) == (0, 1)
     assert reply.statuses[-1] == STOPPING
     assert api.jobs[next(iter(api.jobs))]["status"] == "canceled"
+
+
+class SlowUpload(Recorder):
+    """A chat whose photo shows (recorded) before the upload call returns (held)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploaded = asyncio.Event()
+
+    async def image(self, data: bytes, caption: str, job_id: str) -> None:
+        await super().image(data, caption, job_id)
+        await self.uploaded.wait()
+
+
+async def test_the_next_prompt_is_taken_as_soon_as_the_image_shows() -> None:
+    """One image at a time per chat: the place frees when the image is made, not when the
+    chat service answers the upload (a person who sees the photo may type at once)."""
+    api = FakeJobsAPI()
+    jobs, _ = await jobs_for(api)
+    reply = SlowUpload()
+    jobs.start("chat", "ada", "a cat", Options(), reply)
+    await reply.until("Queued")
+    api.finish(next(iter(api.jobs)))
+    while not reply.images:
+        reply.changed.clear()
+        await reply.changed.wait()
+    (uploading,) = [run.task for run in jobs._runs]
+    assert jobs.start("chat", "ada", "a dog", Options(), Recorder()) is None
+    # the upload under way is still one a drain waits for: it finishes, the dog is cancelled
+    drain = asyncio.create_task(jobs.drain(600, hurry := asyncio.Event()))
+    await asyncio.sleep(0)
+    reply.uploaded.set()
+    assert uploading is not None
+    await uploading
+    hurry.set()
+    assert await drain == (1, 1)

@@ -179,6 +179,7 @@ class _Run:
     shown: str = ""
     shown_status: str = ""
     shown_at: float = field(default=-math.inf)
+    released: bool = False  # its quota place is given back (`ChatJobs._release`)
 
 
 class ChatJobs:
@@ -281,6 +282,9 @@ class ChatJobs:
                     job = view
                     await self._show(run, view)
             if job.status == "succeeded":
+                # The image is no longer on the way once it is made: the chat may send its next
+                # prompt as soon as the photo shows, which is before the upload call returns.
+                self._release(run, refund=False)
                 await self._deliver(run, job)
         except ServerError as exc:
             await self._say(run, exc.sentence)
@@ -298,8 +302,14 @@ class ChatJobs:
             await self._cancel_job(run)
             await self._say(run, "Something went wrong in the bot. Please try again.")
         finally:
-            self.quota.release(run.chat, run.user, refund=not accepted)
-            self._runs.discard(run)
+            self._release(run, refund=not accepted)
+            self._runs.discard(run)  # after the upload: a drain waits for it
+
+    def _release(self, run: _Run, *, refund: bool) -> None:
+        """Gives `run`'s place in the quota back, once."""
+        if not run.released:
+            run.released = True
+            self.quota.release(run.chat, run.user, refund=refund)
 
     async def _deliver(self, run: _Run, job: JobView) -> None:
         data = await self.client.image(job.id)
