@@ -172,6 +172,29 @@ def test_a_row_seen_before_is_not_encoded_again_and_gives_the_same_embedding(
     assert torch.equal(again.prompt_embeds[0], second.prompt_embeds[0])
 
 
+def test_a_text_is_tokenized_once_while_it_stays_recent(chunking: DiffusionEngine) -> None:
+    """A joiner's prompt encoded ahead is not tokenized again when it joins, nor the shared
+    negative prompt for every item; the ids are the tokenizer's."""
+    prompts = chunking.prompts
+    tokenizer = prompts.tokenizer
+    asked: list[list[str]] = []
+
+    def counted(texts: list[str], **kwargs: object) -> object:
+        asked.append(list(texts))
+        return tokenizer(texts, **kwargs)
+
+    prompts._ids.clear()
+    prompts.tokenizer = counted
+    try:
+        first = prompts._token_ids(["a red fox", "", "a blue owl"])
+        again = prompts._token_ids(["a blue owl", "", "a grey cat"])
+    finally:
+        prompts.tokenizer = tokenizer
+    assert asked == [["a red fox", "", "a blue owl"], ["a grey cat"]]
+    assert again[0] == first[2] and again[1] == first[1]
+    assert again[2] == tokenizer(["a grey cat"], add_special_tokens=False).input_ids[0]
+
+
 def test_prompts_encoded_ahead_are_not_encoded_again_when_their_items_join(
     chunking: DiffusionEngine,
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
-from batchserve.engines.vector_steps import Update, _branch, step_all
+from batchserve.engines.vector_steps import Update, _group, step_all
 
 BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear"}
@@ -51,6 +51,10 @@ def _run(schedulers: list[Any], starts: list[int], steps: int, together: bool,
     {"solver_order": 3},
     {"algorithm_type": "dpmsolver", "solver_type": "heun", "final_sigmas_type": "sigma_min"},
     {"prediction_type": "v_prediction", "final_sigmas_type": "zero"},
+    {"solver_type": "heun", "use_karras_sigmas": True},
+    {"prediction_type": "sample", "final_sigmas_type": "sigma_min"},
+    {"solver_order": 1},
+    {"euler_at_final": True, "lower_order_final": False},
 ])
 def test_items_at_different_steps_move_as_their_own_step_moves_them(config: dict[str, Any]
                                                                        ) -> None:
@@ -59,19 +63,32 @@ def test_items_at_different_steps_move_as_their_own_step_moves_them(config: dict
     alone = _run([_scheduler(s, **config) for s in steps], starts, 40, together=False)
     together = _run([_scheduler(s, **config) for s in steps], starts, 40, together=True)
     for a, b in zip(alone, together, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b, a)  # bit-identical on CPU
+
+
+def test_the_default_sampler_is_fused_for_every_order_in_one_update() -> None:
+    """Items at their first (first-order), middle (second-order) and last (first-order, zero
+    final sigma) steps of different schedules share one update."""
+    schedulers = [_scheduler(s, use_karras_sigmas=True) for s in (20, 30, 12)]
+    for scheduler, index in zip(schedulers, (0, 11, 11), strict=True):
+        scheduler._step_index = index
+        scheduler.lower_order_nums = min(index, 2)
+        scheduler.model_outputs = [torch.ones(1, 4, 8, 8)] * 2
+    sample = torch.ones(1, 4, 8, 8)
+    groups = {_group(Update(s, sample, s.timesteps[0], sample, {})) for s in schedulers}
+    assert len(groups) == 1 and None not in groups
 
 
 def test_updates_it_cannot_share_go_through_their_own_step() -> None:
     euler = EulerAncestralDiscreteScheduler(**BASE)
     euler.set_timesteps(10)
     sample = torch.zeros(1, 4, 8, 8)
-    assert _branch(Update(euler, sample, euler.timesteps[0], sample, {})) is None
+    assert _group(Update(euler, sample, euler.timesteps[0], sample, {})) is None
     dpm = _scheduler(10)
     half = sample.half()
-    assert _branch(Update(dpm, half, dpm.timesteps[0], half, {})) is None  # fp16: per item
+    assert _group(Update(dpm, half, dpm.timesteps[0], half, {})) is None  # fp16: per item
     sde = _scheduler(10, algorithm_type="sde-dpmsolver++")
-    assert _branch(Update(sde, sample, sde.timesteps[0], sample, {})) is None
+    assert _group(Update(sde, sample, sde.timesteps[0], sample, {})) is None
     # an ancestral sampler's noise comes from each item's own generator, as alone
     schedulers = [copy.deepcopy(euler) for _ in range(3)]
     gens = [torch.Generator().manual_seed(n) for n in range(3)]

@@ -17,10 +17,10 @@ it the same way (the latter can encode items apart and join them with `stack`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
@@ -51,6 +51,39 @@ class Encoded:
 ROW_CACHE = 64
 """Encoded rows kept per text encoder (`PromptEncoder._cached_rows`): 77 x D each, ~0.4 MB for
 SDXL's bigG in fp32."""
+TOKEN_CACHE = 256
+"""Texts whose token ids are kept per tokenizer (`PromptEncoder._token_ids`)."""
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """The values of the last `size` keys used, made for many keys at once: `get` makes the
+    missing ones in one call (one tokenizer or encoder call for a batch, not one per key)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._values: dict[K, V] = {}  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def clear(self) -> None:
+        self._values.clear()
+
+    def get(self, keys: Sequence[K], make: Callable[[list[K]], Sequence[V]]) -> list[V]:
+        values = self._values
+        found = {k: values[k] for k in keys if k in values}
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
+        if missing:
+            found.update(zip(missing, make(missing), strict=True))
+        for k in keys:  # most recently used last
+            values.pop(k, None)
+            values[k] = found[k]
+        while len(values) > self.size:
+            values.pop(next(iter(values)))
+        return [found[k] for k in keys]
 
 
 class PromptEncoder:
@@ -80,8 +113,13 @@ class PromptEncoder:
         # (diffusers' `maybe_convert_prompt` compares the lower-cased pieces case-sensitively and
         # misses mixed-case names like `EasyNegative`.)
         self._expansions = {k.lower(): v for k, v in (expansions or {}).items()}
-        self._rows: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._rows: Recent[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = (
+            Recent(ROW_CACHE))
         """`_cached_rows`': a row's token ids -> its hidden states [77, D] and pooled [P]."""
+        self._ids: Recent[str, list[int]] = Recent(TOKEN_CACHE)
+        """`_token_ids`': a text -> its token ids (a step-wise engine's joiner is tokenized
+        when its prompt is encoded ahead and again when it joins; the shared negative prompt
+        with every item)."""
         names = sorted(self._expansions, key=len, reverse=True)
         self._pattern = (
             re.compile("|".join(re.escape(n) for n in names) + r"(?!_\d)", re.IGNORECASE)
@@ -148,6 +186,12 @@ class PromptEncoder:
             yield text
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids (embedding names expanded), the tokenizer called once for
+        those not among the last `TOKEN_CACHE` (a tokenizer call costs more than a CPU step's
+        scheduler update; the ids are read, never changed)."""
+        return self._ids.get(texts, self._tokenize)
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if self._pattern is not None:
             pattern, expand = self._pattern, self._expansions
             texts = [pattern.sub(lambda m: expand[m.group(0).lower()], t) for t in texts]
@@ -178,21 +222,15 @@ class PromptEncoder:
         saves: the negative prompt, the same for most requests ("" or a house default), is
         encoded once rather than for every item; a step-wise engine encodes each joiner alone,
         where that is half of its text-encoder work (two encoders' worth for SDXL)."""
-        keys = [tuple(row) for row in rows]
-        cache = self._rows
-        found = {k: cache[k] for k in keys if k in cache}
-        missing = [k for k in dict.fromkeys(keys) if k not in found]
-        if missing:
+        def encode(missing: list[tuple[int, ...]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
             hidden, pooled = self._run_encoder([list(k) for k in missing])
-            for n, k in enumerate(missing):
-                found[k] = (hidden[n], None if pooled is None else pooled[n])
-        for k in keys:  # most recently used last
-            cache.pop(k, None)
-            cache[k] = found[k]
-        while len(cache) > ROW_CACHE:
-            cache.pop(next(iter(cache)))
-        out = torch.stack([found[k][0] for k in keys])
-        firsts = [found[k][1] for k in keys]
+            return [(hidden[n], None if pooled is None else pooled[n])
+                    for n in range(len(missing))]
+
+        found = self._rows.get([tuple(row) for row in rows], encode)
+        out = torch.stack([hidden for hidden, _ in found])
+        firsts = [pooled for _, pooled in found]
         return out, (None if firsts[0] is None
                      else torch.stack([p for p in firsts if p is not None]))
 
