@@ -408,9 +408,9 @@ class DiffusionEngine:
         """A fresh scheduler per item with its timesteps set: its own sampler (the request's,
         else --scheduler), built from the checkpoint's config like a whole batch's. A copy of
         one built once per (sampler, steps): building one (`from_config`) and setting Karras
-        timesteps take ~2.5 ms on a CPU, paid by every joiner; the copy ~0.4 ms."""
-        return copy.deepcopy(self._prototype(item.sampler or self.settings.scheduler,
-                                             item.inference_steps))
+        timesteps take ~2.5 ms on a CPU, paid by every joiner; the copy ~0.1 ms."""
+        return _fresh_copy(self._prototype(item.sampler or self.settings.scheduler,
+                                           item.inference_steps))
 
     def _new_scheduler(self, sampler: str, steps: int) -> Any:
         scheduler = make_scheduler(sampler, self.scheduler_config or self.pipe.scheduler.config)
@@ -426,6 +426,18 @@ class DiffusionEngine:
     def _free_cache(self) -> None:
         if self.plan.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _fresh_copy(scheduler: Any) -> Any:
+    """A scheduler of its own for one item: its per-step state (history lists, step index,
+    last sample) copied, its tensors (timesteps, sigmas, alphas) and frozen config shared.
+    Schedulers replace those tensors (`set_timesteps`, `.to`) and never write into them, and
+    copying them was three quarters of a deep copy's time."""
+    memo: dict[int, Any] = {id(scheduler.config): scheduler.config}
+    for value in vars(scheduler).values():
+        if isinstance(value, torch.Tensor):
+            memo[id(value)] = value
+    return copy.deepcopy(scheduler, memo)
 
 
 def check_refiner(settings: Settings, family: str) -> None:
