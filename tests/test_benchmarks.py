@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import openloop, openloop_report, report
+from benchmarks import openloop, openloop_report, report, saturation
 from benchmarks.serve import Load, batchserve_cmd, percentile, server, summarize, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,6 +288,36 @@ def test_openloop_quick_smoke(tmp_path: Path) -> None:
     report = (tmp_path / "openloop.md").read_text()
     assert "continuous p50 / deadline p50" in report and "ideal model" in report
     assert (tmp_path / "openloop.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_saturation_quick_smoke(tmp_path: Path) -> None:
+    """Alternating saturation windows end to end on two sim servers: every round has a window
+    of each policy, in reversed order every other round, and the ratio is the rounds' sums'."""
+    cmd = [sys.executable, "-m", "benchmarks.saturation", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "saturation.json").read_text())
+    assert [r["order"] for r in results["rounds"]] == [["deadline", "continuous"],
+                                                      ["continuous", "deadline"]]
+    rates = [{p: w["images_per_s"] for p, w in r["windows"].items()} for r in results["rounds"]]
+    assert all(rate > 0 for r in rates for rate in r.values()) and results["failed"] == 0
+    figures = results["ratios"]["continuous"]
+    assert figures["ratio"] == pytest.approx(
+        sum(r["continuous"] for r in rates) / sum(r["deadline"] for r in rates), abs=1e-3)
+    low, high = figures["interval"]
+    assert low <= figures["ratio"] <= high
+    assert "continuous / deadline images/s over all rounds" in (tmp_path / "saturation.md"
+                                                                ).read_text()
+    assert (tmp_path / "saturation.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_saturation_interval_resamples_rounds() -> None:
+    steady = [{"a": 10.0, "b": 9.0}] * 6
+    assert saturation.interval(steady, "b", "a", seed=1) == pytest.approx((0.9, 0.9))
+    noisy = [{"a": 10.0, "b": b} for b in (8.0, 10.0, 9.0, 11.0, 7.0, 9.0)]
+    low, high = saturation.interval(noisy, "b", "a", seed=1)
+    assert low < 0.9 < high
 
 
 def test_runner_goodput_smoke(tmp_path: Path) -> None:

@@ -134,6 +134,27 @@ async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
     return out
 
 
+class _Suspended:
+    """True once the running loop has run a callback scheduled at its creation, i.e. once the
+    creator's task has suspended since. After an engine call (which suspends while the engine
+    works, so submissions and cancellations were let in meanwhile) the next round is taken at
+    once: another pass through the loop's ready callbacks first (responses, new requests'
+    parsing) would leave the engine idle for it, once per round, which at saturation is once
+    per finished item."""
+
+    __slots__ = ("_ran",)
+
+    def __init__(self) -> None:
+        self._ran = False
+        asyncio.get_running_loop().call_soon(self._set)
+
+    def _set(self) -> None:
+        self._ran = True
+
+    def __bool__(self) -> bool:
+        return self._ran
+
+
 @dataclass(eq=False, slots=True)
 class Active(Generic[T, R]):
     """An item in the running batch, with what its response headers report."""
@@ -219,8 +240,10 @@ class StepBatcher(QueueLoop[T, R]):
             if not self.active and not taken and not self.held:
                 await queue.wait(queue.next_deadline())
                 continue
+            suspended = _Suspended()
             await self._iterate(taken, now)
-            await asyncio.sleep(0)  # let clients, cancellations and submissions in
+            if not suspended:  # the runner answered without suspending: let the loop run
+                await asyncio.sleep(0)  # (clients, cancellations and submissions)
 
     # -- between steps ---------------------------------------------------------------------
 
