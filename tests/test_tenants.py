@@ -186,6 +186,29 @@ async def test_best_key_prefers_the_tenant_whose_turn_it_is() -> None:
     await asyncio.sleep(0)
 
 
+async def test_one_tenant_at_one_priority_is_served_in_arrival_order_like_the_full_order(
+) -> None:
+    """The queue's shortcut (one tenant, everyone at the top priority: arrival order) orders as
+    the fair order does, a requeued older item first; a second priority or tenant takes the
+    full path."""
+    clock = Clock()
+    queue: RequestQueue[int, int] = RequestQueue(clock=clock, aging_s=1.0)
+    for i in range(6):
+        queue.submit(i, key="k")
+        clock.now += 0.7  # ages differ: aging would lift the old ones, up to the cap only
+    taken = queue.take("k", 2, clock())
+    queue.requeue(taken)  # back at the end of the list, older than the rest
+    full = queue.fair.order(list(queue.groups["k"].items), queue._rank(clock()))
+    assert [p.payload for p in queue.ordered("k", clock())] == [p.payload for p in full]
+    assert [p.payload for p in queue.ordered("k", clock())] == list(range(6))
+    queue.submit(9, key="k", priority=1)  # above the rest until they age to it (aging_s 1)
+    order = [p.payload for p in queue.ordered("k", clock())]
+    assert order == [0, 1, 2, 3, 4, 9, 5]  # only the one under 1 s old stays below it
+    for p in [p for g in queue.groups.values() for p in g.items]:
+        p.future.cancel()
+    await asyncio.sleep(0)
+
+
 # -- through the doors -----------------------------------------------------------------------
 
 KEYS = """

@@ -136,11 +136,12 @@ async def advance_in_parts(runner: StepRunner[T, R], joining: list[T],
 
 class _Suspended:
     """True once the running loop has run a callback scheduled at its creation, i.e. once the
-    creator's task has suspended since. After an engine call (which suspends while the engine
-    works, so submissions and cancellations were let in meanwhile) the next round is taken at
-    once: another pass through the loop's ready callbacks first (responses, new requests'
-    parsing) would leave the engine idle for it, once per round, which at saturation is once
-    per finished item."""
+    creator's task has suspended since. At saturation, after an engine call (which suspends
+    while the engine works, so submissions and cancellations were let in meanwhile) the next
+    round is taken at once: another pass through the loop's ready callbacks first (responses,
+    new requests' parsing) would leave the engine idle for it once per round, i.e. once per
+    finished item. Below saturation that pass comes first (latency wins there: the responses
+    go out before the engine's threads take both cores again)."""
 
     __slots__ = ("_ran",)
 
@@ -217,6 +218,7 @@ class StepBatcher(QueueLoop[T, R]):
         self.key: Hashable | None = None
         self.drop_late = drop_late
         self.times = StepTimes()
+        self._saturated = False  # the last round ran at saturation (`_hold` > 1)
 
     def limit(self, key: Hashable) -> int:
         """The active limit of `key`: the setting, or less after a step of this key ran out of
@@ -242,8 +244,10 @@ class StepBatcher(QueueLoop[T, R]):
                 continue
             suspended = _Suspended()
             await self._iterate(taken, now)
-            if not suspended:  # the runner answered without suspending: let the loop run
-                await asyncio.sleep(0)  # (clients, cancellations and submissions)
+            # Let clients, cancellations and submissions in before the next round, unless at
+            # saturation the engine call already did (it suspends while the engine works)
+            if not (suspended and self._saturated):
+                await asyncio.sleep(0)
 
     # -- between steps ---------------------------------------------------------------------
 
@@ -365,6 +369,7 @@ class StepBatcher(QueueLoop[T, R]):
         full = len(active) + len(taken) >= self.limit(self.key)
         until = self._until([*taken, *(a.pending for a in active)], full)
         hold = self._hold(full)
+        self._saturated = hold > 1
         try:
             ran = await self._advance([p.payload for p in taken],
                                       [(a.pending.payload, a.state) for a in active], until,

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 from typing import Generic, Protocol, TypeVar
 
 from ..errors import BatchServeError, Draining, QueueFull, QueueTimeout
@@ -53,6 +54,9 @@ class Pending(Generic[T, R]):
 
     def effective_priority(self, now: float, aging_s: float) -> int:
         return self.priority + int((now - self.enqueued) // aging_s)
+
+
+_SEQ = attrgetter("seq")
 
 
 @dataclass(eq=False, slots=True)
@@ -231,16 +235,27 @@ class RequestQueue(Generic[T, R]):
         group = self.groups.get(key)
         if group is None:
             return []
-        group.items = self.fair.order(group.items, self._rank(now))
+        items = group.items
+        cap = self._cap()
+        if all(p.priority == cap for p in items) and len({p.tenant for p in items}) == 1:
+            # Everyone at the top priority already (aging lifts nobody past the cap) and one
+            # tenant (no turns): arrival order. The common case, and per round of `continuous`
+            # at saturation the full ordering below is ~1 ms for 500 queued on a CPU.
+            items.sort(key=_SEQ)
+            return items
+        group.items = self.fair.order(items, self._rank(now, cap))
         return group.items
 
-    def _rank(self, now: float) -> Callable[[Pending[T, R]], int]:
+    def _cap(self) -> int:
+        return max((p.priority for g in self.groups.values() for p in g.items), default=0)
+
+    def _rank(self, now: float, cap: int | None = None) -> Callable[[Pending[T, R]], int]:
         """Aged priority, capped at the highest priority asked for by anything queued: aging
         lifts old work level with the most urgent (it cannot starve), never above it, so a
         tenant's backlog does not outrank another tenant's fresh work of the same priority just
         by being old; among equals the fair turn decides."""
-        cap = max((p.priority for g in self.groups.values() for p in g.items), default=0)
-        return lambda p: min(cap, p.effective_priority(now, self.aging_s))
+        top = self._cap() if cap is None else cap
+        return lambda p: min(top, p.effective_priority(now, self.aging_s))
 
     def note_service_time(self, seconds: float, slots: int) -> None:
         """Records how long one round of `slots` concurrent items took (for `Retry-After`)."""
