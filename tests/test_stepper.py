@@ -17,7 +17,7 @@ from batchserve.errors import (
     QueueTimeout,
 )
 from batchserve.sched.request_queue import NullHooks, Outcome
-from batchserve.stepper import Advanced, StepBatcher
+from batchserve.stepper import Advanced, StepBatcher, _Suspended
 
 Item = tuple[str, str, int]  # (shape, name, steps)
 
@@ -453,3 +453,18 @@ async def test_at_saturation_items_done_one_by_one_are_decoded_together(clock: F
     # the queued items were offered ahead once, together, for their prompts to be encoded
     assert runner.aheads == [["q0", "q1", "q2", "q3"]]
     await h.close()
+
+
+async def test_the_suspension_marker_tells_a_call_that_suspended_from_one_that_did_not() -> None:
+    """At saturation the loop skips its extra pass only after a runner call that suspended
+    (the loop ran meanwhile); a call that answered at once (a fake) still gets the pass."""
+    quick = _Suspended()
+
+    async def answers_at_once() -> None:
+        return None
+
+    await answers_at_once()
+    assert not quick
+    waited = _Suspended()
+    await asyncio.sleep(0)  # the engine's future resolving from its thread suspends likewise
+    assert waited
