@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.openloop import CPU_MODELS, MIXES, bodies
+from benchmarks.openloop import CPU_MODELS, MIXES, bodies, server_args
 from benchmarks.serve import ROOT, batchserve_cmd, percentile, server, throughput
 
 POLICIES = ("deadline", "eager", "continuous")
@@ -46,25 +46,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--window-s", type=float, default=20.0)
     p.add_argument("--settle-s", type=float, default=4.0)
     p.add_argument("--clients", type=int, default=24, help="requests always outstanding")
+    p.add_argument("--max-wait-ms", type=float, default=500.0)
+    p.add_argument("--step-ms", type=float, default=25.0, help="sim: fixed ms per UNet step")
+    p.add_argument("--step-per-image-ms", type=float, default=15.0,
+                   help="sim: ms per image per step")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "saturation")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (sim)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.model, opts.rounds, opts.window_s, opts.settle_s = "sim", 2, 2.0, 0.5
-        opts.clients = 12
+        opts.clients, opts.step_ms, opts.step_per_image_ms = 12, 2.0, 1.0
     opts.policies = tuple(opts.policies.split(","))
     if set(opts.policies) - set(POLICIES) or len(opts.policies) < 2:
         p.error(f"--policies: two or more of {', '.join(POLICIES)}")
     return opts
-
-
-def server_args(opts: argparse.Namespace, policy: str) -> list[str]:
-    args = ["--flush-policy", policy, "--max-batch-size", "8", "--max-queue", "1024",
-            "--warmup", ""]
-    if opts.model == "sim":  # a step cost that batches like a GPU's, fast enough to smoke
-        return ["--model", "sim", "--sim-step-ms", "4", "--sim-step-per-image-ms", "1", *args]
-    return ["--model", opts.model, *args]
 
 
 class Load:
@@ -200,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs = opts.out / "runs"  # server logs, not committed
     logs.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
+        # the servers `benchmarks.openloop` starts, one per policy
         urls = {policy: stack.enter_context(server(batchserve_cmd(server_args(opts, policy)),
                                                    logs / f"{policy}.log"))
                 for policy in opts.policies}

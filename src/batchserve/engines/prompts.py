@@ -66,9 +66,6 @@ class Recent(Generic[K, V]):
         self.size = size
         self._values: dict[K, V] = {}  # least recently used first
 
-    def __len__(self) -> int:
-        return len(self._values)
-
     def clear(self) -> None:
         self._values.clear()
 
