@@ -5,6 +5,11 @@ A step of n items costs `step + n * per_image` ms; a whole batch of n items and 
 times that. `continuous`: at every step boundary queued items join (FIFO) up to 8, done items
 leave. `deadline` / `eager`: a key's group is due when it holds 8 or its oldest waited
 `max_wait` (0 for eager); the engine takes the due group with the oldest item.
+
+`--bounds` says what no schedule can beat: a step of one item is the fastest step there is, so
+each request's latency is at least its steps run alone, and any schedule's p50 at least the p50
+of those (the floor). Beside it, the best p50 of a family of other schedules: shortest remaining
+work first, re-chosen at every step boundary, at most 1, 2, 4 or 8 items a step.
 """
 
 from __future__ import annotations
@@ -51,6 +56,41 @@ def continuous(arr: list[Arrival], step: float, per: float, cap: int = 8) -> lis
                 lat[item[0]] = now - arr[item[0]][0]
         active = [x for x in active if x[1] > 0]
     return lat
+
+
+def shortest_first(arr: list[Arrival], step: float, per: float, cap: int) -> list[float]:
+    """Each arrival's latency under a preemptive schedule: at every step boundary the `cap`
+    items (queued or running) with the fewest steps left run the next step (ties: oldest)."""
+    now, i, lat = 0.0, 0, [0.0] * len(arr)
+    waiting: list[list[int]] = []  # [index, steps left]
+    while i < len(arr) or waiting:
+        while i < len(arr) and arr[i][0] <= now:
+            waiting.append([i, arr[i][1][0]])
+            i += 1
+        if not waiting:
+            now = arr[i][0]
+            continue
+        waiting.sort()  # arrival order first, so the stable sort below breaks ties by age
+        waiting.sort(key=lambda item: item[1])
+        now += (step + per * min(cap, len(waiting))) / 1000
+        for item in waiting[:cap]:
+            item[1] -= 1
+            if item[1] <= 0:
+                lat[item[0]] = now - arr[item[0]][0]
+        waiting = [x for x in waiting if x[1] > 0]
+    return lat
+
+
+def bounds(arr: list[Arrival], step: float, per: float, max_wait_s: float = 0.5
+           ) -> dict[str, float]:
+    """p50 ratios to `deadline`'s on one arrival sequence: continuous's, the floor no schedule
+    can go below, and the best of the shortest-first schedules (and its cap)."""
+    d = percentile(whole(arr, step, per, max_wait_s), 0.5)
+    alone = [key[0] * (step + per) / 1000 for _, key in arr]
+    best = min((percentile(shortest_first(arr, step, per, cap), 0.5), cap) for cap in (1, 2, 4, 8))
+    return {"continuous": percentile(continuous(arr, step, per), 0.5) / d,
+            "floor": percentile(alone, 0.5) / d, "best shortest-first": best[0] / d,
+            "its cap": float(best[1])}
 
 
 def whole(arr: list[Arrival], step: float, per: float, wait: float, cap: int = 8) -> list[float]:
@@ -102,11 +142,23 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1,
                    help="> 1: the spread (min / median / max) of the ratios over this many "
                         "seeds, i.e. what one run of --requests requests can tell")
+    p.add_argument("--bounds", action="store_true",
+                   help="p50 ratios to deadline's that no schedule can beat (the floor) and "
+                        "that shortest-remaining-first schedules reach, beside continuous's")
     opts = p.parse_args()
     step, per = opts.step_ms, opts.step_per_image_ms
     for mix in MIXES:
         for load in map(float, opts.loads.split(",")):
             rate = load * capacity(mix, step, per)
+            if opts.bounds:
+                seen = [bounds(arrivals(rate, ideal_keys(mix), opts.arrivals, opts.seed + k),
+                               step, per) for k in range(opts.runs)]
+                caps = sorted({int(b["its cap"]) for b in seen})
+                print(f"{mix:8s} {load:.0%}, p50 / deadline's, median of {opts.runs} seeds: "
+                      + "  ".join(f"{name} {median(b[name] for b in seen):.2f}"
+                                  for name in seen[0] if name != "its cap")
+                      + f" (cap {'/'.join(map(str, caps))})")
+                continue
             if opts.runs > 1:
                 draws = [ratios(policies(arrivals(rate, ideal_keys(mix), opts.arrivals,
                                                   opts.seed + k), step, per))

@@ -363,6 +363,27 @@ def test_openloop_img2img_mix_sends_half_image_requests_that_run_fewer_steps() -
     assert 0.4 < sum(k == (20, 7.5) for k in keys) / len(keys) < 0.6
 
 
+def test_ideal_bounds_floor_and_shortest_first() -> None:
+    """Shortest-first runs the item with the fewest steps left first and lets a newcomer with
+    fewer take over at the next step; no latency is below the item's steps alone, so the floor
+    is below every schedule's p50."""
+    from benchmarks import ideal
+
+    # (arrival s, (steps, guidance)); a step of n items costs 100 + 900 n ms
+    arr = [(0.0, (3, 7.5)), (0.0, (1, 7.5)), (1.5, (1, 7.5))]
+    assert ideal.shortest_first(arr, 100.0, 900.0, cap=1) == pytest.approx([5.0, 1.0, 1.5])
+    # two at a time: steps of two cost 1.9 s; the newcomer shares the long item's second step
+    assert ideal.shortest_first(arr, 100.0, 900.0, cap=2) == pytest.approx([4.8, 1.9, 2.3])
+    many = ideal.arrivals(0.5, openloop.ideal_keys("mixed"), 300, seed=3)
+    alone = [key[0] * 1.0 for _, key in many]
+    for cap in (1, 4):
+        lat = ideal.shortest_first(many, 100.0, 900.0, cap)
+        assert all(x >= a - 1e-9 for x, a in zip(lat, alone, strict=True))
+    seen = ideal.bounds(many, 100.0, 900.0)
+    assert seen["floor"] <= min(seen["continuous"], seen["best shortest-first"])
+    assert seen["its cap"] in (1.0, 2.0, 4.0, 8.0)
+
+
 def test_retry_benchmark_phase_counts_images_refusals_and_engine_time() -> None:
     from benchmarks.retry import phase
 
