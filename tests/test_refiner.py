@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from test_stepwise import pixels, run_until_done
 
 from batchserve.engines import GenerationItem
 from batchserve.engines.diffusion import DiffusionEngine
+from batchserve.engines.families import check_start
 from batchserve.schema import Limits, validate
 from batchserve.settings import Settings, SettingsError
 
@@ -197,6 +201,20 @@ async def test_a1111_refiner_checkpoint_without_a_refiner_names_the_field() -> N
             "prompt": "x", "refiner_checkpoint": "None", "refiner_switch_at": 0.8})
         assert none.status_code == 200, none.text
         assert all(i.refiner_switch == 0 for b in app.engine.batches for i in b)
+
+
+def test_the_command_line_refuses_a_refiner_without_sdxl_before_binding() -> None:
+    env = {**os.environ, "PYTHONPATH": "src"}
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve", "serve", "--model", "tiny", "--refiner",
+         "tiny-sdxl-refiner", "--port", "1"],
+        capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "batchserve: invalid setting: --refiner: the refiner needs an SDXL base model; "
+        "--model tiny is sd1"]
+    with pytest.raises(SettingsError, match=r"^--refiner: .*--model sim is the simulated"):
+        check_start(Settings(model="sim", refiner="tiny-sdxl-refiner"))
 
 
 def test_a_refiner_beside_the_simulated_engine_names_the_flag() -> None:

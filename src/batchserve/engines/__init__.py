@@ -37,12 +37,10 @@ __all__ = ["BatchKey", "Engine", "EngineInfo", "GenerationItem", "LoraPick", "St
 def load_engine(settings: Settings) -> Engine:
     """Builds the engine the settings name. Blocking (loads weights); run it off the loop."""
     if settings.model == "sim":
-        from ..settings import SettingsError
+        from .families import check_refiner
         from .sim import SimEngine
 
-        if settings.refiner is not None:
-            raise SettingsError("--refiner: the refiner needs an SDXL base model; --model sim "
-                                "has none")
+        check_refiner(settings, "sim")
 
         return SimEngine(base_ms=settings.sim_base_ms, per_image_ms=settings.sim_per_image_ms,
                          step_ms=settings.sim_step_ms,

@@ -224,7 +224,7 @@ class DiffusionEngine:
         plan = plan_tuning(settings, cuda=torch.cuda.is_available(), xformers=xformers_available())
         checkpoints.check_paths(settings)
         family = families.resolve(settings.model_family, settings.model, settings.model_config)
-        check_refiner(settings, family)
+        families.check_refiner(settings, family)
         started = time.perf_counter()
         pipe = load_pipeline(settings, _DTYPES[plan.dtype], family)
         base_config = pipe.scheduler.config
@@ -438,13 +438,6 @@ def _fresh_copy(scheduler: Any) -> Any:
         if isinstance(value, torch.Tensor):
             memo[id(value)] = value
     return copy.deepcopy(scheduler, memo)
-
-
-def check_refiner(settings: Settings, family: str) -> None:
-    """`--refiner` needs an SDXL base."""
-    if settings.refiner is not None and family != "sdxl":
-        raise SettingsError(f"--refiner: the refiner needs an SDXL base model; --model "
-                            f"{settings.model} is {family}")
 
 
 def load_refiner(refiner: str, base: Any, torch_dtype: torch.dtype) -> Any:

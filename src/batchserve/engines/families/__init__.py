@@ -10,6 +10,7 @@ from .base import FAMILY_SIZES, Sizes
 from .detect import (
     FAMILIES,
     PRESET_FAMILIES,
+    check_refiner,
     check_start,
     detect,
     resolve,
@@ -18,6 +19,6 @@ from .detect import (
     served_sizes,
 )
 
-__all__ = ["FAMILIES", "FAMILY_SIZES", "PRESET_FAMILIES", "Sizes", "check_start", "detect",
-           "resolve",
+__all__ = ["FAMILIES", "FAMILY_SIZES", "PRESET_FAMILIES", "Sizes", "check_refiner",
+           "check_start", "detect", "resolve",
            "served_family", "served_samplers", "served_sizes"]

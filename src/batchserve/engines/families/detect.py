@@ -157,13 +157,24 @@ def served_samplers(model: str, scheduler: str, asked: str = "auto",
     return SAMPLERS, scheduler
 
 
+def check_refiner(settings: Settings, family: str) -> None:
+    """`--refiner` needs an SDXL base (the simulated engine has none)."""
+    if settings.refiner is not None and family != "sdxl":
+        what = "the simulated engine" if family == "sim" else family
+        raise SettingsError(f"--refiner: the refiner needs an SDXL base model; --model "
+                            f"{settings.model} is {what}")
+
+
 def check_start(settings: Settings) -> None:
     """What can be judged of the model before the server starts, without torch: its family
-    against `--model-family`, its samplers against `--scheduler`, and what a generic model
-    cannot do (`generic.check_settings`). Each one line naming the flag."""
+    against `--model-family`, its samplers against `--scheduler`, a refiner against the
+    family, and what a generic model cannot do (`generic.check_settings`). Each one line
+    naming the flag."""
     if settings.model == "sim":
+        check_refiner(settings, "sim")
         return
     family = resolve(settings.model_family, settings.model, settings.model_config)
+    check_refiner(settings, family)
     served_samplers(settings.model, settings.scheduler, family, settings.model_config)
     if family == "generic" and settings.role != "api":
         from .generic import check_settings
