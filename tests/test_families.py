@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -29,7 +30,11 @@ def _single_file(tmp_path: Path, *keys: str) -> str:
 
 @pytest.mark.parametrize(("class_name", "family"), [
     ("StableDiffusionPipeline", "sd1"),
+    ("StableDiffusionInpaintPipeline", "sd1"),  # an inpainting checkpoint is the family's
+    ("StableDiffusionImg2ImgPipeline", "sd1"),
     ("StableDiffusionXLPipeline", "sdxl"),
+    ("StableDiffusionXLInpaintPipeline", "sdxl"),
+    ("StableDiffusionXLImg2ImgPipeline", "generic"),  # the refiner's class: --refiner says so
     ("FluxPipeline", "generic"),
 ])
 def test_a_folder_is_known_by_its_pipeline_class(tmp_path: Path, class_name: str,
@@ -48,11 +53,38 @@ def test_a_single_file_is_known_by_its_tensor_names(tmp_path: Path, key: str,
     assert detect(_single_file(tmp_path, "model.diffusion_model.out.0.weight", key)) == family
 
 
-def test_presets_and_unknown_names() -> None:
+def test_presets_and_unknown_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert detect("tiny") == "sd1"
     assert detect("tiny-sdxl") == "sdxl"
     assert detect("nobody/not-in-the-cache") is None
-    assert resolve("auto", "nobody/not-in-the-cache") == "sd1"  # as before families existed
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SettingsError, match=r"^--model=nobody/not-in-the-cache: cannot tell its "
+                                            r"family: no model_index.json .*on the hub "
+                                            r"\(LocalEntry.*\); set --model-family to sd1, "
+                                            r"sdxl or generic$"):
+        resolve("auto", "nobody/not-in-the-cache")
+    assert resolve("sdxl", "nobody/not-in-the-cache") == "sdxl"  # the flag tells instead
+
+
+def test_a_hub_id_not_in_the_cache_is_told_by_its_model_index(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fresh machine: the hub id's model_index.json is fetched (once) into the hub's cache,
+    not taken for SD 1.x (which loaded FLUX.1 as a StableDiffusionPipeline)."""
+    fetched: list[str] = []
+
+    def download(repo: str, name: str) -> str:
+        fetched.append(f"{repo}/{name}")
+        index = tmp_path / repo / name
+        index.parent.mkdir(parents=True, exist_ok=True)
+        index.write_text(json.dumps({"_class_name": "FluxPipeline"}))
+        return str(index)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert resolve("auto", "someone/a-flux-model") == "generic"
+    assert resolve("auto", "someone/a-flux-model") == "generic"
+    assert fetched == ["someone/a-flux-model/model_index.json"]
+    with pytest.raises(SettingsError, match=r"^--model-family=sd1: .* is a generic model"):
+        resolve("sd1", "someone/a-flux-model")
 
 
 def test_a_mismatch_is_one_line_naming_the_flag(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import io
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from test_stepwise import pixels, run_until_done
 
 from batchserve import images
 from batchserve.engines import GenerationItem
+from batchserve.engines.capabilities import IMG2IMG, INPAINT, image_inputs
 from batchserve.engines.diffusion import DiffusionEngine, make_scheduler
 from batchserve.engines.protocol import ImageInput
 from batchserve.settings import Settings
@@ -86,6 +88,22 @@ def alone(engine: DiffusionEngine, it: GenerationItem) -> np.ndarray:
 
 def close(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.abs(a - b).max() <= 1)
+
+
+def test_an_inpainting_checkpoint_folder_is_served_as_the_preset(
+        inpainting: DiffusionEngine, tmp_path: Path) -> None:
+    """An inpainting checkpoint as published (a folder saved from
+    StableDiffusionInpaintPipeline) is SD 1.x with its 9-channel UNet, images in offered: the
+    same images as the preset's, not a generic pipeline."""
+    folder = tmp_path / "inpainting"
+    StableDiffusionInpaintPipeline(**{**inpainting.pipe.components,
+                                      "requires_safety_checker": False}).save_pretrained(folder)
+    settings = Settings(model=str(folder), warmup="")
+    assert image_inputs(settings) == {IMG2IMG, INPAINT}
+    served = DiffusionEngine.load(settings)
+    assert served._steps.inpainting_unet
+    for it in (item(5, 0.6, masked=True), item(6, None)):
+        assert close(alone(served, it), alone(inpainting, it))
 
 
 # strength 1 (from noise, the image seeding it), a middle one, and one that runs 2 of 10 steps

@@ -4,6 +4,7 @@ a preset's name. `resolve` applies `--model-family` and turns a mismatch into on
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,15 @@ PRESET_FAMILIES = {"tiny": "sd1", "tiny-inpaint": "sd1", "sd15": "sd1",
                    "tiny-sdxl": "sdxl", "sdxl": "sdxl", "tiny-flux": "generic"}
 
 _PIPELINES = {
+    # The same components saved from another of the family's pipelines are the family's: an
+    # inpainting checkpoint (a 9-channel UNet, which the engine reads) is served by the step
+    # core like any other. StableDiffusionXLImg2ImgPipeline is left out: it is how the SDXL
+    # refiner is published (no first text encoder), which goes in --refiner.
     "StableDiffusionPipeline": "sd1",  # SD 1.x and 2.x share it
+    "StableDiffusionImg2ImgPipeline": "sd1",
+    "StableDiffusionInpaintPipeline": "sd1",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
 }
 
 # A tensor name that only this family's original-layout checkpoints have, first match wins.
@@ -65,11 +73,19 @@ def served_family(model: str, asked: str = "auto", model_config: str | None = No
 
 
 def resolve(asked: str, model: str, model_config: str | None = None) -> str:
-    """The family to serve: detected under `auto` (sd1 when nothing tells, as before families
-    existed), else the one asked for, which must agree with what is detected."""
+    """The family to serve: detected under `auto`, else the one asked for, which must agree
+    with what is detected. A hub id not in the local cache is told by its `model_index.json`
+    from the hub; a pickled single file without `--model-config` is taken as sd1 (nothing
+    readable without unpickling tells, and SD 1.x is what such files mostly are)."""
     if asked not in ("auto", *FAMILIES):
         raise SettingsError(f"--model-family={asked!r}: must be one of auto, {', '.join(FAMILIES)}")
     found = detect(model, model_config)
+    if found is None and _hub_id(model):
+        found, reason = _fetched_family(model)
+        if found is None and asked == "auto":
+            raise SettingsError(
+                f"--model={model}: cannot tell its family: no model_index.json in the local "
+                f"cache or on the hub ({reason}); set --model-family to sd1, sdxl or generic")
     if asked == "auto":
         family = found or "sd1"
     elif found is not None and found != asked:
@@ -86,6 +102,31 @@ def resolve(asked: str, model: str, model_config: str | None = None) -> str:
             "file goes in --refiner, beside an SDXL base)"
         )
     return family
+
+
+def _hub_id(model: str) -> bool:
+    """A hub id, not a path: `owner/name`, nothing on disk there, not a preset."""
+    return (model not in PRESET_FAMILIES and model.count("/") == 1
+            and not model.startswith((".", "/", "~")) and not Path(model).exists())
+
+
+@functools.lru_cache(maxsize=16)
+def _fetched_family(repo: str) -> tuple[str | None, str]:
+    """(the family, "") of a hub id from its `model_index.json` downloaded into the hub's cache
+    (a few hundred bytes; loading the model fetches the rest), or (None, why not). Once per
+    repo: the doors' checks read the cache afterwards, and an unreachable hub costs its
+    retries once."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = read_json(Path(hf_hub_download(repo, "model_index.json")))
+    except Exception as exc:  # offline, no such repo, gated without a token: say which
+        first = str(exc).splitlines()[0].split(". ")[0][:200] if str(exc) else ""
+        return None, f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    name = None if index is None else index.get("_class_name")
+    if name is None:
+        return None, "its model_index.json names no pipeline class"
+    return _PIPELINES.get(str(name), "generic"), ""
 
 
 def served_sizes(model: str, asked: str = "auto", model_config: str | None = None) -> Sizes:
