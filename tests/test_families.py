@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from batchserve.engines.families import detect, resolve
-from batchserve.settings import SettingsError
+from batchserve.settings import Settings, SettingsError
 
 
 def _folder(tmp_path: Path, class_name: str) -> str:
@@ -167,3 +167,14 @@ def test_detection_and_the_service_import_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("model", "shapes"), [
+    ("tiny", [(256, 256, 2), (512, 512, 2)]),  # what the fixed default was
+    ("tiny-sdxl", [(512, 512, 2), (1024, 1024, 2)]),
+    ("tiny-flux", [(128, 128, 2), (256, 256, 2)]),  # its own default size, multiples of 16
+])
+def test_the_warmup_follows_the_family(model: str, shapes: list[tuple[int, int, int]]) -> None:
+    assert Settings(model=model).warmup_shapes() == shapes
+    assert Settings(model=model, warmup="64x64x3").warmup_shapes() == [(64, 64, 3)]
+    assert Settings(model=model, warmup="").warmup_shapes() == []

@@ -121,7 +121,8 @@ class Settings:
         False, "torch.compile the UNet (inductor; on CPU too when asked; slow start)"
     )
     warmup: str = _opt(
-        "256x256x2,512x512x2", "warm-up shapes WxH[xSTEPS], comma separated; '' for none"
+        "auto", "warm-up shapes WxH[xSTEPS], comma separated; '' for none; auto: the model "
+        "family's default size and half of it, 2 steps each (SD 1.x: 256x256x2,512x512x2)"
     )
     warmup_batch_sizes: str = _opt(
         "auto", "batch sizes warmed up per warm-up shape, comma separated; auto: 1 and "
@@ -262,6 +263,10 @@ class Settings:
         return self.max_wait_ms / 1000.0
 
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        if self.warmup.strip() == "auto":
+            from .engines.families import served_sizes  # torch-free; families imports us
+
+            return served_sizes(self.model, self.model_family, self.model_config).warmup()
         return parse_shapes(self.warmup)
 
     def warmup_batch_sizes_on(self, device: str) -> list[int]:
@@ -524,7 +529,7 @@ def _check_lora_dir(s: Settings) -> None:
 
 
 def _check_warmup(s: Settings) -> None:
-    for w, h, _ in parse_shapes(s.warmup):
+    for w, h, _ in ([] if s.warmup.strip() == "auto" else parse_shapes(s.warmup)):
         if w % 8 or h % 8:
             raise SettingsError(f"--warmup: {w}x{h} must be multiples of 8")
     if s.warmup_batch_sizes == "auto":

@@ -35,6 +35,14 @@ class Sizes:
     presets: tuple[tuple[int, int], ...]
     multiple_of: int = 8
 
+    def warmup(self, steps: int = 2) -> list[tuple[int, int, int]]:
+        """`--warmup auto`: the default size and half of it (on the size grid), the shapes a
+        first request most likely has and a smaller one."""
+        w, h = self.default
+        m = self.multiple_of
+        half = (max(m, w // 2 // m * m), max(m, h // 2 // m * m))
+        return [(*half, steps), (w, h, steps)]
+
     def to_dict(self, max_pixels: int) -> dict[str, Any]:
         return {
             "default": _label(self.default),
