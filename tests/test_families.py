@@ -121,8 +121,13 @@ def test_the_engine_refuses_a_mismatch_before_loading() -> None:
 
 async def test_sdxl_defaults_and_sizes_reach_every_door() -> None:
     """Served as SDXL (the family from the settings alone): /v1/info says which sizes, a request
-    without a size gets 1024x1024 through /t2i and OpenAI, the OpenAPI defaults say so."""
+    without a size gets 1024x1024 through /t2i, OpenAI and A1111 (img2img too: the family's
+    size, not A1111's 512 nor the 64x64 init image's), the OpenAPI defaults say so."""
     from inprocess import in_process
+
+    from imagedata import b64, encode, gradient
+
+    picture = encode(gradient(64, 64), "PNG")
 
     from fakes import FakeEngine
 
@@ -135,8 +140,14 @@ async def test_sdxl_defaults_and_sizes_reach_every_door() -> None:
         assert (await app.client.post("/t2i", json={"prompt": "a", "seed": 1})).status_code == 200
         response = await app.client.post("/v1/images/generations", json={"prompt": "b"})
         assert response.status_code == 200, response.text
+        for route, extra in (("txt2img", {}), ("img2img", {"init_images": [b64(picture)]})):
+            answer = await app.client.post(f"/sdapi/v1/{route}",
+                                           json={"prompt": "c", "steps": 2, **extra})
+            assert answer.status_code == 200, answer.text
+        bad = await app.client.post("/v1/images/generations", json={"prompt": "d", "size": "big"})
+        assert bad.json()["error"]["message"] == 'size must be "WIDTHxHEIGHT", e.g. "1024x1024"'
         spec = (await app.client.get("/openapi.json")).json()
-    assert [(i.width, i.height) for b in engine.batches for i in b] == [(1024, 1024)] * 2
+    assert [(i.width, i.height) for b in engine.batches for i in b] == [(1024, 1024)] * 4
     text = str(spec)
     assert "'default': '1024x1024'" in text and "'default': 1024" in text
 

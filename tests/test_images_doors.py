@@ -176,7 +176,7 @@ async def test_a1111_img2img_as_webuiapi_sends_it(app: InProcess) -> None:
     assert echoed["parameters"]["init_images"] == body["init_images"]
 
 
-async def test_a1111_img2img_without_width_and_height_is_512_as_in_a1111(
+async def test_a1111_img2img_without_width_and_height_is_the_familys_size_not_the_image(
     app: InProcess
 ) -> None:
     answer = await app.client.post("/sdapi/v1/img2img", json={

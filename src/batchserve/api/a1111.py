@@ -8,7 +8,8 @@ cannot honour (`enable_hr: true`, `restore_faces: true`, an `alwayson_scripts` e
 refused with a 422 naming it, never answered with a silently different image.
 
 img2img takes what maps onto our request: one init image stretched to width x height
-(`resize_mode` 0; A1111's default 512x512 when they are absent), `denoising_strength`, and with a
+(`resize_mode` 0; when they are absent the model family's size, as for txt2img: A1111's 512x512
+on SD 1.x, 1024x1024 on SDXL, never the init image's), `denoising_strength`, and with a
 `mask` the inpainting A1111 calls "whole picture" with masked content "original"
 (`inpaint_full_res` false, `inpainting_fill` 1), `mask_blur`, `inpainting_mask_invert`. A1111's
 defaults for those two are "only masked" and "fill", so an inpainting client must send both;
@@ -261,8 +262,10 @@ def translate_img2img(
     _refuse_unhonourable(data, model, clip_skip, img2img=True)
     ours, count = _common(data, limits)
     _map_refiner(data, ours, refiner)
-    ours.setdefault("width", 512)  # A1111's default size, not the init image's
-    ours.setdefault("height", 512)
+    # A1111's img2img defaults to 512x512 whatever the model: the family's size here, as for
+    # txt2img (an SDXL model makes poor 512 images), and never the init image's size.
+    ours.setdefault("width", limits.default_size[0])
+    ours.setdefault("height", limits.default_size[1])
     ours["init_image"] = _init_image(data)
     mode = data.get("resize_mode")
     if mode not in (None, 0):
@@ -616,14 +619,14 @@ def _img2img_props(limits: Limits) -> dict[str, Any]:
                                    "description": "1: black is repainted"},
         "include_init_images": {"type": "boolean", "default": False,
                                 "description": "echo the init image and mask in parameters"},
-        "width": {**_size_prop(limits, "width"), "default": 512},
-        "height": {**_size_prop(limits, "height"), "default": 512},
+        "width": _size_prop(limits, "width"),
+        "height": _size_prop(limits, "height"),
     }
 
 
 def _size_prop(limits: Limits, name: str) -> dict[str, Any]:
-    return FIELDS[name].json_schema(limits, description=f"our {name}; A1111's default 512 "
-                                    "when absent (not the init image's)")
+    return FIELDS[name].json_schema(limits, description=f"our {name}; when absent the model "
+                                    "family's (not the init image's)")
 
 
 ERROR_SCHEMA = {"type": "object", "properties": {

@@ -7,7 +7,8 @@ seed+1, ..., and the extras keep our names. Errors use OpenAI's shape with our s
 Edits are multipart, as OpenAI's: `image` (one file) is the init image, and an optional `mask`
 marks the edit with its fully transparent pixels (an image with transparency and no mask: its
 own transparent pixels), which becomes our white-is-repainted mask. Without `size` (or with
-"auto") the image keeps its own size, rounded down to a multiple of 8.
+"auto") the image keeps its own size, rounded down to the multiple the model takes
+(`Limits.size_multiple`: 8, FLUX 16).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def translate(data: dict[str, Any], limits: Limits) -> tuple[list[T2IRequest], s
     n, fmt = _n(data), _response_format(data)
     ours = {k: v for k, v in data.items() if k in EXTRAS or k == "prompt"}
     if data.get("size") is not None:
-        ours["width"], ours["height"] = _size(data["size"])
+        ours["width"], ours["height"] = _size(data["size"], limits)
     # Width and height errors name `size`, the field this client sent.
     req = validate(ours, limits, {"width": "size", "height": "size",
                                   "inference_steps": "num_inference_steps"}, count=n)
@@ -161,15 +162,16 @@ def translate_edit(data: dict[str, Any], limits: Limits) -> tuple[list[T2IReques
     if data.get("mask") is not None:
         ours["mask_image"] = data["mask"]
     if data.get("size") not in (None, "", "auto"):  # else the image's own size
-        ours["width"], ours["height"] = _size(data["size"])
+        ours["width"], ours["height"] = _size(data["size"], limits)
     req = validate(ours, limits, _EDIT_ALIASES, count=n, masks=MaskRule.TRANSPARENT)
     return repeat(req, n), fmt, image_format
 
 
-def _size(value: Any) -> tuple[int, int]:
+def _size(value: Any, limits: Limits) -> tuple[int, int]:
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ValidationError('size must be "WIDTHxHEIGHT", e.g. "512x512"', field="size")
+        raise ValidationError('size must be "WIDTHxHEIGHT", e.g. "{}x{}"'.format(
+            *limits.default_size), field="size")
     return int(match[1]), int(match[2])
 
 
@@ -250,8 +252,8 @@ def openapi(limits: Limits) -> dict[str, Any]:
               "description": "images, run as batch items with seeds seed, seed+1, ..."},
         "size": {"type": "string", "pattern": r"^\d+x\d+$",
                  "default": "{}x{}".format(*limits.default_size),
-                 "description": "WIDTHxHEIGHT; each side: "
-                 + FIELDS["width"].json_schema(limits)["description"]},
+                 "description": f"WIDTHxHEIGHT, each a multiple of {limits.size_multiple}; "
+                 "each side: " + FIELDS["width"].json_schema(limits)["description"]},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS),
                             "default": "b64_json",
                             "description": "url: each image's jobs API URL"},
@@ -277,9 +279,10 @@ def openapi(limits: Limits) -> dict[str, Any]:
                  "pixels mark the edit; the image's size. Without it, the image's own "
                  "transparent pixels do (if any), else the whole image is edited (img2img)"},
         "prompt": props["prompt"], "n": props["n"],
-        "size": {**props["size"], "default": "auto", "description": "WIDTHxHEIGHT (the image "
+        "size": {**props["size"], "pattern": r"^(\d+x\d+|auto)$", "default": "auto",
+                 "description": "WIDTHxHEIGHT (the image "
                  "is stretched to it) or auto: the image's own size, rounded down to a "
-                 "multiple of 8"},
+                 f"multiple of {limits.size_multiple}"},
         "response_format": props["response_format"],
         "output_format": {"type": "string", "enum": list(FORMATS), "default": "png"},
         "background": {"type": "string", "enum": ["auto", "opaque"], "default": "auto"},

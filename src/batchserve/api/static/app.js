@@ -145,7 +145,8 @@ function readForm() {
   const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value };
   // Numbers are sent as typed; the server judges them, so its messages show here unchanged.
   const numbers = ["inference_steps", "guidance_scale"];
-  // With the init image's own size chosen, the server takes it (rounded down to a multiple of 8).
+  // With the init image's own size chosen, the server takes it (rounded down to the model's
+  // size multiple, /v1/info's sizes.multiple_of).
   if ($("size").value !== "image") numbers.push("width", "height");
   if (painting.dataUrl) numbers.push("strength");
   if (painting.dataUrl && (painting.maskUrl || painting.strokes)) numbers.push("mask_blur");
