@@ -189,3 +189,14 @@ def test_the_warmup_follows_the_family(model: str, shapes: list[tuple[int, int, 
     assert Settings(model=model).warmup_shapes() == shapes
     assert Settings(model=model, warmup="64x64x3").warmup_shapes() == [(64, 64, 3)]
     assert Settings(model=model, warmup="").warmup_shapes() == []
+
+
+async def test_the_batching_key_lists_the_refiner_switch_when_a_refiner_is_loaded() -> None:
+    from inprocess import in_process
+
+    from fakes import FakeEngine
+
+    for refiner, last in ((None, "start_step"), ("tiny-sdxl-refiner", "refiner_switch")):
+        async with in_process(FakeEngine(), model_family="sdxl", refiner=refiner) as app:
+            info = (await app.client.get("/v1/info")).json()
+        assert info["batching"]["key"][-1] == last

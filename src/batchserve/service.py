@@ -657,7 +657,7 @@ class Service:
             "batching": {
                 "key": ["width", "height"] if self.continuous else
                        ["width", "height", "inference_steps", "guidance_scale", "sampler",
-                        "start_step"],
+                        "start_step", *(["refiner_switch"] if self.limits.refiner else [])],
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
                 "flush_policy": s.flush_policy,
