@@ -189,6 +189,28 @@ def test_api_key_field_when_the_server_requires_one(browser: Any, tmp_path: Path
         until(browser, lambda d: d.find_element(By.ID, "api_key").get_attribute("value") == key)
 
 
+def test_the_size_choices_are_the_served_familys(browser: Any, tmp_path: Path) -> None:
+    """Served as SDXL, the page offers SDXL's sizes with 1024x1024 chosen, not SD 1.x's 512,
+    and a request sent without touching them is drawn at 1024x1024."""
+    from selenium.webdriver.common.by import By
+
+    with running_server("--model", "sim", "--model-family", "sdxl", "--max-wait-ms", "0",
+                        tmp_path=tmp_path) as server:
+        open_page(browser, server.url)
+        until(browser, lambda d: d.find_element(By.ID, "size").get_attribute("value")
+              == "1024x1024")
+        offered = browser.execute_script(
+            "return [...document.getElementById('size').options].map(o => o.value)")
+        assert {"1024x1024", "832x1216", "1216x832"} <= set(offered)
+        assert "512x512" not in offered and "768x768" not in offered
+        assert browser.find_element(By.ID, "width").get_attribute("value") == "1024"
+        set_value(browser, "prompt", "a lighthouse")
+        set_value(browser, "inference_steps", "1")
+        browser.find_element(By.ID, "submit").click()
+        until(browser, lambda d: len(finished_images(d)) == 1)
+        assert (finished_images(browser)[0]["w"], finished_images(browser)[0]["h"]) == (1024, 1024)
+
+
 def test_docs_page_renders_every_operation_with_exact_bounds(
     browser: Any, page_server: ServerProcess
 ) -> None:
