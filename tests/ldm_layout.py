@@ -114,6 +114,7 @@ def pipeline_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
 
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 _OPENCLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
                    ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
 
@@ -144,14 +145,18 @@ def openclip_state_dict(encoder: Any) -> dict[str, torch.Tensor]:
 
 
 def sdxl_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
-    """An SDXL pipeline in the original layout (Stability's `sd_xl_base_1.0.safetensors`)."""
+    """An SDXL pipeline in the original layout (Stability's `sd_xl_base_1.0.safetensors`), or
+    the refiner's (`sd_xl_refiner_1.0.safetensors`: no CLIP ViT-L, so OpenCLIP bigG is its
+    embedder 0)."""
     unet = {UNET_PREFIX + unet_key(k, pipe.unet.config): v
             for k, v in pipe.unet.state_dict().items()}
     vae = {VAE_PREFIX + k: v for k, v in vae_state_dict(pipe.vae).items()}
-    clip = {SDXL_CLIP_PREFIX + "text_model." + k.removeprefix("text_model."): v
-            for k, v in pipe.text_encoder.state_dict().items()}
-    big = {SDXL_OPENCLIP_PREFIX + k: v
-           for k, v in openclip_state_dict(pipe.text_encoder_2).items()}
+    first = getattr(pipe, "text_encoder", None)
+    clip = {} if first is None else {
+        SDXL_CLIP_PREFIX + "text_model." + k.removeprefix("text_model."): v
+        for k, v in first.state_dict().items()}
+    prefix = SDXL_OPENCLIP_PREFIX if first is not None else SDXL_REFINER_OPENCLIP_PREFIX
+    big = {prefix + k: v for k, v in openclip_state_dict(pipe.text_encoder_2).items()}
     return {**unet, **vae, **clip, **big}
 
 

@@ -250,3 +250,117 @@ def test_a_job_record_keeps_the_switch() -> None:
     assert T2IRequest.from_fields(request.fields()) == request
     plain = validate({"prompt": "x", "seed": 3}, Limits(refiner=True))
     assert "refiner_switch" not in plain.fields()
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub, as on a machine without network. huggingface_hub reads HF_HUB_OFFLINE once, at
+    import, so the module constant its requests check is set too."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_single_file_refiner_with_its_config_loads_offline_and_equals_the_preset(
+        engine: DiffusionEngine, tmp_path: Path, offline: None) -> None:
+    """Stability's refiner file layout (UNet, VAE, OpenCLIP bigG as embedder 0) with
+    --refiner-config naming the diffusers folder of the same refiner: no hub needed, and the
+    preset's images."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from ldm_layout import SDXL_REFINER_OPENCLIP_PREFIX, save_single_file
+    from safetensors.torch import load_file
+
+    assert engine.refiner is not None
+    engine.refiner.save_pretrained(tmp_path / "config")
+    file = save_single_file(engine.refiner, tmp_path / "sd_xl_refiner.safetensors")
+    assert any(k.startswith(SDXL_REFINER_OPENCLIP_PREFIX) for k in load_file(file))
+    # The file is one diffusers' loader takes as a refiner, its text encoder included (the
+    # engine shares the base's instead, as the ensemble-of-experts recipe does).
+    whole = StableDiffusionXLImg2ImgPipeline.from_single_file(
+        str(file), config=str(tmp_path / "config"), local_files_only=True)
+    for name, ours in whole.text_encoder_2.state_dict().items():
+        assert torch.equal(ours, engine.refiner.text_encoder_2.state_dict()[name]), name
+
+    loaded = DiffusionEngine.load(Settings(model="tiny-sdxl", refiner=str(file),
+                                           refiner_config=str(tmp_path / "config"), warmup=""))
+    assert loaded.refiner.text_encoder_2 is loaded.pipe.text_encoder_2
+    for item in (CAT, DOG):
+        assert diff(loaded.generate([item])[0], engine.generate([item])[0]) <= 1
+
+
+def test_a_single_file_refiner_without_its_config_offline_names_the_setting(
+        tmp_path: Path, offline: None) -> None:
+    from ldm_layout import save_single_file
+
+    from batchserve.engines import tiny_sdxl, tiny_sdxl_refiner
+
+    base = tiny_sdxl.build_pipeline()
+    file = save_single_file(tiny_sdxl_refiner.build_refiner(base), tmp_path / "r.safetensors")
+    with pytest.raises(SettingsError, match=r"^--refiner='.*r\.safetensors': cannot load it .*"
+                                            r"; --refiner-config can name its diffusers folder"):
+        DiffusionEngine.load(Settings(model="tiny-sdxl", refiner=str(file), warmup=""))
+
+
+def test_a_pickled_refiner_needs_allow_pickle(engine: DiffusionEngine, tmp_path: Path,
+                                             offline: None) -> None:
+    from ldm_layout import sdxl_state_dict
+
+    from batchserve.engines.checkpoints import check_paths
+
+    assert engine.refiner is not None
+    engine.refiner.save_pretrained(tmp_path / "config")
+    ckpt = tmp_path / "refiner.ckpt"
+    torch.save({"state_dict": sdxl_state_dict(engine.refiner)}, ckpt)
+    settings = Settings(model="tiny-sdxl", refiner=str(ckpt),
+                        refiner_config=str(tmp_path / "config"), warmup="")
+    with pytest.raises(SettingsError, match=r"^--refiner='.*refiner\.ckpt': \.ckpt files are "
+                                            r"Python pickles.*--allow-pickle"):
+        check_paths(settings)  # what the start checks before minutes of model loading
+    with pytest.raises(SettingsError, match=r"^--refiner=.*--allow-pickle"):
+        DiffusionEngine.load(settings)
+    loaded = DiffusionEngine.load(replace(settings, allow_pickle=True))
+    assert diff(loaded.generate([CAT])[0], engine.generate([CAT])[0]) <= 1
+
+
+@pytest.mark.parametrize("item", [CAT, DOG, replace(CAT, sampler="heun", refiner_switch=0.4)],
+                         ids=["dpm++", "euler-a", "heun"])
+def test_a_whole_batch_counts_its_steps_through_the_hand_off(engine: DiffusionEngine,
+                                                             item: GenerationItem) -> None:
+    """Progress (`on_step`: job events, previews) of a whole batch goes 1..N over the base's
+    and the refiner's steps together, N what the step core runs (the request's steps for a
+    first-order sampler), and does not start again at the refiner."""
+    seen: list[tuple[int, int]] = []
+    previews: list[bytes | None] = []
+    engine.generate([item], on_step=lambda done, total, preview: (
+        seen.append((done, total)), previews.append(preview and preview(0))))
+    total = engine.prepare([item])[0].remaining
+    assert seen == [(k, total) for k in range(1, total + 1)]
+    if item.sampler != "heun":
+        assert total == item.inference_steps
+    assert all(previews)  # the refiner's steps too (its latents are the base VAE's)
+
+
+@pytest.mark.parametrize("policy", ["deadline", "continuous"])
+async def test_served_progress_counts_through_the_hand_off_under_each_policy(
+        engine: DiffusionEngine, policy: str) -> None:
+    """The batch's progress as A1111's /sdapi/v1/progress reads it: the same count under a
+    whole-batch policy as under the step-level one."""
+    from batchserve.progress import BATCH, Progress
+
+    seen: list[tuple[int, int]] = []
+    async with in_process(engine, flush_policy=policy,  # type: ignore[arg-type]
+                          max_wait_ms=1, refiner="tiny-sdxl-refiner") as app:
+
+        def mirror(key: str, progress: Progress) -> None:
+            if key == BATCH:
+                seen.append((progress.step, progress.steps))
+
+        app.service.progress.mirror = mirror
+        response = await app.client.post("/t2i", json={
+            "prompt": CAT.prompt, "seed": CAT.seed, "width": 64, "height": 64,
+            "inference_steps": CAT.inference_steps, "refiner_switch": CAT.refiner_switch})
+        assert response.status_code == 200, response.text
+    # `continuous` drops the batch's progress at its last step instead (the batch emptied).
+    last = 6 if policy == "deadline" else 5
+    assert seen == [(k, 6) for k in range(1, last + 1)]

@@ -65,6 +65,10 @@ class Settings:
         "the base's VAE and second text encoder; a request's refiner_switch hands it the last "
         "steps"
     )
+    refiner_config: str | None = _opt(
+        None, "diffusers folder or hub id giving the config of a single-file --refiner (as "
+        "--model-config does for --model)"
+    )
     vae: str | None = _opt(None, "VAE replacing the model's: a diffusers folder or a single file")
     lora: str | None = _opt(
         None, "LoRA files fused into the weights at load: PATH[:SCALE], comma separated"

@@ -120,11 +120,36 @@ def load_single_file(settings: Settings, torch_dtype: torch.dtype, family: str =
         ) from None
 
 
+def load_single_refiner(path: str, config: str | None, allow_pickle: bool,
+                        **shared: Any) -> Any:
+    """An SDXL refiner file in the original layout (Stability's `sd_xl_refiner_1.0`:
+    `model.diffusion_model.*`, OpenCLIP bigG as `conditioner.embedders.0.model.*`) with the
+    `shared` components of the base; `config` (`--refiner-config`) names the diffusers layout
+    to fill, without which diffusers fetches the refiner's from the hub."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    file = checked_file("--refiner", path, allow_pickle=allow_pickle)
+    try:
+        return StableDiffusionXLImg2ImgPipeline.from_single_file(
+            str(file), config=config, **shared,
+            local_files_only=config is not None and Path(config).is_dir(),  # as --model-config
+        )
+    except Exception as exc:
+        hint = "" if config else "; --refiner-config can name its diffusers folder or hub id"
+        raise SettingsError(
+            f"--refiner={path!r}: cannot load it as a single-file SDXL refiner "
+            f"({_reason(exc)}){hint}"
+        ) from None
+
+
 def check_paths(settings: Settings) -> None:
     """Every named file exists and may be loaded: checked before minutes of model loading."""
     model = settings.model
     if model.lower().endswith(WEIGHT_SUFFIXES):
         checked_file("--model", model, allow_pickle=settings.allow_pickle, what="checkpoint file")
+    refiner = settings.refiner
+    if refiner and refiner.lower().endswith(WEIGHT_SUFFIXES):
+        checked_file("--refiner", refiner, allow_pickle=settings.allow_pickle)
     if settings.vae and not Path(settings.vae).is_dir():
         checked_file("--vae", settings.vae, allow_pickle=settings.allow_pickle)
     for path, _ in settings.lora_specs():

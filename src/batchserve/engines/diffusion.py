@@ -42,7 +42,7 @@ from .protocol import (
     Switch,
     warm_batches,
 )
-from .stepwise import StepwiseDiffusion
+from .stepwise import StepwiseDiffusion, stage_steps
 
 log = logging.getLogger("batchserve.engine")
 
@@ -234,7 +234,9 @@ class DiffusionEngine:
         addons = checkpoints.apply_addons(pipe, settings)  # before compiling: LoRA edits weights
         refiner = None
         if settings.refiner is not None:
-            refiner = load_refiner(settings.refiner, pipe, _DTYPES[plan.dtype])
+            refiner = load_refiner(settings.refiner, pipe, _DTYPES[plan.dtype],
+                                   config=settings.refiner_config,
+                                   allow_pickle=settings.allow_pickle)
             refiner.to(plan.device)
             _apply(refiner, plan)
         _apply(pipe, plan)
@@ -300,8 +302,8 @@ class DiffusionEngine:
             config = self.scheduler_config or self.pipe.scheduler.config
             self.pipe.scheduler = make_scheduler(sampler, config)
             self.sampler = sampler
-        step_end = (None if should_stop is None and on_step is None
-                    else _between_steps(should_stop, on_step, self.family.name))
+        step_end, refine_end = ((None, None) if should_stop is None and on_step is None
+                                else self._step_ends(first, should_stop, on_step))
         on_gpu = self.plan.device == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()  # memory_bytes() reports this batch's peak
@@ -323,7 +325,7 @@ class DiffusionEngine:
                         **({"denoising_end": switch} if switch else {}),
                     )
                 if switch:
-                    out = self._refine(items, out.images, generators, switch, step_end)
+                    out = self._refine(items, out.images, generators, switch, refine_end)
         except torch.OutOfMemoryError as exc:
             message = str(exc)
             # The traceback's frames hold the failed attempt's activations: drop them, and
@@ -334,6 +336,18 @@ class DiffusionEngine:
         del generators
         self._free_cache()
         raise EngineOutOfMemory(message)
+
+    def _step_ends(self, item: GenerationItem, should_stop: StopCheck | None,
+                   on_step: OnStep | None) -> tuple[Any, Any]:
+        """The base's and the refiner's step callbacks. With a hand-off both count through
+        one total (the refiner's first step is the base's last + 1), as the step core
+        (`continuous`) counts it; each pipeline alone would count its own steps from 1."""
+        # The refiner's previews too are the base family's: it shares the base's VAE.
+        end = functools.partial(_between_steps, should_stop, on_step, self.family.name)
+        if not item.refiner_switch:
+            return end(), None
+        base, later = stage_steps(self._scheduler_for(item), item.refiner_switch)
+        return end(total=base + later), end(done=base, total=base + later)
 
     @contextlib.contextmanager
     def _unet_rows(self, loras: list[Choice] | None, *, guided: bool) -> Iterator[None]:
@@ -393,10 +407,10 @@ class DiffusionEngine:
     def preview(self, state: StepState) -> bytes | None:
         """A running item's preview (`preview.latent_preview`) from its latents now."""
         latents = getattr(state, "latents", None)
-        family = self.family if getattr(state, "stage", 0) == 0 else self.refiner_family
-        if latents is None or family is None:
+        if latents is None:
             return None
-        return latent_preview(latents, family.name)
+        # The refiner's latents too: it shares the base's VAE, so its latent space.
+        return latent_preview(latents, self.family.name)
 
     def finish(self, states: Sequence[StepState]) -> list[Image]:
         return self._steps.finish(states)
@@ -440,9 +454,11 @@ def _fresh_copy(scheduler: Any) -> Any:
     return copy.deepcopy(scheduler, memo)
 
 
-def load_refiner(refiner: str, base: Any, torch_dtype: torch.dtype) -> Any:
+def load_refiner(refiner: str, base: Any, torch_dtype: torch.dtype, *,
+                 config: str | None = None, allow_pickle: bool = False) -> Any:
     """The SDXL refiner, sharing the base's VAE and second text encoder (as diffusers'
-    ensemble-of-experts recipe loads it): a preset, a single file or a diffusers folder."""
+    ensemble-of-experts recipe loads it): a preset, a single file or a diffusers folder.
+    `config` (`--refiner-config`) names the diffusers layout a single file fills."""
     import diffusers
 
     if refiner in REFINER_PRESETS:
@@ -452,15 +468,14 @@ def load_refiner(refiner: str, base: Any, torch_dtype: torch.dtype) -> Any:
     shared = {"vae": base.vae, "text_encoder_2": base.text_encoder_2,
               "tokenizer_2": base.tokenizer_2, "torch_dtype": torch_dtype,
               "add_watermarker": False}
-    pipeline = diffusers.StableDiffusionXLImg2ImgPipeline
-    try:
-        if refiner.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
-            pipe = pipeline.from_single_file(refiner, **shared)
-        else:
-            pipe = pipeline.from_pretrained(refiner, **shared)
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"--refiner={refiner}: cannot load an SDXL refiner: "
-                            f"{str(exc)[:300]}") from None
+    if refiner.lower().endswith(checkpoints.WEIGHT_SUFFIXES):
+        pipe = checkpoints.load_single_refiner(refiner, config, allow_pickle, **shared)
+    else:
+        try:
+            pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner, **shared)
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"--refiner={refiner}: cannot load an SDXL refiner: "
+                                f"{str(exc)[:300]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -485,19 +500,23 @@ def _family_for(pipe: Any, settings: Settings, addons: checkpoints.Addons) -> Fa
     return SD1(PromptEncoder.for_pipeline(pipe, **options))
 
 
-def _between_steps(should_stop: StopCheck | None, on_step: OnStep | None, family: str) -> Any:
+def _between_steps(should_stop: StopCheck | None, on_step: OnStep | None, family: str, *,
+                   done: int = 0, total: int | None = None) -> Any:
     """A diffusers step-end callback: reports the step (its previews read the latents the
     callback is handed) and raises `Interrupted` once nobody waits (rather than setting
-    `pipe._interrupt`, which skips the remaining steps but still runs the VAE decode)."""
+    `pipe._interrupt`, which skips the remaining steps but still runs the VAE decode).
+    `done` steps ran before this pipeline (a refiner's base); `total` is the count over
+    all (default: this pipeline's own)."""
 
     def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        at = done + step + 1
         if on_step is not None:
             latents = kwargs.get("latents")
             preview = None if latents is None else (
                 lambda i: latent_preview(latents[i], family))
-            on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or step + 1), preview)
+            on_step(at, total or int(getattr(pipe, "num_timesteps", 0) or at), preview)
         if should_stop is not None and should_stop():
-            raise Interrupted(f"stopped after step {step + 1}")
+            raise Interrupted(f"stopped after step {at}")
         return kwargs
 
     return step_end

@@ -170,11 +170,7 @@ class StepwiseDiffusion:
         if self.refiner is None or self.refiner_family is None:
             raise ValueError("refiner_switch: no refiner loaded (--refiner)")
         scheduler = self.scheduler_for(item)
-        cutoff = _cutoff(scheduler, item.refiner_switch)
-        count = int((scheduler.timesteps < cutoff).sum())
-        if scheduler.order == 2 and count % 2 == 0:
-            count += 1
-        begin = len(scheduler.timesteps) - count
+        begin = len(scheduler.timesteps) - _refiner_steps(scheduler, item.refiner_switch)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
         rows = self.refiner_family.rows(item, guided=self._guided(item, stage=1))
@@ -296,6 +292,20 @@ def _base_steps(scheduler: Any, timesteps: torch.Tensor, switch: float) -> int:
     """The base's steps before the hand-off: those at or above the cut-off (the SDXL
     pipeline's `denoising_end`)."""
     return int((timesteps >= _cutoff(scheduler, switch)).sum())
+
+
+def _refiner_steps(scheduler: Any, switch: float) -> int:
+    """The refiner's steps from the hand-off (`get_timesteps` with `denoising_start`): the
+    timesteps below the cut-off, one more for a second-order sampler cut mid-step."""
+    count = int((scheduler.timesteps < _cutoff(scheduler, switch)).sum())
+    return count + 1 if scheduler.order == 2 and count % 2 == 0 else count
+
+
+def stage_steps(scheduler: Any, switch: float) -> tuple[int, int]:
+    """The base's and the refiner's steps of a hand-off at `switch`, as the two SDXL
+    pipelines run them; `scheduler` has its timesteps set."""
+    return (_base_steps(scheduler, scheduler.timesteps, switch),
+            _refiner_steps(scheduler, switch))
 
 
 def _maybe_hand_off(state: DiffusionState) -> None:
