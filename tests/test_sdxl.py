@@ -8,6 +8,7 @@ import contextlib
 import io
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,9 +18,12 @@ from ldm_layout import save_single_file
 from PIL import Image
 from test_stepwise import pixels, run_until_done
 
-from batchserve.engines import GenerationItem
+from batchserve.engines import GenerationItem, LoraPick, tiny_sdxl
 from batchserve.engines.diffusion import DiffusionEngine
 from batchserve.engines.families.sdxl import SDXL
+from batchserve.engines.lora import LoraLibrary
+from batchserve.engines.prompts import CHUNK
+from batchserve.engines.tiny_sdxl import TEXT_DIM
 from batchserve.settings import Settings, SettingsError
 
 CAT = GenerationItem("a red cat", "", 1, 64, 64, 4, 7.5)
@@ -74,6 +78,64 @@ def test_joined_part_way_equals_alone(engine: DiffusionEngine) -> None:
     joined = run_until_done(engine, engine.prepare([CAT]), [DOG, LAMP, WORDY], join_after=1)
     for item, image in alone.items():
         assert np.abs(joined[item] - image).max() <= 1, item
+
+
+# -- long prompts: 75-token chunks through both encoders ---------------------------------------
+
+HEAD = "a lighthouse on a cliff at dusk, " * 3  # 78 tokens: the tiny tokenizer spells words out
+RED, BLUE = (GenerationItem(HEAD + tail, "", 1, 64, 64, 3, 7.5)
+             for tail in ("red red red, " * 4, "blue blue blue, " * 4))  # alike in 75 tokens
+
+
+def test_each_encoder_reads_every_chunk_and_pools_the_first(engine: DiffusionEngine) -> None:
+    """Both encoders' states are 77-token chunks side by side along the sequence, so text past
+    75 tokens reaches both halves of the conditioning; the pooled embedding is
+    text_encoder_2's of the first chunk (as A1111 and compel make it), which is diffusers' own:
+    its pipeline truncates, so its states are our first chunk."""
+    assert len(engine.prompts._token_ids([HEAD])[0]) > CHUNK
+    with torch.inference_mode():
+        text = engine.family.encode([RED, BLUE], guided=False)  # type: ignore[attr-defined]
+        theirs, _, pooled, _ = engine.pipe.encode_prompt(RED.prompt,
+                                                         do_classifier_free_guidance=False)
+    assert text.embeds.shape[1] == 2 * (CHUNK + 2)
+    first, second = text.embeds[:, :CHUNK + 2], text.embeds[:, CHUNK + 2:]
+    assert torch.allclose(first[0], first[1])
+    assert torch.allclose(first[0], theirs[0], atol=1e-5)
+    for encoder, dims in (("text_encoder", slice(0, TEXT_DIM)),
+                          ("text_encoder_2", slice(TEXT_DIM, None))):
+        assert (second[0, :, dims] - second[1, :, dims]).abs().max() > 0.1, encoder
+    assert torch.allclose(text.pooled[0], text.pooled[1])
+    assert torch.allclose(text.pooled[0], pooled[0], atol=1e-5)
+
+
+def test_text_past_77_tokens_changes_the_image_only_when_chunked(engine: DiffusionEngine) -> None:
+    """`--long-prompts chunk` (the default) sees the tail; `truncate` cuts it, and is then
+    diffusers' own pipeline given the whole text."""
+    assert diff(engine.generate([RED])[0], engine.generate([BLUE])[0]) > 10
+    truncating = DiffusionEngine.load(Settings(model="tiny-sdxl", long_prompts="truncate",
+                                               warmup=""))
+    cut = [truncating.generate([item])[0] for item in (RED, BLUE)]
+    assert diff(cut[0], cut[1]) == 0
+    truncating.pipe.scheduler = truncating._scheduler_for(RED)
+    assert diff(cut[0], _diffusers_image(truncating.pipe, RED)) <= 1
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["cfg", "no-cfg"])
+def test_a_long_prompt_alone_equals_itself_beside_a_short_one(engine: DiffusionEngine,
+                                                              guidance: float) -> None:
+    """Two, one and (a long negative prompt) three chunks in one batch: padded with the empty
+    prompt, masked, and each item's image is its own."""
+    long = replace(RED, guidance_scale=guidance)
+    short = GenerationItem("a cat", HEAD * 2, 8, 64, 64, 3, guidance)
+    with torch.inference_mode():
+        padded = engine.family.encode([long, short],  # type: ignore[attr-defined]
+                                      guided=guidance > 1)
+    assert padded.mask is not None
+    assert padded.embeds.shape[1] == (3 if guidance > 1 else 2) * (CHUNK + 2)
+    together = engine.generate([long, short])
+    for item, image in zip((long, short), together, strict=True):
+        assert diff(image, engine.generate([item])[0]) <= 1, item.prompt[:20]
+    assert diff(together[0], together[1]) > 10
 
 
 def test_micro_conditioning_is_each_items_own(engine: DiffusionEngine) -> None:
@@ -184,6 +246,131 @@ def test_lora_is_fused_into_the_sdxl_unet(engine: DiffusionEngine, tmp_path: Pat
     plain = DiffusionEngine.load(Settings(model="tiny-sdxl", warmup=""))
     plain.pipe.load_lora_weights(str(file))
     assert diff(ours, plain.generate([CAT])[0]) <= 1
+
+
+# diffusers' SDXL LoRA training scripts (`train_dreambooth_lora_sdxl.py`) adapt these layers
+ADAPTED = {"unet": ("to_q", "to_k", "to_v", "to_out.0"),
+           "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
+           "text_encoder_2": ("q_proj", "k_proj", "v_proj", "out_proj")}
+Trained = dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def trained() -> Trained:
+    """An SDXL LoRA as those scripts make one: a PEFT adapter (rank 4, alpha 8) on each
+    component, read back with `get_peft_model_state_dict`; seeded random weights stand in for
+    trained ones. component -> (PEFT state dict, its LoraConfig as a dict)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_sdxl.build_pipeline()
+    generator = torch.Generator().manual_seed(5)
+    out = {}
+    for component, targets in ADAPTED.items():
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets))
+        # what `add_adapter` calls (transformers' own asks for a newer PEFT than diffusers')
+        model = inject_adapter_in_model(config, getattr(pipe, component))
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if ".lora_" in name:
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+        out[component] = (get_peft_model_state_dict(model), config.to_dict())
+    return out
+
+
+def _diffusers_lora(path: Path, trained: Trained, components: tuple[str, ...] = tuple(ADAPTED),
+                    *, convert: bool = True) -> Path:
+    """Saved as the SDXL training scripts save: `convert_state_dict_to_diffusers` (`lora.down`,
+    `lora_linear_layer.up` names), then `save_lora_weights` (the configs go in the
+    `lora_adapter_metadata` header); `convert=False` keeps PEFT's `lora_A` / `lora_B`, as newer
+    scripts save."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    def layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_state_dict_to_diffusers(state) if convert else state
+
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(path.parent), weight_name=path.name, safe_serialization=True,
+        **{f"{c}_lora_layers": layers(trained[c][0]) for c in components},
+        **{f"{c}_lora_adapter_metadata": trained[c][1] for c in components})
+    return path
+
+
+def _kohya_lora(path: Path, trained: Trained) -> Path:
+    """The same adapter named as kohya's sd-scripts name an SDXL one: `lora_unet_`, `lora_te1_`
+    (CLIP ViT-L, with the `text_model_` transformers has since dropped), `lora_te2_` (OpenCLIP
+    bigG), `lora_down` / `lora_up` and an `alpha` beside each."""
+    from safetensors.torch import save_file
+
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    tensors = {}
+    for component, (state, config) in trained.items():
+        for key, weight in state.items():
+            module, ab = key.removesuffix(".weight").rsplit(".lora_", 1)
+            if component == "text_encoder" and not module.startswith("text_model."):
+                module = f"text_model.{module}"
+            name = prefixes[component] + module.replace(".", "_")
+            tensors[f"{name}.lora_{'down' if ab == 'A' else 'up'}.weight"] = weight.contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(config["lora_alpha"]))
+    save_file(tensors, str(path))
+    return path
+
+
+def _fused(lora: str) -> tuple[DiffusionEngine, object]:
+    """The engine --lora makes, and its image of CAT."""
+    engine = DiffusionEngine.load(Settings(model="tiny-sdxl", lora=lora, warmup=""))
+    return engine, engine.generate([CAT])[0]
+
+
+@pytest.mark.parametrize(("scale", "convert"), [(1.0, True), (-0.7, False)],
+                         ids=["diffusers-names", "peft-names-scaled"])
+def test_diffusers_lora_with_both_text_encoders_equals_diffusers_fused(
+        engine: DiffusionEngine, trained: Trained, tmp_path: Path, scale: float,
+        convert: bool) -> None:
+    """A `save_lora_weights` file with UNet, text_encoder and text_encoder_2 parts (alpha 8 on
+    rank 4 in its header), fused by --lora, is diffusers' own pipeline after
+    `load_lora_weights` and `fuse_lora`."""
+    file = _diffusers_lora(tmp_path / "xl-te.safetensors", trained, convert=convert)
+    fused, ours = _fused(f"{file}:{scale}")
+    assert fused.info().to_dict()["loras"][0]["components"] == list(ADAPTED)
+    assert diff(ours, engine.generate([CAT])[0]) > 10
+    pipe = DiffusionEngine.load(Settings(model="tiny-sdxl", warmup="")).pipe
+    pipe.load_lora_weights(str(file))
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.scheduler = engine._scheduler_for(CAT)
+    assert diff(ours, _diffusers_image(pipe, CAT)) <= 1
+
+
+def test_each_part_of_an_sdxl_lora_counts_and_kohya_names_are_the_same_adapter(
+        trained: Trained, tmp_path: Path) -> None:
+    """Leaving out any part (the UNet's, either text encoder's) changes the image, so each is
+    applied; the same weights under kohya's `lora_te1_` / `lora_te2_` names make the same
+    image."""
+    _, full = _fused(str(_diffusers_lora(tmp_path / "full.safetensors", trained)))
+    for dropped in ("unet", "text_encoder", "text_encoder_2"):
+        kept = tuple(c for c in ADAPTED if c != dropped)
+        part = _diffusers_lora(tmp_path / f"no-{dropped}.safetensors", trained, kept)
+        engine, image = _fused(str(part))
+        assert engine.info().to_dict()["loras"][0]["components"] == list(kept)
+        assert diff(image, full) > 10, dropped
+    kohya, image = _fused(str(_kohya_lora(tmp_path / "kohya-xl.safetensors", trained)))
+    assert kohya.info().to_dict()["loras"][0]["components"] == list(ADAPTED)
+    assert diff(image, full) <= 1
+
+
+def test_per_request_the_same_files_make_the_fused_image(trained: Trained,
+                                                        tmp_path: Path) -> None:
+    """--lora-dir applies both layouts' text-encoder parts per row, in both encoders: an item
+    naming one is the --lora image, beside an item without it."""
+    _diffusers_lora(tmp_path / "peft.safetensors", trained)
+    _kohya_lora(tmp_path / "kohya.safetensors", trained)
+    _, fused = _fused(f"{tmp_path / 'peft.safetensors'}:-0.7")
+    engine = DiffusionEngine.load(Settings(model="tiny-sdxl", warmup="", lora_dir=str(tmp_path)))
+    engine.use_loras(LoraLibrary(tmp_path))
+    for name in ("peft", "kohya"):
+        item = replace(CAT, loras=(LoraPick(name, -0.7),))
+        assert diff(engine.generate([replace(CAT, seed=2), item])[1], fused) <= 1, name
 
 
 def test_vae_from_a_folder_or_an_original_layout_file(engine: DiffusionEngine,
