@@ -100,24 +100,11 @@ def load_single_file(settings: Settings, torch_dtype: torch.dtype, family: str =
     names the diffusers layout to fill."""
     import diffusers
 
-    pipeline = getattr(diffusers, _SINGLE_FILE_PIPELINES[family][0])
-
-    file = checked_file("--model", settings.model, allow_pickle=settings.allow_pickle,
-                        what="checkpoint file")
-    config = settings.model_config
-    try:
-        return pipeline.from_single_file(
-            str(file), torch_dtype=torch_dtype, config=config,
-            # A local config folder means offline: never reach for the hub behind its back.
-            local_files_only=config is not None and Path(config).is_dir(),
-        )
-    except Exception as exc:
-        hint = "" if config else "; --model-config can name its diffusers folder or hub id"
-        raise SettingsError(
-            f"--model={settings.model!r}: cannot load it as a single-file "
-            f"{_SINGLE_FILE_PIPELINES[family][1]} checkpoint "
-            f"({_reason(exc)}){hint}"
-        ) from None
+    name, kind = _SINGLE_FILE_PIPELINES[family]
+    return _from_single_file(getattr(diffusers, name), "--model", settings.model,
+                             settings.model_config, f"{kind} checkpoint",
+                             allow_pickle=settings.allow_pickle, what="checkpoint file",
+                             torch_dtype=torch_dtype)
 
 
 def load_single_refiner(path: str, config: str | None, allow_pickle: bool,
@@ -128,17 +115,25 @@ def load_single_refiner(path: str, config: str | None, allow_pickle: bool,
     to fill, without which diffusers fetches the refiner's from the hub."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    file = checked_file("--refiner", path, allow_pickle=allow_pickle)
+    return _from_single_file(StableDiffusionXLImg2ImgPipeline, "--refiner", path, config,
+                             "SDXL refiner", allow_pickle=allow_pickle, **shared)
+
+
+def _from_single_file(pipeline: Any, setting: str, path: str, config: str | None, kind: str,
+                      *, allow_pickle: bool, what: str = "file", **kwargs: Any) -> Any:
+    """`pipeline.from_single_file` of `setting`'s checked file, `config` (the `-config`
+    setting beside it) naming the diffusers layout; a failure is one line naming both."""
+    file = checked_file(setting, path, allow_pickle=allow_pickle, what=what)
     try:
-        return StableDiffusionXLImg2ImgPipeline.from_single_file(
-            str(file), config=config, **shared,
-            local_files_only=config is not None and Path(config).is_dir(),  # as --model-config
+        return pipeline.from_single_file(
+            str(file), config=config, **kwargs,
+            # A local config folder means offline: never reach for the hub behind its back.
+            local_files_only=config is not None and Path(config).is_dir(),
         )
     except Exception as exc:
-        hint = "" if config else "; --refiner-config can name its diffusers folder or hub id"
+        hint = "" if config else f"; {setting}-config can name its diffusers folder or hub id"
         raise SettingsError(
-            f"--refiner={path!r}: cannot load it as a single-file SDXL refiner "
-            f"({_reason(exc)}){hint}"
+            f"{setting}={path!r}: cannot load it as a single-file {kind} ({_reason(exc)}){hint}"
         ) from None
 
 

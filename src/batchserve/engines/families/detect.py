@@ -59,7 +59,12 @@ def detect(model: str, model_config: str | None = None) -> str | None:
             if found is not None:
                 return found
         return detect(model_config) if model_config else None
-    name = model_index(model).get("_class_name")
+    return _family_of(model_index(model))
+
+
+def _family_of(index: dict[str, Any] | None) -> str | None:
+    """The family a `model_index.json` names by its `_class_name` (None: it names none)."""
+    name = None if index is None else index.get("_class_name")
     return None if name is None else _PIPELINES.get(str(name), "generic")
 
 
@@ -123,10 +128,8 @@ def _fetched_family(repo: str) -> tuple[str | None, str]:
     except Exception as exc:  # offline, no such repo, gated without a token: say which
         first = str(exc).splitlines()[0].split(". ")[0][:200] if str(exc) else ""
         return None, f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    name = None if index is None else index.get("_class_name")
-    if name is None:
-        return None, "its model_index.json names no pipeline class"
-    return _PIPELINES.get(str(name), "generic"), ""
+    family = _family_of(index)
+    return (family, "") if family else (None, "its model_index.json names no pipeline class")
 
 
 def served_sizes(model: str, asked: str = "auto", model_config: str | None = None) -> Sizes:
